@@ -1,0 +1,52 @@
+"""The machine configuration: a plain value the CLI and the API build, and the VMM validates."""
+import os
+from dataclasses import dataclass
+
+from vmm.errors import ConfigError, GuestImageError
+
+MiB = 1 << 20
+DEFAULT_MEM_MIB = 128
+MAX_MEM_MIB = 60 * 1024  # the identity map covers 64 GiB; keep room for the MMIO hole
+
+
+def builtin_guest_image() -> str:
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "guest", "guest.elf")
+    if not os.path.exists(path):
+        raise GuestImageError(f"the built-in guest is not built ({path} is missing): run `make -C vmm/guest`")
+    return path
+
+
+def host_memory_bytes() -> int:
+    with open("/proc/meminfo") as meminfo:
+        fields = dict(line.split(":", 1) for line in meminfo)
+    return (int(fields["MemTotal"].split()[0]) + int(fields.get("SwapTotal", "0 kB").split()[0])) * 1024
+
+
+@dataclass(frozen=True)
+class MachineConfig:
+    vcpu_count: int = 1
+    mem_size_mib: int = DEFAULT_MEM_MIB
+    kernel_image: str = ""  # empty: the built-in guest
+    boot_args: str = "workload=hello"
+
+    def validate(self, max_vcpus: int = 255) -> "MachineConfig":
+        if not isinstance(self.vcpu_count, int) or not 1 <= self.vcpu_count <= max_vcpus:
+            raise ConfigError(f"vcpu_count must be between 1 and {max_vcpus}, not {self.vcpu_count!r}")
+        if not isinstance(self.mem_size_mib, int) or self.mem_size_mib < 2:
+            raise ConfigError(f"mem_size_mib must be at least 2 MiB, not {self.mem_size_mib!r}")
+        if self.mem_size_mib > MAX_MEM_MIB:
+            raise ConfigError(f"mem_size_mib {self.mem_size_mib} is above this VMM's limit of {MAX_MEM_MIB} MiB")
+        host = host_memory_bytes()
+        if self.mem_size_mib * MiB > host:
+            raise ConfigError(f"mem_size_mib {self.mem_size_mib} is more than this host has "
+                              f"({host // MiB} MiB of RAM and swap)")
+        if self.kernel_image and not os.path.isfile(self.kernel_image):
+            raise GuestImageError(f"guest image {self.kernel_image} does not exist")
+        return self
+
+    def image_path(self) -> str:
+        return self.kernel_image or builtin_guest_image()
+
+    @property
+    def mem_size(self) -> int:
+        return self.mem_size_mib * MiB

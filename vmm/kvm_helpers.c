@@ -1,0 +1,64 @@
+/* C side of vmm._kvm_native: header includes, accessors for kvm_run's anonymous union,
+ * and syscall wrappers that return -errno instead of setting errno. */
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE
+#endif
+#include <errno.h>
+#include <fcntl.h>
+#include <signal.h>
+#include <stdint.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/mman.h>
+#include <unistd.h>
+#include <linux/kvm.h>
+
+typedef struct { uint8_t direction; uint8_t size; uint16_t port; uint32_t count; uint64_t data_offset; } vmm_exit_io;
+typedef struct { uint64_t phys_addr; uint8_t data[8]; uint32_t len; uint8_t is_write; } vmm_exit_mmio;
+typedef struct { uint32_t suberror; uint32_t ndata; uint64_t data[16]; } vmm_exit_internal;
+typedef struct { uint32_t type; uint32_t ndata; uint64_t data[16]; } vmm_exit_system_event;
+typedef struct { uint64_t hardware_entry_failure_reason; uint32_t cpu; } vmm_exit_fail_entry;
+
+/* The typedefs above mirror the union members; fail the build if the kernel ever disagrees. */
+_Static_assert(sizeof(vmm_exit_io) == sizeof(((struct kvm_run *)0)->io), "kvm_run.io layout");
+_Static_assert(sizeof(vmm_exit_mmio) == sizeof(((struct kvm_run *)0)->mmio), "kvm_run.mmio layout");
+
+vmm_exit_io *vmm_run_io(struct kvm_run *run) { return (vmm_exit_io *)&run->io; }
+vmm_exit_mmio *vmm_run_mmio(struct kvm_run *run) { return (vmm_exit_mmio *)&run->mmio; }
+vmm_exit_internal *vmm_run_internal(struct kvm_run *run) { return (vmm_exit_internal *)&run->internal; }
+vmm_exit_system_event *vmm_run_system_event(struct kvm_run *run) { return (vmm_exit_system_event *)&run->system_event; }
+vmm_exit_fail_entry *vmm_run_fail_entry(struct kvm_run *run) { return (vmm_exit_fail_entry *)&run->fail_entry; }
+
+static long neg_errno(long ret) { return ret < 0 ? -errno : ret; }
+
+long vmm_open(const char *path, int flags) { return neg_errno(open(path, flags | O_CLOEXEC)); }
+long vmm_close(int fd) { return neg_errno(close(fd)); }
+long vmm_ioctl_ptr(int fd, unsigned long request, void *arg) { return neg_errno(ioctl(fd, request, arg)); }
+long vmm_ioctl_val(int fd, unsigned long request, unsigned long arg) { return neg_errno(ioctl(fd, request, arg)); }
+
+void *vmm_mmap(void *addr, size_t length, int prot, int flags, int fd, int64_t offset, long *err)
+{
+    void *p = mmap(addr, length, prot, flags, fd, offset);
+    *err = (p == MAP_FAILED) ? -errno : 0;
+    return p == MAP_FAILED ? NULL : p;
+}
+long vmm_munmap(void *addr, size_t length) { return neg_errno(munmap(addr, length)); }
+long vmm_madvise(void *addr, size_t length, int advice) { return neg_errno(madvise(addr, length, advice)); }
+long vmm_memfd_create(const char *name, unsigned int flags) { return neg_errno(memfd_create(name, flags)); }
+long vmm_ftruncate(int fd, int64_t length) { return neg_errno(ftruncate(fd, length)); }
+
+static int kick_signo;
+static void kick_handler(int signo) { (void)signo; }
+
+long vmm_install_kick_handler(int signo)
+{
+    struct sigaction sa;
+    memset(&sa, 0, sizeof(sa));
+    sa.sa_handler = kick_handler; /* no SA_RESTART: KVM_RUN must come back with -EINTR */
+    sigemptyset(&sa.sa_mask);
+    if (sigaction(signo, &sa, NULL) < 0)
+        return -errno;
+    kick_signo = signo;
+    return 0;
+}
+int vmm_kick_signal(void) { return kick_signo; }

@@ -1,0 +1,216 @@
+"""A microVM: KVM VM + guest memory + vCPU threads + devices, with boot, pause, resume, stop and invoke.
+
+Build order matters for latency: every memory slot is set before KVM_CREATE_IRQCHIP (a slot added after the
+in-kernel irqchip exists costs 7-11 ms on these hosts, see ../shared/FACTS.md).
+"""
+import threading
+import time
+
+from vmm import x86
+from vmm.config import MachineConfig
+from vmm.devices.bus import PortIoBus
+from vmm.devices.fnport import FN_PORT_BASE, FN_PORT_COUNT, FunctionPort
+from vmm.devices.i8042 import I8042, I8042_COMMAND, I8042_DATA, SystemControlPortB
+from vmm.devices.serial import COM1_BASE, COM1_IRQ, UART_PORTS, Serial, stdout_sink
+from vmm.errors import GuestFault, InvocationError, VmmError
+from vmm.kvm import Kvm
+from vmm.loader import load_elf
+from vmm.memory import GuestMemory
+from vmm.vcpu_runner import VcpuRunner, install_kick_handler
+
+KVM_TSS_ADDR = 0xFFFBD000  # three pages just below the 4 GiB BIOS area, as QEMU and Firecracker use
+NOT_STARTED, RUNNING, PAUSED, STOPPED = "Not started", "Running", "Paused", "Stopped"
+
+_kvm = None
+
+
+def shared_kvm() -> Kvm:
+    """One /dev/kvm handle per process (a warm worker opens it once)."""
+    global _kvm
+    if _kvm is None:
+        _kvm = Kvm()
+    return _kvm
+
+
+class Microvm:
+    def __init__(self, config: MachineConfig, serial_sink=stdout_sink, memory: GuestMemory | None = None):
+        self.kvm = shared_kvm()
+        self.config = config.validate(self.kvm.max_vcpus())
+        self.state = NOT_STARTED
+        self.stop_reason = None
+        self.fault = None
+        self.pause_requested = False
+        self.stop_requested = False
+        self._control = threading.Condition()
+        self.stopped = threading.Event()
+        self.timestamps = {"created": time.perf_counter()}
+        install_kick_handler()
+        self.vm = self.kvm.create_vm()
+        self.memory = None
+        self.vcpus = []
+        try:
+            self.memory = memory or GuestMemory.anonymous(self.config.mem_size)
+            for slot, region in enumerate(self.memory.regions):
+                self.vm.set_memory_region(slot, region.guest_phys_addr, region.size, region.host_addr)
+            self.vm.set_tss_addr(KVM_TSS_ADDR)
+            self.vm.create_irqchip()
+            self.vm.create_pit2()
+            supported = self.kvm.supported_cpuid()
+            for index in range(self.config.vcpu_count):
+                vcpu = self.vm.create_vcpu(index)
+                self.vcpus.append(vcpu)
+                vcpu.set_cpuid(x86.vcpu_cpuid(supported, index, self.config.vcpu_count))
+            self.bus = PortIoBus()
+            self.attach_devices(Serial(self._serial_irq, serial_sink), I8042(self._on_reset_request),
+                                FunctionPort(self.memory, self._vcpus_must_yield))
+        except BaseException:
+            self.close()
+            raise
+        self.runners = [VcpuRunner(v, self.bus, self) for v in self.vcpus]
+
+    def attach_devices(self, serial: Serial, i8042: I8042, fnport: FunctionPort) -> None:
+        self.bus = PortIoBus()
+        self.serial, self.i8042, self.fnport = serial, i8042, fnport
+        self.bus.register(serial, COM1_BASE, UART_PORTS)
+        self.bus.register(i8042, I8042_DATA, 1)
+        self.bus.register(i8042, I8042_COMMAND, 1, offset_base=I8042_DATA)
+        self.bus.register(SystemControlPortB(), 0x61, 1)
+        self.bus.register(fnport, FN_PORT_BASE, FN_PORT_COUNT)
+        for runner in getattr(self, "runners", []):
+            runner.bus = self.bus
+
+    # -- boot
+    def boot_builtin(self) -> None:
+        """Load an ELF guest and set vCPU 0 up for direct 64-bit entry at CPL 3 (docs/function-port.md)."""
+        image = load_elf(self.config.image_path(), self.memory)
+        x86.write_gdt(self.memory)
+        x86.write_tss(self.memory)
+        x86.write_page_tables(self.memory, self.config.mem_size)
+        x86.write_cmdline(self.memory, self.config.boot_args)
+        bsp = self.vcpus[0]
+        sregs = bsp.get_sregs()
+        x86.setup_long_mode_user(sregs)
+        bsp.set_sregs(sregs)
+        regs = bsp.get_regs()
+        for name in ("rax", "rbx", "rcx", "rdx", "rsp", "rbp", "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15"):
+            setattr(regs, name, 0)
+        regs.rip, regs.rflags = image.entry, x86.RFLAGS_RESERVED | x86.RFLAGS_IOPL3
+        regs.rdi, regs.rsi = x86.CMDLINE_ADDR, self.config.mem_size
+        bsp.set_regs(regs)
+        self.start()
+
+    def start(self) -> None:
+        self.state = RUNNING
+        self.timestamps["started"] = time.perf_counter()
+        for runner in self.runners:
+            runner.start()
+
+    # -- control (called from API/CLI threads)
+    def _vcpus_must_yield(self) -> bool:
+        return self.pause_requested or self.stop_requested
+
+    def wait_for_resume(self) -> None:
+        with self._control:
+            while self.pause_requested and not self.stop_requested:
+                self._control.wait()
+
+    def pause(self, timeout: float = 5.0) -> None:
+        if self.state != RUNNING:
+            raise VmmError(f"cannot pause a VM that is {self.state.lower()}")
+        with self._control:
+            self.pause_requested = True
+        self.fnport.wake()
+        for runner in self.runners:
+            runner.kick()
+        deadline = time.monotonic() + timeout
+        for runner in self.runners:
+            if not runner.parked.wait(max(0.0, deadline - time.monotonic())):
+                raise VmmError(f"vCPU {runner.vcpu.index} did not pause within {timeout} s")
+        self.serial.flush()
+        if self.stopped.is_set():
+            return
+        self.state = PAUSED
+
+    def resume(self) -> None:
+        if self.state != PAUSED:
+            raise VmmError(f"cannot resume a VM that is {self.state.lower()}")
+        if self.runners and self.runners[0].thread is None:  # restored but never started
+            self.start()
+            return
+        for runner in self.runners:
+            runner.parked.clear()
+        with self._control:
+            self.pause_requested = False
+            self._control.notify_all()
+        self.state = RUNNING
+
+    def stop(self, reason: str = "stopped by the VMM") -> None:
+        with self._control:
+            if self.stop_reason is None:
+                self.stop_reason = reason
+            self.stop_requested = True
+            self._control.notify_all()
+        self.fnport.wake()
+        current = threading.current_thread()
+        for runner in self.runners:
+            if runner.thread is not current:
+                runner.kick()
+        for runner in self.runners:
+            if runner.thread is not None and runner.thread is not current:
+                runner.thread.join(timeout=5.0)
+        self._finish()
+
+    def _finish(self) -> None:
+        self.serial.flush()
+        self.fnport.fail_all(f"the VM stopped ({self.stop_reason})")
+        self.state = STOPPED
+        self.stopped.set()
+
+    # -- called from vCPU threads
+    def on_guest_stop(self, kind: str) -> None:
+        threading.Thread(target=self.stop, args=(f"guest requested {kind}",), daemon=True).start()
+        with self._control:
+            self.stop_requested = True
+
+    def _on_reset_request(self) -> None:
+        self.on_guest_stop("reset")
+
+    def on_vcpu_fault(self, runner, fault: GuestFault) -> None:
+        if self.fault is None:
+            self.fault = fault
+        threading.Thread(target=self.stop, args=(str(fault),), daemon=True).start()
+
+    def _serial_irq(self, level: int) -> None:
+        self.vm.irq_line(COM1_IRQ, level)
+
+    # -- function invocations
+    def wait_ready(self, timeout: float) -> None:
+        """Wait until the guest finished its init phase (its first FN_NEXT) or stopped."""
+        deadline = time.monotonic() + timeout
+        while not self.fnport.ready.wait(0.01):
+            if self.stopped.is_set():
+                raise self.fault or VmmError(f"guest stopped before it was ready ({self.stop_reason})")
+            if time.monotonic() > deadline:
+                raise InvocationError(f"guest not ready after {timeout} s")
+        self.timestamps.setdefault("ready", time.perf_counter())
+
+    def invoke(self, payload: bytes, timeout: float = 10.0) -> bytes:
+        if self.state == STOPPED:
+            raise InvocationError(f"the VM is stopped ({self.stop_reason})")
+        return self.fnport.submit(payload).wait(timeout)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return self.stopped.wait(timeout)
+
+    def close(self) -> None:
+        if self.state in (RUNNING, PAUSED):
+            self.stop()
+        for vcpu in self.vcpus:
+            vcpu.close()
+        self.vcpus = []
+        if self.vm is not None:
+            self.vm.close()
+            self.vm = None
+        if self.memory is not None:
+            self.memory.close()
+            self.memory = None

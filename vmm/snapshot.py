@@ -1,0 +1,161 @@
+"""Snapshot create and load for one microVM: state file (snapd.snapfile) + raw memory file.
+
+The memory file is written first, then the state file; both go to a temporary name, are fsynced and renamed,
+so a crash mid-snapshot leaves no state file that loads. The state file records the memory file's size, and a
+load refuses a memory file shorter than the layout.
+"""
+import os
+import time
+from dataclasses import dataclass
+
+from snapd.atomic import atomic_file
+from snapd.snapfile import SnapshotFormatError, load_state, save_state
+from vmm.config import MachineConfig
+from vmm.devices.fnport import FunctionPort
+from vmm.devices.i8042 import I8042
+from vmm.devices.serial import Serial, stdout_sink
+from vmm.errors import ConfigError, VmmError
+from vmm.machine import PAUSED, Microvm
+from vmm.memory import GuestMemory, RegionLayout
+from vmm.persist import (SNAPSHOT_KIND, DeviceStates, MachineConfigState, MemoryRegionState, MicrovmState,
+                         restore_vcpu, restore_vm, save_vcpu, save_vm)
+
+COPY_PIECE = 1 << 20
+ZERO_PIECE = bytes(COPY_PIECE)
+
+
+class SnapshotError(VmmError):
+    """A snapshot cannot be created or loaded; the message names the file and the problem."""
+
+
+@dataclass(frozen=True)
+class SnapshotTimings:
+    state_ms: float
+    memory_ms: float
+
+
+def capture_state(machine: Microvm) -> MicrovmState:
+    if machine.state != PAUSED:
+        raise SnapshotError(f"the VM must be paused to snapshot it (it is {machine.state.lower()})")
+    config = machine.config
+    return MicrovmState(
+        kind=SNAPSHOT_KIND,
+        config=MachineConfigState(config.vcpu_count, config.mem_size_mib, config.kernel_image, config.boot_args),
+        memory=tuple(MemoryRegionState(r.name, r.guest_phys_addr, r.size, r.layout.file_offset)
+                     for r in machine.memory.regions),
+        vm=save_vm(machine.vm),
+        vcpus=tuple(save_vcpu(machine.kvm, vcpu) for vcpu in machine.vcpus),
+        devices=DeviceStates(machine.serial.save(), machine.i8042.save(), machine.fnport.save()),
+    )
+
+
+def write_memory_file(memory: GuestMemory, path: str) -> None:
+    """Raw guest memory, regions back to back; all-zero MiBs become holes (sparse file)."""
+    with atomic_file(path) as out:
+        for region in memory.regions:
+            view = memoryview(region.buffer())
+            for offset in range(0, region.size, COPY_PIECE):
+                piece = view[offset:offset + COPY_PIECE]
+                if piece == ZERO_PIECE[:len(piece)]:
+                    out.seek(len(piece), os.SEEK_CUR)
+                else:
+                    out.write(piece)
+        out.truncate(out.tell())
+
+
+def create_snapshot(machine: Microvm, snapshot_path: str, mem_file_path: str) -> SnapshotTimings:
+    t0 = time.perf_counter()
+    state = capture_state(machine)
+    t1 = time.perf_counter()
+    try:
+        write_memory_file(machine.memory, mem_file_path)
+        save_state(snapshot_path, state)
+    except OSError as exc:
+        raise SnapshotError(f"cannot write snapshot: {exc.strerror}: {exc.filename}") from None
+    t2 = time.perf_counter()
+    return SnapshotTimings(state_ms=(t1 - t0) * 1e3, memory_ms=(t2 - t1) * 1e3)
+
+
+def read_snapshot(snapshot_path: str) -> MicrovmState:
+    try:
+        state = load_state(snapshot_path, MicrovmState)
+    except FileNotFoundError:
+        raise SnapshotError(f"snapshot file {snapshot_path} does not exist") from None
+    except OSError as exc:
+        raise SnapshotError(f"cannot read snapshot file {snapshot_path}: {exc.strerror}") from None
+    except SnapshotFormatError as exc:
+        raise SnapshotError(str(exc)) from None
+    if state.kind != SNAPSHOT_KIND:
+        raise SnapshotError(f"{snapshot_path} is a '{state.kind}' snapshot, not a '{SNAPSHOT_KIND}' one")
+    if len(state.vcpus) != state.config.vcpu_count or not state.vcpus:
+        raise SnapshotError(f"{snapshot_path}: holds {len(state.vcpus)} vCPU states for a "
+                            f"{state.config.vcpu_count}-vCPU machine")
+    return state
+
+
+def region_layouts(state: MicrovmState) -> list[RegionLayout]:
+    return [RegionLayout(r.name, r.guest_phys_addr, r.size, r.file_offset) for r in state.memory]
+
+
+def open_memory_file(mem_file_path: str, state: MicrovmState) -> int:
+    try:
+        fd = os.open(mem_file_path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise SnapshotError(f"cannot open memory file {mem_file_path}: {exc.strerror}") from None
+    need = max(r.file_offset + r.size for r in state.memory)
+    have = os.fstat(fd).st_size
+    if have < need:
+        os.close(fd)
+        raise SnapshotError(f"memory file {mem_file_path} is {have} bytes, the snapshot's layout needs {need}")
+    return fd
+
+
+def machine_config_of(state: MicrovmState) -> MachineConfig:
+    c = state.config
+    return MachineConfig(vcpu_count=c.vcpu_count, mem_size_mib=c.mem_size_mib, kernel_image="", boot_args=c.boot_args)
+
+
+def restore_into(machine: Microvm, state: MicrovmState, serial_sink=stdout_sink) -> None:
+    """Write a snapshot's VM, vCPU and device state into a freshly built machine (memory already mapped)."""
+    if len(machine.vcpus) != len(state.vcpus):
+        raise SnapshotError(f"the snapshot has {len(state.vcpus)} vCPUs, this VM was built with {len(machine.vcpus)}")
+    restore_vm(machine.vm, state.vm)
+    for vcpu, vcpu_state in zip(machine.vcpus, state.vcpus):
+        restore_vcpu(vcpu, vcpu_state)
+    devices = state.devices
+    machine.attach_devices(Serial.restore(devices.serial, machine._serial_irq, serial_sink),
+                           I8042.restore(devices.i8042, machine._on_reset_request),
+                           FunctionPort.restore(devices.fnport, machine.memory, machine._vcpus_must_yield))
+    machine.fnport.new_generation()
+
+
+def load_snapshot_file_backed(snapshot_path: str, mem_file_path: str, resume: bool = True,
+                              serial_sink=stdout_sink) -> Microvm:
+    """Restore with the File backend: the memory file mapped MAP_PRIVATE (guest writes never reach it)."""
+    state = read_snapshot(snapshot_path)
+    fd = open_memory_file(mem_file_path, state)
+    try:
+        memory = GuestMemory.from_file(fd, region_layouts(state))
+    finally:
+        os.close(fd)  # the mapping keeps the file
+    try:
+        machine = Microvm(machine_config_of(state), serial_sink=serial_sink, memory=memory)
+    except ConfigError as exc:
+        memory.close()
+        raise SnapshotError(f"{snapshot_path}: {exc}") from None
+    try:
+        restore_into(machine, state, serial_sink)
+    except Exception:
+        machine.close()
+        raise
+    machine.state = PAUSED
+    if resume:
+        resume_restored(machine)
+    return machine
+
+
+def resume_restored(machine: Microvm) -> None:
+    """Start the vCPU threads of a restored machine, then tell kvmclock it was paused."""
+    for runner in machine.runners:
+        runner.kvmclock_ctrl_pending = True  # done by each vCPU thread: the ioctl waits for KVM_RUN to exit
+    machine.start()

@@ -1,0 +1,141 @@
+"""The vCPU loop: one thread per vCPU running KVM_RUN and dispatching exits.
+
+Pause and stop are cooperative: the requester sets a flag and ``immediate_exit``, then kicks the thread with a
+signal so KVM_RUN returns -EINTR. Before parking, the thread enters KVM_RUN once more with ``immediate_exit``
+set, which completes a pending I/O exit without running guest code, so a saved vCPU is never mid-instruction.
+"""
+import errno
+import signal
+import struct
+import threading
+
+from vmm.errors import GuestFault, VmmError
+from vmm.native import ffi, lib
+
+KICK_SIGNAL = signal.SIGUSR1
+_kick_installed = False
+
+
+def install_kick_handler() -> None:
+    global _kick_installed
+    if not _kick_installed:
+        ret = lib.vmm_install_kick_handler(KICK_SIGNAL)
+        if ret < 0:
+            raise VmmError(f"sigaction({KICK_SIGNAL.name}) failed: errno {-ret}")
+        _kick_installed = True
+
+
+def format_registers(vcpu) -> str:
+    try:
+        r, s = vcpu.get_regs(), vcpu.get_sregs()
+    except VmmError as exc:
+        return f"(registers unavailable: {exc})"
+    names = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp", "r8", "r9", "r10", "r11", "r12", "r13",
+             "r14", "r15", "rip", "rflags")
+    parts = [f"{n}={getattr(r, n):#018x}" for n in names]
+    parts += [f"cr0={s.cr0:#x}", f"cr2={s.cr2:#x}", f"cr3={s.cr3:#x}", f"cr4={s.cr4:#x}", f"efer={s.efer:#x}",
+              f"cs={s.cs.selector:#x}", f"ss={s.ss.selector:#x}"]
+    return " ".join(parts)
+
+
+class VcpuRunner:
+    def __init__(self, vcpu, bus, machine):
+        self.vcpu = vcpu
+        self.bus = bus
+        self.machine = machine  # on_vcpu_fault(), on_guest_stop(), control flags
+        self.thread = None
+        self.parked = threading.Event()
+        self.exits = 0
+        self.kvmclock_ctrl_pending = False
+
+    def start(self) -> None:
+        self.thread = threading.Thread(target=self._main, name=f"vcpu{self.vcpu.index}", daemon=True)
+        self.thread.start()
+
+    def kick(self) -> None:
+        self.vcpu.run.immediate_exit = 1
+        thread = self.thread
+        if thread is not None and thread.ident is not None and thread.is_alive():
+            try:
+                signal.pthread_kill(thread.ident, KICK_SIGNAL)
+            except ProcessLookupError:
+                pass
+
+    def _main(self) -> None:
+        try:
+            self._loop()
+        except GuestFault as fault:
+            self.machine.on_vcpu_fault(self, fault)
+        except VmmError as exc:
+            self.machine.on_vcpu_fault(self, GuestFault(f"vCPU {self.vcpu.index}: {exc}", format_registers(self.vcpu)))
+        finally:
+            self.parked.set()
+
+    def _loop(self) -> None:
+        vcpu, run, machine = self.vcpu, self.vcpu.run, self.machine
+        if self.kvmclock_ctrl_pending:
+            vcpu.kvmclock_ctrl()
+            self.kvmclock_ctrl_pending = False
+        while True:
+            if machine.stop_requested or machine.pause_requested:
+                run.immediate_exit = 1
+                vcpu.run_once()  # completes a pending I/O exit; returns -EINTR at once
+                if machine.stop_requested:
+                    return
+                self.parked.set()
+                machine.wait_for_resume()
+                self.parked.clear()
+                run.immediate_exit = 0
+                continue
+            if vcpu.run_once() == -errno.EINTR:
+                continue
+            self.exits += 1
+            reason = run.exit_reason
+            if reason == lib.KVM_EXIT_IO:
+                self._handle_io()
+            elif reason == lib.KVM_EXIT_MMIO:
+                self._handle_mmio()
+            elif reason in (lib.KVM_EXIT_INTR, lib.KVM_EXIT_HLT, lib.KVM_EXIT_IRQ_WINDOW_OPEN):
+                continue
+            elif reason == lib.KVM_EXIT_SYSTEM_EVENT:
+                event = lib.vmm_run_system_event(run).type
+                kind = {lib.KVM_SYSTEM_EVENT_SHUTDOWN: "shutdown", lib.KVM_SYSTEM_EVENT_RESET: "reset"}.get(event)
+                if kind is None:
+                    raise GuestFault(f"guest crashed (system event {event})", format_registers(vcpu))
+                machine.on_guest_stop(kind)
+            else:
+                raise GuestFault(self._describe_exit(reason), format_registers(vcpu))
+
+    def _handle_io(self) -> None:
+        io = lib.vmm_run_io(self.vcpu.run)
+        size, port, count, offset = io.size, io.port, io.count, io.data_offset
+        fmt = {1: "<B", 2: "<H", 4: "<I"}.get(size)
+        if fmt is None:
+            raise GuestFault(f"port I/O of {size} bytes at port {port:#x}", format_registers(self.vcpu))
+        data = self.vcpu.run_bytes
+        if io.direction == lib.KVM_EXIT_IO_OUT:
+            for i in range(count):
+                self.bus.write(port, size, struct.unpack_from(fmt, data, offset + i * size)[0])
+        else:
+            for i in range(count):
+                struct.pack_into(fmt, data, offset + i * size, self.bus.read(port, size))
+
+    def _handle_mmio(self) -> None:
+        mmio = lib.vmm_run_mmio(self.vcpu.run)
+        if not mmio.is_write:
+            ffi.memmove(mmio.data, b"\xff" * 8, 8)  # no MMIO devices: reads float high
+
+    def _describe_exit(self, reason: int) -> str:
+        run, index = self.vcpu.run, self.vcpu.index
+        if reason == lib.KVM_EXIT_SHUTDOWN:
+            return f"guest triple-faulted on vCPU {index} (an exception it could not handle)"
+        if reason == lib.KVM_EXIT_INTERNAL_ERROR:
+            internal = lib.vmm_run_internal(run)
+            what = {lib.KVM_INTERNAL_ERROR_EMULATION: "an instruction KVM cannot emulate",
+                    lib.KVM_INTERNAL_ERROR_SIMUL_EX: "a fault while delivering a fault",
+                    lib.KVM_INTERNAL_ERROR_DELIVERY_EV: "an event it could not deliver"}.get(internal.suberror, "an internal error")
+            return f"guest stopped on vCPU {index}: KVM hit {what} (suberror {internal.suberror})"
+        if reason == lib.KVM_EXIT_FAIL_ENTRY:
+            code = lib.vmm_run_fail_entry(run).hardware_entry_failure_reason
+            return f"KVM could not enter the guest on vCPU {index} (entry failure {code:#x})"
+        return f"guest stopped on vCPU {index} with unhandled exit reason {reason}"
