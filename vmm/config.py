@@ -28,6 +28,7 @@ class MachineConfig:
     mem_size_mib: int = DEFAULT_MEM_MIB
     kernel_image: str = ""  # empty: the built-in guest
     boot_args: str = "workload=hello"
+    initrd_path: str = ""  # Linux kernels only
 
     def validate(self, max_vcpus: int = 255) -> "MachineConfig":
         if not isinstance(self.vcpu_count, int) or not 1 <= self.vcpu_count <= max_vcpus:
@@ -42,6 +43,8 @@ class MachineConfig:
                               f"({host // MiB} MiB of RAM and swap)")
         if self.kernel_image and not os.path.isfile(self.kernel_image):
             raise GuestImageError(f"guest image {self.kernel_image} does not exist")
+        if self.initrd_path and not os.path.isfile(self.initrd_path):
+            raise GuestImageError(f"initrd {self.initrd_path} does not exist")
         return self
 
     def image_path(self) -> str:

@@ -80,6 +80,14 @@ class Microvm:
             runner.bus = self.bus
 
     # -- boot
+    def boot(self) -> None:
+        """Boot the configured image: a Linux kernel through the Linux boot protocol, else direct ELF entry."""
+        from vmm import linux_boot
+        if linux_boot.is_linux_kernel(self.config.image_path()):
+            linux_boot.boot_linux(self)
+        else:
+            self.boot_builtin()
+
     def boot_builtin(self) -> None:
         """Load an ELF guest and set vCPU 0 up for direct 64-bit entry at CPL 3 (docs/function-port.md)."""
         image = load_elf(self.config.image_path(), self.memory)

@@ -125,10 +125,21 @@ class VcpuRunner:
         if not mmio.is_write:
             ffi.memmove(mmio.data, b"\xff" * 8, 8)  # no MMIO devices: reads float high
 
+    def _instruction_hint(self) -> str:
+        """The bytes at RIP when they can be read (identity-mapped guests), e.g. 0f 0b for an invalid opcode."""
+        try:
+            rip = self.vcpu.get_regs().rip
+            code = self.machine.memory.read(rip, 4)
+        except VmmError:
+            return ""
+        hint = " (invalid opcode ud2)" if code[:2] == b"\x0f\x0b" else ""
+        return f" at rip={rip:#x}, instruction bytes {code.hex(' ')}{hint}"
+
     def _describe_exit(self, reason: int) -> str:
         run, index = self.vcpu.run, self.vcpu.index
         if reason == lib.KVM_EXIT_SHUTDOWN:
-            return f"guest triple-faulted on vCPU {index} (an exception it could not handle)"
+            return (f"guest triple-faulted on vCPU {index} (an exception it could not handle)"
+                    f"{self._instruction_hint()}")
         if reason == lib.KVM_EXIT_INTERNAL_ERROR:
             internal = lib.vmm_run_internal(run)
             what = {lib.KVM_INTERNAL_ERROR_EMULATION: "an instruction KVM cannot emulate",

@@ -1,0 +1,138 @@
+"""Build a base image from a raw guest-memory file: cut, hash, dedup, compress, store, index."""
+from __future__ import annotations
+
+import collections
+import hashlib
+import mmap
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Callable
+
+import xxhash
+
+from snapd.image import codecs
+from snapd.image.chunkstore import ChunkStore, NewChunk
+from snapd.image.index import Entry, Header, check_chunk_size, content_id, nchunks_for, write_index
+
+DEFAULT_CHUNK_SIZE = 512 << 10   # see docs/image-format.md, "Choosing the default chunk size and codec"
+DEFAULT_CODEC = "lz4"
+BATCH_BYTES = 64 << 20           # raw bytes of new chunks gathered per locked store append
+INFLIGHT_BYTES = 64 << 20       # raw bytes submitted to workers but not yet consumed
+_ZERO_HASH = bytes(32)
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    image_path: str
+    nchunks: int
+    zero_chunks: int
+    dup_chunks: int       # non-zero chunks already in the store or earlier in this image
+    new_chunks: int       # chunks this build added to the store
+    new_stored_bytes: int
+
+
+def _chunk_job(view, mem_size, chunk_size, codec, level, known):
+    zero = bytes(chunk_size)
+
+    def job(i: int):
+        start = i * chunk_size
+        buf = view[start:min(start + chunk_size, mem_size)]
+        # memoryview == bytes compares with memcmp; the zero test is far cheaper than hashing
+        if buf == zero[:len(buf)]:
+            return i, None, None
+        h = hashlib.blake2b(buf, digest_size=32).digest()  # releases the GIL on large buffers
+        if known(h):
+            return i, h, None
+        used, stored = codecs.encode(buf, codec, level)
+        return i, h, NewChunk(h, used, stored, len(buf), xxhash.xxh3_64_intdigest(stored))
+    return job
+
+
+def build_image(mem_path: str | os.PathLike, store_dir: str | os.PathLike, image_path: str | os.PathLike,
+                chunk_size: int = DEFAULT_CHUNK_SIZE, codec: str = DEFAULT_CODEC, level: int | None = None,
+                progress: Callable[[int, int], None] | None = None, source_id: str = "",
+                workers: int | None = None) -> BuildResult:
+    """Build `image_path` from `mem_path`, storing new chunks in `store_dir`.
+
+    progress(done_bytes, total_bytes) is called from this thread as chunks complete.
+    """
+    check_chunk_size(chunk_size)
+    cid = codecs.codec_id(codec)
+    if cid == codecs.ZERO:
+        raise codecs.CodecError("'zero' is not a codec to build with")
+    level = codecs.DEFAULT_LEVEL[cid] if level is None else level
+    image_path = os.path.abspath(image_path)
+    with open(mem_path, "rb") as f, ChunkStore(store_dir) as store:
+        mem_size = os.fstat(f.fileno()).st_size
+        n = nchunks_for(mem_size, chunk_size)
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if mem_size else None
+        view = memoryview(mm) if mm is not None else memoryview(b"")
+        try:
+            result = _build(view, mem_size, n, chunk_size, cid, level, store, progress, workers)
+        finally:
+            view.release()
+            if mm is not None:
+                mm.close()
+        entries, zero, dup, new, new_bytes = result
+        rel_store = os.path.relpath(store.root, os.path.dirname(image_path))
+        hdr = Header(chunk_size, cid, level, mem_size, n,
+                     content_id(chunk_size, mem_size, (e.hash for e in entries)), source_id, rel_store)
+        write_index(image_path, hdr, entries)
+    return BuildResult(image_path, n, zero, dup, new, new_bytes)
+
+
+def _build(view, mem_size, n, chunk_size, codec, level, store, progress, workers):
+    entries: list[Entry | None] = [None] * n
+    hashes: list[bytes | None] = [None] * n
+    pending: dict[bytes, NewChunk] = {}   # new content waiting for the next store append
+    waiting: list[int] = []               # chunk indexes whose location comes from that append
+    seen: set[bytes] = set()
+    zero = dup = new = new_bytes = 0
+    pending_raw = done = 0
+    job = _chunk_job(view, mem_size, chunk_size, codec, level, lambda h: h in store or h in seen)
+
+    def flush():
+        nonlocal new, new_bytes, pending_raw
+        where, added, added_bytes = store.add(pending.values())
+        new += added
+        new_bytes += added_bytes
+        for i in waiting:
+            s = where.get(hashes[i]) or store.lookup(hashes[i])
+            entries[i] = Entry(hashes[i], s.codec, s.pack_id, s.offset, s.stored_len, s.checksum)
+        pending.clear()
+        waiting.clear()
+        pending_raw = 0
+
+    workers = workers or os.cpu_count() or 1
+    # Enough in flight that workers keep compressing while this thread appends and fsyncs a batch.
+    window = max(4 * workers, INFLIGHT_BYTES // chunk_size)
+    with ThreadPoolExecutor(workers, thread_name_prefix="image-build") as pool:
+        inflight: collections.deque = collections.deque()
+        nxt = 0
+        while nxt < n or inflight:
+            # Keep a bounded window in flight: memory stays small while workers stay busy.
+            while nxt < n and len(inflight) < window:
+                inflight.append(pool.submit(job, nxt))
+                nxt += 1
+            i, h, chunk = inflight.popleft().result()
+            size = min(chunk_size, mem_size - i * chunk_size)
+            done += size
+            if h is None:
+                zero += 1
+                entries[i] = Entry(_ZERO_HASH, codecs.ZERO, 0, 0, 0, 0)
+            else:
+                hashes[i] = h
+                if h in seen or chunk is None:  # earlier in this image, or already in the store
+                    dup += 1
+                else:
+                    pending[h] = chunk
+                    pending_raw += size
+                seen.add(h)
+                waiting.append(i)
+                if pending_raw >= BATCH_BYTES:
+                    flush()
+            if progress is not None:
+                progress(done, mem_size)
+    flush()
+    return entries, zero, dup, new, new_bytes

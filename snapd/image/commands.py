@@ -1,0 +1,113 @@
+"""`snapd image build|inspect|verify` (registered by snapd.cli)."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+from snapd.cli import EXIT_FAILED, EXIT_USAGE, CliError
+
+_UNITS = {"k": 1 << 10, "m": 1 << 20}
+
+
+def _size(text: str) -> int:
+    t = text.strip().lower().removesuffix("ib").removesuffix("b")
+    try:
+        return int(t[:-1]) * _UNITS[t[-1]] if t and t[-1] in _UNITS else int(t)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 512K, 2M, 65536)") from None
+
+
+def register(subparsers) -> None:
+    image = subparsers.add_parser("image", help="build, inspect and verify compressed base images")
+    sub = image.add_subparsers(dest="image_command", metavar="ACTION", required=True)
+
+    b = sub.add_parser("build", help="build a base image from a snapshot memory file")
+    b.add_argument("mem_file", metavar="SNAPSHOT_MEM_FILE")
+    b.add_argument("--store", default=None, help="chunk store directory (default: ./chunks next to the image)")
+    b.add_argument("--out", default=None, help="image index path (default: SNAPSHOT_MEM_FILE.img)")
+    b.add_argument("--chunk-size", type=_size, default=None, help="power of two, 4K..2M (default 512K)")
+    b.add_argument("--codec", choices=("lz4", "zstd", "raw"), default=None)
+    b.add_argument("--level", type=int, default=None, help="codec level (lz4: >=3 is HC; zstd: 1..22)")
+    b.add_argument("--source-id", default="", help="name of the snapshot, recorded in the image")
+    b.add_argument("--quiet", action="store_true", help="no progress bar")
+    b.set_defaults(func=_build)
+
+    i = sub.add_parser("inspect", help="show size, compression ratio, zero and duplicate fractions")
+    i.add_argument("image")
+    i.add_argument("--store", default=None, help="chunk store directory, if moved")
+    i.add_argument("--json", action="store_true")
+    i.set_defaults(func=_inspect)
+
+    v = sub.add_parser("verify", help="check every chunk's checksum and content hash")
+    v.add_argument("image")
+    v.add_argument("--store", default=None, help="chunk store directory, if moved")
+    v.set_defaults(func=_verify)
+
+
+def _build(args) -> int:
+    from tqdm import tqdm
+
+    from snapd.image import DEFAULT_CHUNK_SIZE, DEFAULT_CODEC, ImageError, build_image
+    from snapd.image.codecs import CodecError
+
+    if not os.path.isfile(args.mem_file):
+        raise CliError(f"{args.mem_file}: no such file")
+    out = args.out or args.mem_file + ".img"
+    store = args.store or os.path.join(os.path.dirname(os.path.abspath(out)), "chunks")
+    total = os.path.getsize(args.mem_file)
+    with tqdm(total=total, unit="B", unit_scale=True, desc="build", disable=args.quiet or None) as bar:
+        def progress(done: int, _total: int) -> None:
+            bar.update(done - bar.n)
+        try:
+            r = build_image(args.mem_file, store, out, chunk_size=args.chunk_size or DEFAULT_CHUNK_SIZE,
+                            codec=args.codec or DEFAULT_CODEC, level=args.level, progress=progress,
+                            source_id=args.source_id)
+        except (ValueError, CodecError) as exc:
+            raise CliError(str(exc)) from None
+        except ImageError as exc:
+            raise CliError(str(exc), EXIT_FAILED) from None
+    print(f"{r.image_path}: {r.nchunks} chunks, {r.zero_chunks} zero, {r.dup_chunks} already stored, "
+          f"{r.new_chunks} new ({r.new_stored_bytes} bytes added to {store})")
+    return 0
+
+
+def _open(args):
+    from snapd.image import BaseImage, ImageError
+    try:
+        return BaseImage.open(args.image, store=args.store)
+    except ImageError as exc:
+        raise CliError(str(exc), EXIT_USAGE if "not found" in exc.detail else EXIT_FAILED) from None
+
+
+def _inspect(args) -> int:
+    from snapd.image.codecs import NAMES
+    img = _open(args)
+    s = img.stats()
+    h = img.header
+    info = {"image": img.path, "store": img.store_dir, "version": "%d.%d" % h.version,
+            "source_id": h.source_id, "content_id": h.content_id.hex(), "mem_size": s.mem_size,
+            "chunk_size": s.chunk_size, "nchunks": s.nchunks, "codec": NAMES.get(h.codec, str(h.codec)),
+            "level": h.level, "stored_bytes": s.stored_bytes, "ratio": round(s.ratio, 3) if s.stored_bytes else None,
+            "zero_fraction": round(s.zero_fraction, 4), "duplicate_fraction": round(s.dup_fraction, 4),
+            "unique_chunks": s.unique_chunks, "chunks_per_codec": s.codecs}
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        width = max(map(len, info))
+        for k, v in info.items():
+            print(f"{k:<{width}}  {v}")
+    return 0
+
+
+def _verify(args) -> int:
+    from snapd.image import ImageError
+    img = _open(args)
+    try:
+        img.verify()
+    except ImageError as exc:
+        raise CliError(f"verify failed: {exc}", EXIT_FAILED) from None
+    finally:
+        img.close()
+    print(f"{img.path}: OK ({img.nchunks} chunks)")
+    return 0

@@ -1,0 +1,120 @@
+"""Image index file: header, one fixed 64-byte entry per chunk, BLAKE2b-256 trailer.
+
+Byte layout in docs/image-format.md. Entries are fixed-size so entry i is at
+header_size + 64 * i and any chunk can be located without reading the others.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import struct
+from dataclasses import dataclass
+from typing import NamedTuple
+
+from snapd.atomic import atomic_write
+from snapd.image.errors import ImageFormatError, IndexTruncated
+
+MAGIC = b"UVMIMG\0\0"
+VERSION = (1, 0)
+MIN_CHUNK, MAX_CHUNK = 4096, 2 << 20
+# magic, major, minor, header_size, chunk_size, codec, reserved, level, mem_size, nchunks,
+# content_id, source_id length, store path length
+HEADER = struct.Struct("<8sHHIIBBhQQ32sHH")
+ENTRY = struct.Struct("<32sB3xIQI4xQ")  # hash, codec, pack id, offset, stored_len, xxh3_64(stored)
+DIGEST_LEN = 32
+ALIGN = 64
+
+
+class Entry(NamedTuple):
+    hash: bytes
+    codec: int
+    pack_id: int
+    offset: int
+    stored_len: int
+    checksum: int
+
+
+@dataclass(frozen=True)
+class Header:
+    chunk_size: int
+    codec: int          # codec requested for newly stored chunks (entries may differ: dedup keeps the first)
+    level: int
+    mem_size: int
+    nchunks: int
+    content_id: bytes   # BLAKE2b-256 over chunk size, memory size and every chunk's hash (zeros for zero chunks)
+    source_id: str      # caller-supplied name of the snapshot this image was built from
+    store_path: str     # chunk store directory, relative to the index file's directory unless absolute
+    version: tuple[int, int] = VERSION
+    header_size: int = 0
+
+
+def check_chunk_size(chunk_size: int) -> None:
+    if not (MIN_CHUNK <= chunk_size <= MAX_CHUNK) or chunk_size & (chunk_size - 1):
+        raise ValueError(f"chunk size {chunk_size} must be a power of two from 4 KiB to 2 MiB")
+
+
+def nchunks_for(mem_size: int, chunk_size: int) -> int:
+    return -(-mem_size // chunk_size)
+
+
+def content_id(chunk_size: int, mem_size: int, hashes) -> bytes:
+    h = hashlib.blake2b(digest_size=DIGEST_LEN)
+    h.update(struct.pack("<QQ", chunk_size, mem_size))
+    for x in hashes:
+        h.update(x)
+    return h.digest()
+
+
+def encode_index(hdr: Header, entries: list[Entry]) -> bytes:
+    src, store = hdr.source_id.encode(), hdr.store_path.encode()
+    fixed = HEADER.size + len(src) + len(store)
+    header_size = -(-fixed // ALIGN) * ALIGN
+    head = HEADER.pack(MAGIC, VERSION[0], VERSION[1], header_size, hdr.chunk_size, hdr.codec, 0,
+                       hdr.level, hdr.mem_size, len(entries), hdr.content_id, len(src), len(store))
+    body = b"".join([head, src, store, bytes(header_size - fixed)] +
+                    [ENTRY.pack(*e) for e in entries])
+    return body + hashlib.blake2b(body, digest_size=DIGEST_LEN).digest()
+
+
+def write_index(path: str | os.PathLike, hdr: Header, entries: list[Entry]) -> None:
+    atomic_write(path, encode_index(hdr, entries))
+
+
+def decode_index(data: bytes, name: str) -> tuple[Header, memoryview]:
+    """Validate the whole index; return the header and a view of the packed entries."""
+    size = len(data)
+    if size == 0:
+        raise IndexTruncated(name, "index file is empty")
+    if data[:len(MAGIC)] != MAGIC[:min(size, len(MAGIC))]:
+        raise ImageFormatError(name, f"not an image index (magic {bytes(data[:8])!r})")
+    if size < HEADER.size:
+        raise IndexTruncated(name, f"index truncated: {size} bytes, header alone is {HEADER.size}")
+    (_, major, minor, header_size, chunk_size, codec, _, level, mem_size, nchunks, cid,
+     src_len, store_len) = HEADER.unpack_from(data)
+    if major != VERSION[0]:
+        raise ImageFormatError(name, f"index format {major}.{minor} is not supported (reader: {VERSION[0]}.x)")
+    expected = header_size + nchunks * ENTRY.size + DIGEST_LEN
+    if size < expected:
+        raise IndexTruncated(name, f"index truncated: {size} bytes, header declares {expected}")
+    if size > expected:
+        raise ImageFormatError(name, f"{size - expected} bytes of trailing data after the index checksum")
+    view = memoryview(data)
+    if hashlib.blake2b(view[:-DIGEST_LEN], digest_size=DIGEST_LEN).digest() != view[-DIGEST_LEN:]:
+        raise ImageFormatError(name, "index checksum mismatch (index file is corrupt)")
+    # The checksum held, so what follows are writer bugs or hand-made files, not bit rot.
+    if header_size < HEADER.size + src_len + store_len:
+        raise ImageFormatError(name, f"header size {header_size} too small")
+    try:
+        check_chunk_size(chunk_size)
+    except ValueError as exc:
+        raise ImageFormatError(name, str(exc)) from None
+    if nchunks != nchunks_for(mem_size, chunk_size):
+        raise ImageFormatError(name, f"{nchunks} chunks do not cover {mem_size} bytes of memory")
+    p = HEADER.size
+    try:
+        src = bytes(view[p:p + src_len]).decode()
+        store = bytes(view[p + src_len:p + src_len + store_len]).decode()
+    except UnicodeDecodeError:
+        raise ImageFormatError(name, "source id or store path is not UTF-8") from None
+    hdr = Header(chunk_size, codec, level, mem_size, nchunks, cid, src, store, (major, minor), header_size)
+    return hdr, view[header_size:header_size + nchunks * ENTRY.size]

@@ -1,0 +1,170 @@
+"""Read a base image: locate, verify and decompress chunks; expose the chunk table for the page server."""
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import xxhash
+
+from snapd.image import codecs
+from snapd.image.chunkstore import pack_name
+from snapd.image.errors import ChunkCorrupt, ChunkOutOfBounds, ImageError, PackMissing
+from snapd.image.index import ENTRY, Entry, Header, decode_index
+
+
+class ChunkRef(NamedTuple):
+    pack_path: str
+    offset: int
+    stored_len: int
+    codec: int
+    checksum: int
+
+
+@dataclass(frozen=True)
+class ImageStats:
+    mem_size: int
+    chunk_size: int
+    nchunks: int
+    zero_chunks: int
+    dup_chunks: int        # non-zero chunks whose content already appeared earlier in this image
+    unique_chunks: int
+    stored_bytes: int      # bytes of distinct stored chunks this image references
+    codecs: dict[str, int]  # chunk count per codec actually stored
+
+    @property
+    def ratio(self) -> float:
+        return self.mem_size / self.stored_bytes if self.stored_bytes else float("inf")
+
+    @property
+    def zero_fraction(self) -> float:
+        return self.zero_chunks / self.nchunks if self.nchunks else 0.0
+
+    @property
+    def dup_fraction(self) -> float:
+        return self.dup_chunks / self.nchunks if self.nchunks else 0.0
+
+
+class BaseImage:
+    def __init__(self, path: str, header: Header, entries: memoryview, store_dir: str):
+        self.path = path
+        self.header = header
+        self.store_dir = store_dir
+        self._entries = entries
+        self._fds: dict[int, int] = {}
+
+    @classmethod
+    def open(cls, path: str | os.PathLike, store: str | os.PathLike | None = None) -> "BaseImage":
+        """Open and validate an index; `store` overrides the store path recorded in it."""
+        path = os.fspath(path)
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            raise ImageError(path, "image index not found") from None
+        hdr, entries = decode_index(data, path)
+        if store is None:
+            store = os.path.join(os.path.dirname(os.path.abspath(path)), hdr.store_path)
+        return cls(path, hdr, entries, os.path.normpath(os.fspath(store)))
+
+    chunk_size = property(lambda self: self.header.chunk_size)
+    mem_size = property(lambda self: self.header.mem_size)
+    nchunks = property(lambda self: self.header.nchunks)
+
+    def entry(self, i: int) -> Entry:
+        if not 0 <= i < self.nchunks:
+            raise IndexError(f"{self.path}: chunk {i} out of range (0..{self.nchunks - 1})")
+        return Entry._make(ENTRY.unpack_from(self._entries, i * ENTRY.size))
+
+    def raw_len(self, i: int) -> int:
+        return min(self.chunk_size, self.mem_size - i * self.chunk_size)
+
+    def pack_path(self, pack_id: int) -> str:
+        return os.path.join(self.store_dir, "packs", pack_name(pack_id))
+
+    def chunk_table(self) -> list[ChunkRef]:
+        """(pack_path, offset, stored_len, codec, checksum) per chunk, in order; ZERO chunks: codec 0."""
+        paths: dict[int, str] = {}
+        out = []
+        for h, codec, pack, off, slen, csum in ENTRY.iter_unpack(self._entries):
+            if codec == codecs.ZERO:
+                out.append(ChunkRef("", 0, 0, codecs.ZERO, 0))
+            else:
+                p = paths.get(pack) or paths.setdefault(pack, self.pack_path(pack))
+                out.append(ChunkRef(p, off, slen, codec, csum))
+        return out
+
+    def read_stored(self, i: int) -> tuple[Entry, bytes]:
+        """The chunk's stored (compressed) bytes after the checksum check."""
+        e = self.entry(i)
+        if e.codec == codecs.ZERO:
+            return e, b""
+        fd = self._pack_fd(e.pack_id, i)
+        data = os.pread(fd, e.stored_len, e.offset)
+        if len(data) != e.stored_len:
+            size = os.fstat(fd).st_size
+            raise ChunkOutOfBounds(self.path, f"points at bytes {e.offset}..{e.offset + e.stored_len} of "
+                                   f"{self.pack_path(e.pack_id)}, which has {size} bytes", i)
+        if xxhash.xxh3_64_intdigest(data) != e.checksum:
+            raise ChunkCorrupt(self.path, f"checksum mismatch in {self.pack_path(e.pack_id)} "
+                               f"at offset {e.offset}", i)
+        return e, data
+
+    def read_chunk(self, i: int, check_hash: bool = False) -> bytes:
+        """Chunk i uncompressed; check_hash also checks it against the content hash (slower)."""
+        e, data = self.read_stored(i)
+        try:
+            raw = codecs.decode(e.codec, data, self.raw_len(i))
+        except codecs.CodecError as exc:
+            raise ChunkCorrupt(self.path, str(exc), i) from None
+        if check_hash and e.codec != codecs.ZERO and hashlib.blake2b(raw, digest_size=32).digest() != e.hash:
+            raise ChunkCorrupt(self.path, "content does not match its content hash", i)
+        return raw
+
+    def verify(self, progress=None) -> None:
+        """Check every chunk: stored checksum, decompression and content hash. Raises on the first failure."""
+        for i in range(self.nchunks):
+            self.read_chunk(i, check_hash=True)
+            if progress is not None:
+                progress(i + 1, self.nchunks)
+
+    def stats(self) -> ImageStats:
+        zero = dup = stored = 0
+        seen: set[bytes] = set()
+        places: set[tuple[int, int]] = set()
+        per_codec: dict[str, int] = {}
+        for h, codec, pack, off, slen, _ in ENTRY.iter_unpack(self._entries):
+            name = codecs.NAMES.get(codec, str(codec))
+            per_codec[name] = per_codec.get(name, 0) + 1
+            if codec == codecs.ZERO:
+                zero += 1
+                continue
+            if h in seen:
+                dup += 1
+            seen.add(h)
+            if (pack, off) not in places:
+                places.add((pack, off))
+                stored += slen
+        return ImageStats(self.mem_size, self.chunk_size, self.nchunks, zero, dup, len(seen), stored, per_codec)
+
+    def _pack_fd(self, pack_id: int, chunk: int) -> int:
+        fd = self._fds.get(pack_id)
+        if fd is None:
+            try:
+                fd = os.open(self.pack_path(pack_id), os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                raise PackMissing(self.path, f"pack {self.pack_path(pack_id)} is missing", chunk) from None
+            self._fds[pack_id] = fd
+        return fd
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

@@ -1,0 +1,303 @@
+"""Snapshot state-file container and a strict msgpack codec for frozen state dataclasses.
+
+Layout (little-endian; see docs/snapshot-format.md):
+    magic  8 bytes  b"UVMSNAP\\0"
+    major  u16, minor u16
+    length u64      body length in bytes
+    body   `length` bytes (msgpack, see encode_state)
+    digest 32 bytes BLAKE2b-256 over everything before it
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import struct
+import types
+import typing
+from typing import Any, Callable, TypeVar
+
+import msgpack
+
+from snapd.atomic import atomic_write
+
+__all__ = [
+    "MAGIC", "VERSION", "DEFAULT_MAX_SIZE",
+    "SnapshotFormatError", "BadMagic", "UnsupportedVersion", "Truncated", "ChecksumMismatch",
+    "TooLarge", "TrailingData",
+    "pack_state_file", "unpack_state_file", "write_state_file", "read_state_file",
+    "encode_state", "decode_state", "save_state", "load_state",
+]
+
+MAGIC = b"UVMSNAP\0"
+VERSION = (1, 0)  # (major, minor): a reader accepts any minor of its own major
+DEFAULT_MAX_SIZE = 64 << 20
+_HEADER = struct.Struct("<8sHHQ")
+_DIGEST_LEN = 32
+_OVERHEAD = _HEADER.size + _DIGEST_LEN
+
+
+class SnapshotFormatError(Exception):
+    """A state file or state body is not something this version can read."""
+
+
+class BadMagic(SnapshotFormatError):
+    pass
+
+
+class UnsupportedVersion(SnapshotFormatError):
+    pass
+
+
+class Truncated(SnapshotFormatError):
+    pass
+
+
+class ChecksumMismatch(SnapshotFormatError):
+    pass
+
+
+class TooLarge(SnapshotFormatError):
+    pass
+
+
+class TrailingData(SnapshotFormatError):
+    pass
+
+
+def _digest(data) -> bytes:
+    return hashlib.blake2b(data, digest_size=_DIGEST_LEN).digest()
+
+
+def pack_state_file(body: bytes, version: tuple[int, int] = VERSION) -> bytes:
+    """The complete file contents for `body` (exposed for tests and for in-memory transport)."""
+    head = _HEADER.pack(MAGIC, version[0], version[1], len(body))
+    return head + body + _digest(head + body)
+
+
+def unpack_state_file(data: bytes, name: str = "<memory>",
+                      max_size: int = DEFAULT_MAX_SIZE) -> tuple[tuple[int, int], bytes]:
+    """Validate file contents; return ((major, minor), body). Raises a SnapshotFormatError subclass."""
+    size = len(data)
+    if size == 0:
+        raise Truncated(f"{name}: empty file, not a snapshot state file")
+    if size > max_size:
+        raise TooLarge(f"{name}: {size} bytes exceeds the limit of {max_size}")
+    magic = data[:len(MAGIC)]
+    if magic != MAGIC[:len(magic)]:
+        raise BadMagic(f"{name}: bad magic {bytes(magic)!r}, expected {MAGIC!r}")
+    if size < _HEADER.size:
+        raise Truncated(f"{name}: truncated header ({size} of {_HEADER.size} bytes)")
+    _, major, minor, length = _HEADER.unpack_from(data)
+    if major != VERSION[0]:
+        newer = "newer" if major > VERSION[0] else "older"
+        raise UnsupportedVersion(f"{name}: format version {major}.{minor} is {newer} than this "
+                                 f"reader's major version {VERSION[0]}")
+    expected = _OVERHEAD + length
+    if expected > max_size:
+        raise TooLarge(f"{name}: header declares a {length}-byte body, over the limit of {max_size} bytes")
+    if size < expected:
+        raise Truncated(f"{name}: truncated: {size} bytes, header declares {expected}")
+    if size > expected:
+        raise TrailingData(f"{name}: {size - expected} bytes of trailing data after the checksum")
+    view = memoryview(data)
+    if _digest(view[:-_DIGEST_LEN]) != bytes(view[-_DIGEST_LEN:]):
+        raise ChecksumMismatch(f"{name}: checksum mismatch (file is corrupt)")
+    return (major, minor), bytes(view[_HEADER.size:-_DIGEST_LEN])
+
+
+def write_state_file(path: str | os.PathLike, body: bytes) -> None:
+    """Atomically write a state file holding `body`."""
+    atomic_write(path, pack_state_file(body))
+
+
+def read_state_file(path: str | os.PathLike,
+                    max_size: int = DEFAULT_MAX_SIZE) -> tuple[tuple[int, int], bytes]:
+    """Read and validate a state file; return ((major, minor), body)."""
+    name = os.fspath(path)
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size > max_size:  # checked before reading anything into memory
+            raise TooLarge(f"{name}: {size} bytes exceeds the limit of {max_size}")
+        data = f.read(max_size + 1)  # +1: a file that grew after fstat is still caught
+    return unpack_state_file(data, name, max_size)
+
+
+# --- strict dataclass <-> msgpack codec -------------------------------------------------------
+
+T = TypeVar("T")
+_Decoder = Callable[[Any], Any]
+
+
+class _FieldError(Exception):
+    """Internal: carries the failing path outwards without building strings on the fast path."""
+
+    def __init__(self, what: str):
+        self.what = what
+        self.path: list[str] = []
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", None) or str(tp)
+
+
+def _scalar_decoder(tp) -> _Decoder:
+    def dec(v):
+        if type(v) is not tp:  # exact: bool is not accepted for int, nor int for bool
+            raise _FieldError(f"expected {tp.__name__}, got {type(v).__name__}")
+        return v
+    return dec
+
+
+def _seq_decoder(container, item: _Decoder) -> _Decoder:
+    def dec(v):
+        if type(v) is not list:
+            raise _FieldError(f"expected array, got {type(v).__name__}")
+        out = []
+        for i, x in enumerate(v):
+            try:
+                out.append(item(x))
+            except _FieldError as e:
+                e.path.append(f"[{i}]")
+                raise
+        return container(out)
+    return dec
+
+
+def _fixed_tuple_decoder(items: list[_Decoder]) -> _Decoder:
+    n = len(items)
+
+    def dec(v):
+        if type(v) is not list or len(v) != n:
+            raise _FieldError(f"expected array of {n} items, got {type(v).__name__}"
+                              + (f" of {len(v)}" if type(v) is list else ""))
+        out = []
+        for i, (d, x) in enumerate(zip(items, v)):
+            try:
+                out.append(d(x))
+            except _FieldError as e:
+                e.path.append(f"[{i}]")
+                raise
+        return tuple(out)
+    return dec
+
+
+def _optional_decoder(inner: _Decoder) -> _Decoder:
+    return lambda v: None if v is None else inner(v)
+
+
+def _dataclass_decoder(cls) -> _Decoder:
+    hints = typing.get_type_hints(cls)
+    fields = [(f.name, _decoder_for(hints[f.name])) for f in dataclasses.fields(cls) if f.init]
+    names = frozenset(n for n, _ in fields)
+
+    def dec(v):
+        if type(v) is not dict:
+            raise _FieldError(f"expected map for {cls.__name__}, got {type(v).__name__}")
+        if len(v) != len(fields) or not names.issuperset(v):
+            unknown = sorted(map(str, set(v) - names))
+            missing = sorted(names - set(v))
+            if unknown:
+                e = _FieldError(f"unknown field in {cls.__name__}")
+                e.path.append("." + unknown[0])
+            else:
+                e = _FieldError(f"missing field in {cls.__name__}")
+                e.path.append("." + missing[0])
+            raise e
+        kwargs = {}
+        for name, d in fields:
+            try:
+                kwargs[name] = d(v[name])
+            except _FieldError as e:
+                e.path.append("." + name)
+                raise
+        try:
+            return cls(**kwargs)
+        except (TypeError, ValueError) as exc:  # a __post_init__ validation refused the values
+            raise _FieldError(f"{cls.__name__} rejected its fields: {exc}") from None
+    return dec
+
+
+_decoders: dict[Any, _Decoder] = {}
+
+
+def _decoder_for(tp) -> _Decoder:
+    try:
+        return _decoders[tp]
+    except (KeyError, TypeError):
+        pass
+    if tp in (int, bool, str, bytes):
+        dec = _scalar_decoder(tp)
+    elif dataclasses.is_dataclass(tp) and isinstance(tp, type):
+        real: list[_Decoder] = []
+        _decoders[tp] = lambda v: real[0](v)  # forwarder, so self-referential types terminate
+        real.append(_dataclass_decoder(tp))
+        dec = real[0]
+    else:
+        origin, args = typing.get_origin(tp), typing.get_args(tp)
+        if origin in (typing.Union, types.UnionType):
+            rest = [a for a in args if a is not type(None)]
+            if len(rest) != 1 or len(args) != 2:
+                raise TypeError(f"unsupported union {tp}: only Optional[X] is allowed")
+            dec = _optional_decoder(_decoder_for(rest[0]))
+        elif origin is list and len(args) == 1:
+            dec = _seq_decoder(list, _decoder_for(args[0]))
+        elif origin is tuple and len(args) == 2 and args[1] is Ellipsis:
+            dec = _seq_decoder(tuple, _decoder_for(args[0]))
+        elif origin is tuple and args and Ellipsis not in args:
+            dec = _fixed_tuple_decoder([_decoder_for(a) for a in args])
+        else:
+            raise TypeError(f"unsupported field type {tp!r} for a state dataclass")
+    _decoders[tp] = dec
+    return dec
+
+
+def _to_plain(obj, path: str):
+    t = type(obj)
+    if t in (int, bool, str, bytes) or obj is None:
+        return obj
+    if t in (tuple, list):
+        return [_to_plain(x, f"{path}[{i}]") for i, x in enumerate(obj)]
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: _to_plain(getattr(obj, f.name), f"{path}.{f.name}")
+                for f in dataclasses.fields(obj) if f.init}
+    raise TypeError(f"state field {path or '<root>'}: cannot encode {t.__name__}")
+
+
+def encode_state(obj) -> bytes:
+    """msgpack of a (nested) dataclass instance: each dataclass becomes a map keyed by field name."""
+    if not (dataclasses.is_dataclass(obj) and not isinstance(obj, type)):
+        raise TypeError(f"encode_state expects a dataclass instance, got {type(obj).__name__}")
+    _decoder_for(type(obj))  # fail early on field types decode would not accept
+    plain = _to_plain(obj, type(obj).__name__)
+    try:
+        return msgpack.packb(plain, use_bin_type=True)
+    except OverflowError as exc:
+        raise ValueError(f"{type(obj).__name__}: integer out of the 64-bit range: {exc}") from None
+
+
+def decode_state(data: bytes, cls: type[T]) -> T:
+    """Decode what encode_state produced, strictly: unknown, missing or mistyped fields are refused."""
+    dec = _decoder_for(cls)
+    try:
+        plain = msgpack.unpackb(data, raw=False, use_list=True, strict_map_key=True)
+    except Exception as exc:  # msgpack raises several unrelated types for malformed input
+        raise SnapshotFormatError(f"state body is not valid msgpack: {exc}") from None
+    try:
+        return dec(plain)
+    except _FieldError as e:
+        path = cls.__name__ + "".join(reversed(e.path))
+        raise SnapshotFormatError(f"state field {path}: {e.what}") from None
+
+
+def save_state(path: str | os.PathLike, obj) -> None:
+    write_state_file(path, encode_state(obj))
+
+
+def load_state(path: str | os.PathLike, cls: type[T], max_size: int = DEFAULT_MAX_SIZE) -> T:
+    name = os.fspath(path)
+    _, body = read_state_file(path, max_size)
+    try:
+        return decode_state(body, cls)
+    except SnapshotFormatError as exc:
+        raise type(exc)(f"{name}: {exc}") from None

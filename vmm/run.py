@@ -1,0 +1,69 @@
+"""`vmm run`: boot a guest, wait for its init phase, invoke it N times and verify every reply."""
+import json
+import sys
+import time
+
+from vmm.config import MachineConfig
+from vmm.devices.serial import stdout_sink
+from vmm.driver import WorkloadDriver, WorkloadParams
+from vmm.errors import InvocationError
+from vmm.machine import Microvm
+from vmm import workloads
+
+
+def _stderr_sink(data: bytes) -> None:
+    sys.stderr.buffer.write(data)
+    sys.stderr.buffer.flush()
+
+
+def run_command(config: MachineConfig, args) -> int:
+    params = WorkloadParams.from_boot_args(config.boot_args)
+    t_start = time.perf_counter()
+    machine = Microvm(config, serial_sink=_stderr_sink if args.json else stdout_sink)
+    try:
+        machine.boot()
+        if params.workload == "progress" or config.kernel_image:
+            machine.wait(args.duration)
+            machine.stop("run duration elapsed" if not machine.stopped.is_set() else machine.stop_reason)
+            return _report_plain_run(machine, args, t_start)
+        machine.wait_ready(args.timeout)
+        t_ready = time.perf_counter()
+        driver = WorkloadDriver(params)
+        results = []
+        for i in range(args.invoke):
+            request = driver.request(i)
+            t0 = time.perf_counter()
+            reply = machine.invoke(request, timeout=args.timeout)
+            latency_us = (time.perf_counter() - t0) * 1e6
+            try:
+                summary = driver.verify(request, reply)
+            except workloads.ReplyMismatch as exc:
+                raise InvocationError(f"invocation {i + 1}: the guest's reply is wrong: {exc}") from None
+            results.append({"invocation": i + 1, "latency_us": round(latency_us, 1), "reply": summary})
+        machine.stop("run finished")
+    finally:
+        machine.close()
+    report = {
+        "workload": params.workload, "vcpus": config.vcpu_count, "mem_mib": config.mem_size_mib,
+        "boot_to_ready_ms": round((t_ready - t_start) * 1e3, 3), "invocations": results, "verified": True,
+    }
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(f"booted {params.workload} ({config.mem_size_mib} MiB, {config.vcpu_count} vCPU): "
+              f"ready in {report['boot_to_ready_ms']:.2f} ms")
+        for r in results:
+            print(f"  invoke {r['invocation']}: {r['latency_us']:8.1f} us  {r['reply']}  (verified)")
+    return 0
+
+
+def _report_plain_run(machine: Microvm, args, t_start: float) -> int:
+    fault = machine.fault
+    report = {"stop_reason": machine.stop_reason, "ran_ms": round((time.perf_counter() - t_start) * 1e3, 1)}
+    if args.json:
+        print(json.dumps(report))
+    else:
+        print(f"stopped after {report['ran_ms']} ms: {report['stop_reason']}")
+    if fault is not None:
+        raise fault
+    return 0
