@@ -113,6 +113,15 @@ class Microvm:
         for runner in self.runners:
             runner.start()
 
+    def start_parked(self) -> None:
+        """Start the vCPU threads already paused, so a later restore + resume() spawns no thread."""
+        self.pause_requested = True
+        for runner in self.runners:
+            runner.start()
+        for runner in self.runners:
+            runner.parked.wait(5.0)
+        self.state = PAUSED
+
     # -- control (called from API/CLI threads)
     def _vcpus_must_yield(self) -> bool:
         return self.pause_requested or self.stop_requested

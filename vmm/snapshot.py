@@ -155,7 +155,11 @@ def load_snapshot_file_backed(snapshot_path: str, mem_file_path: str, resume: bo
 
 
 def resume_restored(machine: Microvm) -> None:
-    """Start the vCPU threads of a restored machine, then tell kvmclock it was paused."""
+    """Run a restored machine (starting its vCPU threads if they are not parked yet); each vCPU thread then
+    tells kvmclock the guest was paused."""
     for runner in machine.runners:
         runner.kvmclock_ctrl_pending = True  # done by each vCPU thread: the ioctl waits for KVM_RUN to exit
-    machine.start()
+    if machine.runners[0].thread is None:
+        machine.start()
+    else:
+        machine.resume()

@@ -73,10 +73,10 @@ class VcpuRunner:
 
     def _loop(self) -> None:
         vcpu, run, machine = self.vcpu, self.vcpu.run, self.machine
-        if self.kvmclock_ctrl_pending:
-            vcpu.kvmclock_ctrl()
-            self.kvmclock_ctrl_pending = False
         while True:
+            if self.kvmclock_ctrl_pending:  # after a restore; this thread owns the vCPU, so the ioctl won't wait
+                vcpu.kvmclock_ctrl()
+                self.kvmclock_ctrl_pending = False
             if machine.stop_requested or machine.pause_requested:
                 run.immediate_exit = 1
                 vcpu.run_once()  # completes a pending I/O exit; returns -EINTR at once
