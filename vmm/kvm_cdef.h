@@ -208,3 +208,7 @@ long vmm_ftruncate(int fd, int64_t length);
 /* vCPU kicking: a no-op SIGUSR-style handler without SA_RESTART, so KVM_RUN returns -EINTR. */
 long vmm_install_kick_handler(int signo);
 int vmm_kick_signal(void);
+
+/* Memory helpers. */
+int vmm_is_zero(const void *p, size_t len);
+int vmm_range_has_data(void *p, size_t len, int anonymous);

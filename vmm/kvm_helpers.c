@@ -62,3 +62,40 @@ long vmm_install_kick_handler(int signo)
     return 0;
 }
 int vmm_kick_signal(void) { return kick_signo; }
+
+/* True when [p, p+len) is all zero: lets snapshots leave holes for untouched guest memory at memory speed. */
+int vmm_is_zero(const void *p, size_t len)
+{
+    const unsigned char *b = p;
+    size_t i = 0;
+    for (; i + 8 <= len; i += 8) {
+        uint64_t word;
+        memcpy(&word, b + i, 8);
+        if (word)
+            return 0;
+    }
+    for (; i < len; i++)
+        if (b[i])
+            return 0;
+    return 1;
+}
+
+/* True when [p, p+len) may hold non-zero data. For anonymous memory, pages that were never touched are not
+ * resident (mincore) and read as zero, so they are skipped without faulting them in. */
+int vmm_range_has_data(void *p, size_t len, int anonymous)
+{
+    const size_t page = 4096;
+    if (anonymous) {
+        unsigned char vec[256]; /* one byte per page: 1 MiB per call */
+        for (size_t off = 0; off < len; off += sizeof(vec) * page) {
+            size_t span = len - off < sizeof(vec) * page ? len - off : sizeof(vec) * page;
+            if (mincore((char *)p + off, span, vec) < 0)
+                return vmm_is_zero((char *)p + off, span) ? 0 : 1; /* be safe: look at the bytes */
+            for (size_t i = 0; i < (span + page - 1) / page; i++)
+                if ((vec[i] & 1) && !vmm_is_zero((char *)p + off + i * page, page))
+                    return 1;
+        }
+        return 0;
+    }
+    return !vmm_is_zero(p, len);
+}

@@ -17,11 +17,11 @@ from vmm.devices.serial import Serial, stdout_sink
 from vmm.errors import ConfigError, VmmError
 from vmm.machine import PAUSED, Microvm
 from vmm.memory import GuestMemory, RegionLayout
+from vmm.native import ffi, lib
 from vmm.persist import (SNAPSHOT_KIND, DeviceStates, MachineConfigState, MemoryRegionState, MicrovmState,
                          restore_vcpu, restore_vm, save_vcpu, save_vm)
 
 COPY_PIECE = 1 << 20
-ZERO_PIECE = bytes(COPY_PIECE)
 
 
 class SnapshotError(VmmError):
@@ -54,12 +54,13 @@ def write_memory_file(memory: GuestMemory, path: str) -> None:
     with atomic_file(path) as out:
         for region in memory.regions:
             view = memoryview(region.buffer())
+            anonymous = 1 if region.backing == "anon" else 0
             for offset in range(0, region.size, COPY_PIECE):
-                piece = view[offset:offset + COPY_PIECE]
-                if piece == ZERO_PIECE[:len(piece)]:
-                    out.seek(len(piece), os.SEEK_CUR)
+                length = min(COPY_PIECE, region.size - offset)
+                if not lib.vmm_range_has_data(ffi.cast("char *", region.host_addr + offset), length, anonymous):
+                    out.seek(length, os.SEEK_CUR)
                 else:
-                    out.write(piece)
+                    out.write(view[offset:offset + length])
         out.truncate(out.tell())
 
 
