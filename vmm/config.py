@@ -29,6 +29,7 @@ class MachineConfig:
     kernel_image: str = ""  # empty: the built-in guest
     boot_args: str = "workload=hello"
     initrd_path: str = ""  # Linux kernels only
+    track_dirty_pages: bool = False  # KVM dirty logging, for Diff snapshots
 
     def validate(self, max_vcpus: int = 255) -> "MachineConfig":
         if not isinstance(self.vcpu_count, int) or not 1 <= self.vcpu_count <= max_vcpus:

@@ -15,7 +15,8 @@ from vmm.devices.serial import COM1_BASE, COM1_IRQ, UART_PORTS, Serial, stdout_s
 from vmm.errors import GuestFault, InvocationError, VmmError
 from vmm.kvm import Kvm
 from vmm.loader import load_elf
-from vmm.memory import GuestMemory
+from vmm.memory import PAGE_SIZE, GuestMemory
+from vmm.native import lib
 from vmm.vcpu_runner import VcpuRunner, install_kick_handler
 
 KVM_TSS_ADDR = 0xFFFBD000  # three pages just below the 4 GiB BIOS area, as QEMU and Firecracker use
@@ -43,6 +44,7 @@ class Microvm:
         self.stop_requested = False
         self._control = threading.Condition()
         self.stopped = threading.Event()
+        self.snapshot_id = ""  # the snapshot this machine was restored from or last saved to (Diff parent)
         self.timestamps = {"created": time.perf_counter()}
         install_kick_handler()
         self.vm = self.kvm.create_vm()
@@ -50,8 +52,12 @@ class Microvm:
         self.vcpus = []
         try:
             self.memory = memory or GuestMemory.anonymous(self.config.mem_size)
+            # Dirty logging is chosen here, with the slots: changing a slot after the irqchip exists is slow.
+            slot_flags = lib.KVM_MEM_LOG_DIRTY_PAGES if self.config.track_dirty_pages else 0
             for slot, region in enumerate(self.memory.regions):
-                self.vm.set_memory_region(slot, region.guest_phys_addr, region.size, region.host_addr)
+                self.vm.set_memory_region(slot, region.guest_phys_addr, region.size, region.host_addr, slot_flags)
+            if self.config.track_dirty_pages:
+                self.memory.host_dirty_pages = set()
             self.vm.set_tss_addr(KVM_TSS_ADDR)
             self.vm.create_irqchip()
             self.vm.create_pit2()
@@ -199,6 +205,25 @@ class Microvm:
 
     def _serial_irq(self, level: int) -> None:
         self.vm.irq_line(COM1_IRQ, level)
+
+    # -- dirty pages (Diff snapshots)
+    def take_dirty_pages(self) -> list[int]:
+        """Guest-page numbers written since the last call (by the guest or by the VMM), sorted; clears them."""
+        if not self.config.track_dirty_pages:
+            raise VmmError("dirty page tracking is off: enable track_dirty_pages at boot or load")
+        pages = set(self.memory.host_dirty_pages)
+        self.memory.host_dirty_pages.clear()
+        for slot, region in enumerate(self.memory.regions):
+            npages = region.size // PAGE_SIZE
+            bitmap = self.vm.get_dirty_log(slot, npages)
+            first = region.guest_phys_addr // PAGE_SIZE
+            for word_index in range(0, len(bitmap), 8):
+                word = int.from_bytes(bitmap[word_index:word_index + 8], "little")
+                while word:
+                    bit = word & -word
+                    pages.add(first + word_index * 8 + bit.bit_length() - 1)
+                    word ^= bit
+        return sorted(pages)
 
     # -- function invocations
     def wait_ready(self, timeout: float) -> None:

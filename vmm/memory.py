@@ -70,6 +70,8 @@ class GuestMemory:
     def __init__(self, regions: list[Region]):
         self.regions = regions
         self.size = sum(r.size for r in regions)
+        # Pages the VMM itself wrote (KVM's dirty log only sees guest writes); None when not tracking.
+        self.host_dirty_pages = None
 
     @classmethod
     def anonymous(cls, mem_size: int) -> "GuestMemory":
@@ -127,6 +129,8 @@ class GuestMemory:
 
     def write(self, gpa: int, data: bytes) -> None:
         ffi.memmove(self.host_pointer(gpa, len(data)), data, len(data))
+        if self.host_dirty_pages is not None and data:
+            self.host_dirty_pages.update(range(gpa // PAGE_SIZE, (gpa + len(data) - 1) // PAGE_SIZE + 1))
 
     def close(self) -> None:
         for region in self.regions:

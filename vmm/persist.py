@@ -92,8 +92,15 @@ class MachineConfigState:
 
 @dataclass(frozen=True)
 class MicrovmState:
-    """The root of a snapshot: everything but guest memory, which lives in the memory file."""
+    """The root of a snapshot: everything but guest memory, which lives in the memory file.
+
+    A Full snapshot's memory file holds all of guest memory. A Diff snapshot's memory file has the same size but
+    holds only ``diff_page_runs`` (runs of 4 KiB pages, as (first page, count) in memory-file offsets), written
+    since the snapshot ``parent_snapshot_id``; it is only meaningful stacked on that parent."""
     kind: str
+    snapshot_id: str
+    parent_snapshot_id: str  # empty for a Full snapshot
+    diff_page_runs: tuple[tuple[int, int], ...]
     config: MachineConfigState
     memory: tuple[MemoryRegionState, ...]  # in memory-file order
     vm: VmState

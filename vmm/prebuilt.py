@@ -10,7 +10,7 @@ import dataclasses
 from vmm.config import MachineConfig
 from vmm.devices.serial import stdout_sink
 from vmm.machine import Microvm
-from vmm.snapshot import SnapshotError, machine_config_of, restore_into, resume_restored
+from vmm.snapshot import SnapshotError, machine_config_of, refuse_diff, restore_into, resume_restored
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,6 +35,7 @@ class PrebuiltVm:
         memory with userfaultfd)."""
         if self.used:
             raise SnapshotError("this prebuilt VM was already used for a restore")
+        refuse_diff(state, "snapshot")
         config = machine_config_of(state)
         shape = VmShape(config.vcpu_count, config.mem_size_mib)
         if shape != self.shape:

@@ -4,8 +4,10 @@ The memory file is written first, then the state file; both go to a temporary na
 so a crash mid-snapshot leaves no state file that loads. The state file records the memory file's size, and a
 load refuses a memory file shorter than the layout.
 """
+import dataclasses
 import os
 import time
+import uuid
 from dataclasses import dataclass
 
 from snapd.atomic import atomic_file
@@ -16,6 +18,7 @@ from vmm.devices.i8042 import I8042
 from vmm.devices.serial import Serial, stdout_sink
 from vmm.errors import ConfigError, VmmError
 from vmm.machine import PAUSED, Microvm
+from vmm.diff_snapshot import file_page_of, page_runs, rebase, write_diff_memory_file
 from vmm.memory import GuestMemory, RegionLayout
 from vmm.native import ffi, lib
 from vmm.persist import (SNAPSHOT_KIND, DeviceStates, MachineConfigState, MemoryRegionState, MicrovmState,
@@ -34,12 +37,15 @@ class SnapshotTimings:
     memory_ms: float
 
 
-def capture_state(machine: Microvm) -> MicrovmState:
+def capture_state(machine: Microvm, parent_snapshot_id: str = "", diff_page_runs=()) -> MicrovmState:
     if machine.state != PAUSED:
         raise SnapshotError(f"the VM must be paused to snapshot it (it is {machine.state.lower()})")
     config = machine.config
     return MicrovmState(
         kind=SNAPSHOT_KIND,
+        snapshot_id=uuid.uuid4().hex,
+        parent_snapshot_id=parent_snapshot_id,
+        diff_page_runs=tuple(diff_page_runs),
         config=MachineConfigState(config.vcpu_count, config.mem_size_mib, config.kernel_image, config.boot_args),
         memory=tuple(MemoryRegionState(r.name, r.guest_phys_addr, r.size, r.layout.file_offset)
                      for r in machine.memory.regions),
@@ -64,15 +70,34 @@ def write_memory_file(memory: GuestMemory, path: str) -> None:
         out.truncate(out.tell())
 
 
-def create_snapshot(machine: Microvm, snapshot_path: str, mem_file_path: str) -> SnapshotTimings:
+def create_snapshot(machine: Microvm, snapshot_path: str, mem_file_path: str,
+                    snapshot_type: str = "Full") -> SnapshotTimings:
+    """Full: all of guest memory. Diff: only pages written since the machine's last snapshot (or the snapshot it
+    was restored from); needs track_dirty_pages."""
     t0 = time.perf_counter()
-    state = capture_state(machine)
+    if snapshot_type == "Diff":
+        if not machine.config.track_dirty_pages:
+            raise SnapshotError("a Diff snapshot needs dirty page tracking: boot or load with track_dirty_pages")
+        if not machine.snapshot_id:
+            raise SnapshotError("a Diff snapshot needs a parent: take a Full snapshot first (or load one)")
+        runs = page_runs(sorted(file_page_of(machine.memory, p) for p in machine.take_dirty_pages()))
+        state = capture_state(machine, parent_snapshot_id=machine.snapshot_id, diff_page_runs=runs)
+    elif snapshot_type == "Full":
+        state = capture_state(machine)
+        if machine.config.track_dirty_pages:
+            machine.take_dirty_pages()  # the next Diff is relative to this snapshot
+    else:
+        raise SnapshotError(f"snapshot_type must be 'Full' or 'Diff', not {snapshot_type!r}")
     t1 = time.perf_counter()
     try:
-        write_memory_file(machine.memory, mem_file_path)
+        if snapshot_type == "Diff":
+            write_diff_memory_file(machine.memory, mem_file_path, list(state.diff_page_runs))
+        else:
+            write_memory_file(machine.memory, mem_file_path)
         save_state(snapshot_path, state)
     except OSError as exc:
         raise SnapshotError(f"cannot write snapshot: {exc.strerror}: {exc.filename}") from None
+    machine.snapshot_id = state.snapshot_id
     t2 = time.perf_counter()
     return SnapshotTimings(state_ms=(t1 - t0) * 1e3, memory_ms=(t2 - t1) * 1e3)
 
@@ -111,9 +136,16 @@ def open_memory_file(mem_file_path: str, state: MicrovmState) -> int:
     return fd
 
 
-def machine_config_of(state: MicrovmState) -> MachineConfig:
+def machine_config_of(state: MicrovmState, track_dirty_pages: bool = False) -> MachineConfig:
     c = state.config
-    return MachineConfig(vcpu_count=c.vcpu_count, mem_size_mib=c.mem_size_mib, kernel_image="", boot_args=c.boot_args)
+    return MachineConfig(vcpu_count=c.vcpu_count, mem_size_mib=c.mem_size_mib, kernel_image="", boot_args=c.boot_args,
+                         track_dirty_pages=track_dirty_pages)
+
+
+def refuse_diff(state: MicrovmState, snapshot_path: str) -> None:
+    if state.parent_snapshot_id:
+        raise SnapshotError(f"{snapshot_path} is a Diff snapshot over {state.parent_snapshot_id}: its memory file "
+                            "holds only changed pages; stack it on its base with `snapd image build --parent`")
 
 
 def restore_into(machine: Microvm, state: MicrovmState, serial_sink=stdout_sink) -> None:
@@ -128,19 +160,21 @@ def restore_into(machine: Microvm, state: MicrovmState, serial_sink=stdout_sink)
                            I8042.restore(devices.i8042, machine._on_reset_request),
                            FunctionPort.restore(devices.fnport, machine.memory, machine._vcpus_must_yield))
     machine.fnport.new_generation()
+    machine.snapshot_id = state.snapshot_id
 
 
 def load_snapshot_file_backed(snapshot_path: str, mem_file_path: str, resume: bool = True,
-                              serial_sink=stdout_sink) -> Microvm:
+                              serial_sink=stdout_sink, track_dirty_pages: bool = False) -> Microvm:
     """Restore with the File backend: the memory file mapped MAP_PRIVATE (guest writes never reach it)."""
     state = read_snapshot(snapshot_path)
+    refuse_diff(state, snapshot_path)
     fd = open_memory_file(mem_file_path, state)
     try:
         memory = GuestMemory.from_file(fd, region_layouts(state))
     finally:
         os.close(fd)  # the mapping keeps the file
     try:
-        machine = Microvm(machine_config_of(state), serial_sink=serial_sink, memory=memory)
+        machine = Microvm(machine_config_of(state, track_dirty_pages), serial_sink=serial_sink, memory=memory)
     except ConfigError as exc:
         memory.close()
         raise SnapshotError(f"{snapshot_path}: {exc}") from None
@@ -164,3 +198,13 @@ def resume_restored(machine: Microvm) -> None:
         machine.start()
     else:
         machine.resume()
+
+
+def rebase_snapshot(base_mem_path: str, diff_snapshot_path: str, diff_mem_path: str,
+                    out_snapshot_path: str, out_mem_path: str) -> None:
+    """Lay a Diff snapshot over its parent's memory file, giving a Full snapshot that loads on its own."""
+    state = read_snapshot(diff_snapshot_path)
+    if not state.parent_snapshot_id:
+        raise SnapshotError(f"{diff_snapshot_path} is a Full snapshot; there is nothing to rebase")
+    rebase(base_mem_path, diff_mem_path, state.diff_page_runs, out_mem_path)
+    save_state(out_snapshot_path, dataclasses.replace(state, parent_snapshot_id="", diff_page_runs=()))
