@@ -34,11 +34,15 @@ def _add_machine_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kv-mib", type=int, help="kv: hash table size in MiB")
     parser.add_argument("--scan-mib", type=int, help="scan: array size in MiB")
     parser.add_argument("--boot-args", default="", help="extra key=value words for the guest command line")
+    parser.add_argument("--initrd", default="", help="initrd for a Linux kernel given with --kernel")
+    parser.add_argument("--track-dirty-pages", action="store_true", help="log dirty pages (for Diff snapshots)")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vmm", description="KVM microVM monitor with snapshot and restore.")
     parser.add_argument("--api-sock", metavar="PATH", help="serve the Firecracker-compatible API on this Unix socket")
+    parser.add_argument("--log-level", default="Warning", choices=("Error", "Warning", "Info", "Debug"),
+                        help="API server: Info logs each request to standard error")
     sub = parser.add_subparsers(dest="command")
 
     run = sub.add_parser("run", help="boot a guest and invoke its function")
@@ -49,12 +53,15 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--json", action="store_true", help="print one JSON document instead of text")
 
     sub.add_parser("guest-image", help="print the path of the built-in guest image")
+    from vmm.api.commands import add_subcommands
+    add_subcommands(sub)
     return parser
 
 
 def config_from_args(args) -> MachineConfig:
     return MachineConfig(vcpu_count=args.vcpus, mem_size_mib=args.mem, kernel_image=args.kernel,
-                         boot_args=_boot_args(args))
+                         boot_args=args.boot_args if args.kernel else _boot_args(args), initrd_path=args.initrd,
+                         track_dirty_pages=args.track_dirty_pages)
 
 
 def main(argv=None) -> int:
@@ -63,13 +70,16 @@ def main(argv=None) -> int:
     try:
         if args.api_sock:
             from vmm.api.server import serve
-            return serve(args.api_sock)
+            return serve(args.api_sock, args.log_level)
         if args.command == "guest-image":
             print(builtin_guest_image())
             return 0
         if args.command == "run":
             from vmm.run import run_command
             return run_command(config_from_args(args), args)
+        from vmm.api.commands import COMMANDS as API_COMMANDS
+        if args.command in API_COMMANDS:
+            return API_COMMANDS[args.command](args)
         parser.print_help()
         return 2
     except GuestFault as fault:
