@@ -1,0 +1,131 @@
+"""Validation of JSON request bodies against small declarative specs.
+
+Each spec lists its fields with a JSON type and whether they are required; a body with a missing, unknown or
+mistyped field is refused with a message that names the field (``machine-config.vcpu_count``). The same specs
+are checked against docs/api/vmm-openapi.json by the tests, so the document and the server cannot drift.
+"""
+import base64
+import binascii
+import json
+from dataclasses import dataclass, field
+
+from vmm.api.errors import BadRequest
+
+JSON_TYPE_NAMES = {"integer": "an integer", "boolean": "a boolean", "string": "a string", "object": "an object"}
+
+
+@dataclass(frozen=True)
+class Field:
+    json_type: str  # "integer" | "boolean" | "string" | "object"
+    required: bool = False
+    enum: tuple[str, ...] = ()
+    minimum: int | None = None
+    spec: "ObjectSpec | None" = None  # for json_type "object"
+
+
+@dataclass(frozen=True)
+class ObjectSpec:
+    name: str  # used in error messages
+    fields: dict[str, Field] = field(default_factory=dict)
+
+
+def _type_ok(value, json_type: str) -> bool:
+    if json_type == "integer":
+        return isinstance(value, int) and not isinstance(value, bool)
+    if json_type == "boolean":
+        return isinstance(value, bool)
+    if json_type == "string":
+        return isinstance(value, str)
+    return isinstance(value, dict)
+
+
+def check_object(value, spec: ObjectSpec, where: str = "") -> dict:
+    where = where or spec.name
+    if not isinstance(value, dict):
+        raise BadRequest(f"{where}: the body must be a JSON object, not {type(value).__name__}")
+    unknown = sorted(set(value) - set(spec.fields))
+    if unknown:
+        raise BadRequest(f"{where}: unknown field{'s' if len(unknown) > 1 else ''} {', '.join(unknown)} "
+                         f"(accepted: {', '.join(spec.fields)})")
+    for name, rule in spec.fields.items():
+        if name not in value:
+            if rule.required:
+                raise BadRequest(f"{where}: missing required field {name}")
+            continue
+        item = value[name]
+        if not _type_ok(item, rule.json_type):
+            raise BadRequest(f"{where}.{name} must be {JSON_TYPE_NAMES[rule.json_type]}, not {json.dumps(item)}")
+        if rule.enum and item not in rule.enum:
+            raise BadRequest(f"{where}.{name} must be one of {', '.join(rule.enum)}, not {json.dumps(item)}")
+        if rule.minimum is not None and item < rule.minimum:
+            raise BadRequest(f"{where}.{name} must be at least {rule.minimum}, not {item}")
+        if rule.spec is not None:
+            check_object(item, rule.spec, f"{where}.{name}")
+    return value
+
+
+def parse_body(body: bytes, spec: ObjectSpec) -> dict:
+    if not body:
+        raise BadRequest(f"{spec.name}: the request has no body (a JSON object is expected)")
+    try:
+        value = json.loads(body)
+    except UnicodeDecodeError:
+        raise BadRequest(f"{spec.name}: the body is not UTF-8") from None
+    except json.JSONDecodeError as exc:
+        raise BadRequest(f"{spec.name}: the body is not valid JSON: {exc.msg} at line {exc.lineno} "
+                         f"column {exc.colno}") from None
+    return check_object(value, spec)
+
+
+def decode_base64(text: str, where: str) -> bytes:
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise BadRequest(f"{where} is not valid base64") from None
+
+
+# -- the request bodies of every endpoint (docs/api/vmm-openapi.json, components.schemas)
+MACHINE_CONFIG_FIELDS = {
+    "vcpu_count": Field("integer", required=True, minimum=1),
+    "mem_size_mib": Field("integer", required=True, minimum=2),
+    "smt": Field("boolean"),
+    "track_dirty_pages": Field("boolean"),
+    "huge_pages": Field("string", enum=("None",)),
+}
+MACHINE_CONFIG = ObjectSpec("machine-config", MACHINE_CONFIG_FIELDS)
+MACHINE_CONFIG_PATCH = ObjectSpec("machine-config", {name: Field(f.json_type, False, f.enum, f.minimum)
+                                                     for name, f in MACHINE_CONFIG_FIELDS.items()})
+BOOT_SOURCE = ObjectSpec("boot-source", {
+    "kernel_image_path": Field("string", required=True),
+    "boot_args": Field("string"),
+    "initrd_path": Field("string"),
+})
+INSTANCE_ACTION = ObjectSpec("actions", {
+    "action_type": Field("string", required=True, enum=("InstanceStart", "SendCtrlAltDel", "FlushMetrics")),
+})
+VM_STATE = ObjectSpec("vm", {"state": Field("string", required=True, enum=("Paused", "Resumed"))})
+INVOKE = ObjectSpec("invoke", {
+    "payload": Field("string", required=True),
+    "timeout_ms": Field("integer", minimum=1),
+})
+INVOCATION_WAIT = ObjectSpec("invocations.wait", {"timeout_ms": Field("integer", minimum=1)})
+SNAPSHOT_CREATE = ObjectSpec("snapshot/create", {
+    "snapshot_type": Field("string", enum=("Full", "Diff")),
+    "snapshot_path": Field("string", required=True),
+    "mem_file_path": Field("string", required=True),
+})
+MEMORY_BACKEND = ObjectSpec("mem_backend", {
+    "backend_type": Field("string", required=True, enum=("File", "Uffd")),
+    "backend_path": Field("string", required=True),
+})
+SNAPSHOT_LOAD = ObjectSpec("snapshot/load", {
+    "snapshot_path": Field("string", required=True),
+    "mem_backend": Field("object", spec=MEMORY_BACKEND),
+    "mem_file_path": Field("string"),  # deprecated by Firecracker in favour of mem_backend
+    "enable_diff_snapshots": Field("boolean"),  # deprecated by Firecracker: track_dirty_pages
+    "track_dirty_pages": Field("boolean"),
+    "resume_vm": Field("boolean"),
+})
+
+REQUEST_SPECS = {spec.name: spec for spec in (MACHINE_CONFIG, BOOT_SOURCE, INSTANCE_ACTION, VM_STATE, INVOKE,
+                                              INVOCATION_WAIT, SNAPSHOT_CREATE, SNAPSHOT_LOAD)}
