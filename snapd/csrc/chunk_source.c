@@ -1,0 +1,214 @@
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <lz4.h>
+#include <xxhash.h>
+#include <zstd.h>
+
+#include "chunk_source.h"
+
+struct snapd_image *snapd_image_new(const char *name, uint64_t chunk_size, uint64_t mem_size, uint32_t nchunks)
+{
+	if (chunk_size == 0 || chunk_size % 4096 || (mem_size + chunk_size - 1) / chunk_size != nchunks)
+		return NULL;
+	struct snapd_image *img = calloc(1, sizeof(*img));
+	if (!img)
+		return NULL;
+	snprintf(img->name, sizeof(img->name), "%s", name);
+	img->chunk_size = chunk_size;
+	img->mem_size = mem_size;
+	img->nchunks = nchunks;
+	img->memfd = -1;
+	img->chunks = calloc(nchunks ? nchunks : 1, sizeof(*img->chunks));
+	if (!img->chunks) {
+		free(img);
+		return NULL;
+	}
+	return img;
+}
+
+int snapd_image_add_pack(struct snapd_image *img, const char *path)
+{
+	int n = img->npacks + 1;
+	int *fds = realloc(img->pack_fd, n * sizeof(int));
+	if (fds)
+		img->pack_fd = fds;
+	int *errs = realloc(img->pack_errno, n * sizeof(int));
+	if (errs)
+		img->pack_errno = errs;
+	char **paths = realloc(img->pack_path, n * sizeof(char *));
+	if (paths)
+		img->pack_path = paths;
+	if (!fds || !errs || !paths)
+		return -ENOMEM;
+	/* A pack that cannot be opened is not fatal here: only VMs that fault on
+	 * one of its chunks fail, with the reason recorded now. */
+	int fd = open(path, O_RDONLY | O_CLOEXEC);
+	img->pack_fd[img->npacks] = fd;
+	img->pack_errno[img->npacks] = fd < 0 ? errno : 0;
+	img->pack_path[img->npacks] = strdup(path);
+	return img->npacks++;
+}
+
+int snapd_image_set_chunks(struct snapd_image *img, const struct snapd_chunk *chunks, uint32_t n)
+{
+	if (n != img->nchunks)
+		return -EINVAL;
+	for (uint32_t i = 0; i < n; i++)
+		if (chunks[i].codec > SNAPD_CODEC_ZSTD ||
+		    (chunks[i].codec != SNAPD_CODEC_ZERO && chunks[i].pack >= (uint32_t)img->npacks))
+			return -EINVAL;
+	memcpy(img->chunks, chunks, n * sizeof(*chunks));
+	return 0;
+}
+
+int snapd_image_enable_shared(struct snapd_image *img)
+{
+	if (img->memfd >= 0)
+		return img->memfd;
+	int fd = memfd_create(img->name, MFD_CLOEXEC);
+	if (fd < 0)
+		return -errno;
+	if (ftruncate(fd, (off_t)img->mem_size) < 0) {
+		int e = errno;
+		close(fd);
+		return -e;
+	}
+	img->present = calloc(img->nchunks ? img->nchunks : 1, 1);
+	if (!img->present) {
+		close(fd);
+		return -ENOMEM;
+	}
+	img->memfd = fd;
+	return fd;
+}
+
+void snapd_image_free(struct snapd_image *img)
+{
+	if (!img)
+		return;
+	for (int i = 0; i < img->npacks; i++) {
+		if (img->pack_fd[i] >= 0)
+			close(img->pack_fd[i]);
+		free(img->pack_path[i]);
+	}
+	if (img->memfd >= 0)
+		close(img->memfd);
+	free(img->pack_fd);
+	free(img->pack_errno);
+	free(img->pack_path);
+	free(img->present);
+	free(img->chunks);
+	free(img);
+}
+
+uint64_t snapd_chunk_len(const struct snapd_image *img, uint32_t c)
+{
+	uint64_t start = (uint64_t)c * img->chunk_size;
+	uint64_t left = img->mem_size - start;
+	return left < img->chunk_size ? left : img->chunk_size;
+}
+
+static int grow(uint8_t **buf, size_t *cap, size_t need)
+{
+	if (*cap >= need)
+		return 0;
+	void *p = NULL;
+	/* Page-aligned so UFFDIO_COPY reads whole source pages. */
+	if (posix_memalign(&p, 4096, need))
+		return -1;
+	free(*buf);
+	*buf = p;
+	*cap = need;
+	return 0;
+}
+
+void snapd_scratch_free(struct snapd_scratch *s)
+{
+	free(s->in);
+	free(s->out);
+	memset(s, 0, sizeof(*s));
+}
+
+int snapd_chunk_load(struct snapd_image *img, uint32_t c, struct snapd_scratch *s,
+		     const uint8_t **data, char *err, size_t errlen)
+{
+	const struct snapd_chunk *ch = &img->chunks[c];
+	uint64_t len = snapd_chunk_len(img, c);
+	if (ch->codec == SNAPD_CODEC_ZERO)
+		return 1;
+	/* Bound what a corrupt table can make us allocate. */
+	if (ch->stored_len == 0 || ch->stored_len > 2 * img->chunk_size + 65536) {
+		snprintf(err, errlen, "implausible stored length %llu", (unsigned long long)ch->stored_len);
+		return -1;
+	}
+	int fd = img->pack_fd[ch->pack];
+	if (fd < 0) {
+		snprintf(err, errlen, "pack %s unavailable: %s", img->pack_path[ch->pack],
+			 strerror(img->pack_errno[ch->pack]));
+		return -1;
+	}
+	if (grow(&s->in, &s->in_cap, ch->stored_len) || grow(&s->out, &s->out_cap, img->chunk_size)) {
+		snprintf(err, errlen, "out of memory");
+		return -1;
+	}
+	uint64_t got = 0;
+	while (got < ch->stored_len) {
+		ssize_t r = pread(fd, s->in + got, ch->stored_len - got, (off_t)(ch->offset + got));
+		if (r < 0 && errno == EINTR)
+			continue;
+		if (r < 0) {
+			snprintf(err, errlen, "read of pack %s failed: %s", img->pack_path[ch->pack], strerror(errno));
+			return -1;
+		}
+		if (r == 0) {
+			snprintf(err, errlen, "pack %s ends at %llu, before the chunk's end %llu",
+				 img->pack_path[ch->pack], (unsigned long long)(ch->offset + got),
+				 (unsigned long long)(ch->offset + ch->stored_len));
+			return -1;
+		}
+		got += (uint64_t)r;
+	}
+	uint64_t sum = XXH3_64bits(s->in, ch->stored_len);
+	if (sum != ch->checksum) {
+		snprintf(err, errlen, "checksum mismatch (xxh3 %016llx, expected %016llx)",
+			 (unsigned long long)sum, (unsigned long long)ch->checksum);
+		return -1;
+	}
+	switch (ch->codec) {
+	case SNAPD_CODEC_RAW:
+		if (ch->stored_len != len) {
+			snprintf(err, errlen, "raw chunk holds %llu bytes, expected %llu",
+				 (unsigned long long)ch->stored_len, (unsigned long long)len);
+			return -1;
+		}
+		*data = s->in;
+		return 0;
+	case SNAPD_CODEC_LZ4: {
+		int n = LZ4_decompress_safe((const char *)s->in, (char *)s->out, (int)ch->stored_len, (int)len);
+		if (n < 0 || (uint64_t)n != len) {
+			snprintf(err, errlen, "lz4 block decoded to %d bytes, expected %llu", n, (unsigned long long)len);
+			return -1;
+		}
+		*data = s->out;
+		return 0;
+	}
+	case SNAPD_CODEC_ZSTD: {
+		size_t n = ZSTD_decompress(s->out, len, s->in, ch->stored_len);
+		if (ZSTD_isError(n) || n != len) {
+			snprintf(err, errlen, "zstd frame: %s", ZSTD_isError(n) ? ZSTD_getErrorName(n) : "wrong decoded size");
+			return -1;
+		}
+		*data = s->out;
+		return 0;
+	}
+	}
+	snprintf(err, errlen, "unknown codec %u", ch->codec);
+	return -1;
+}

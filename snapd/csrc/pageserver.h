@@ -1,0 +1,60 @@
+/* The page server's fault loop: one epoll loop over every VM's uffd and
+ * control socket, resolving MISSING faults from a chunked base image. */
+#ifndef SNAPD_PAGESERVER_H
+#define SNAPD_PAGESERVER_H
+#include <stdint.h>
+#include "chunk_source.h"
+
+#define SNAPD_MAX_VMS 256
+/* Log-linear histogram of service time in ns: 8 buckets per power of two. */
+#define SNAPD_HIST_BUCKETS 328
+
+#define SNAPD_ATTACH_EAGER  1 /* install every chunk, then send {"ready": true} */
+#define SNAPD_ATTACH_SHARED 2 /* fill the image's memfd and wake, instead of UFFDIO_COPY */
+/* with SHARED: map the chunk with UFFDIO_CONTINUE instead of waking (the
+ * mapping is registered MISSING|MINOR), so each chunk costs one fault per VM */
+#define SNAPD_ATTACH_CONTINUE 4
+
+enum snapd_vm_state { SNAPD_VM_FREE = 0, SNAPD_VM_ACTIVE, SNAPD_VM_FAILED, SNAPD_VM_CLOSED };
+
+struct snapd_region_spec {
+	uint64_t addr, size, offset;
+};
+
+struct snapd_vm_stats {
+	int32_t state;          /* enum snapd_vm_state */
+	int32_t parent;         /* VM id this one was forked from, or -1 */
+	int32_t eager_pending;  /* eager install still running */
+	int32_t nregions;
+	uint64_t faults;
+	uint64_t bytes_installed;
+	uint64_t chunks_installed;
+	uint64_t zero_chunks;
+	uint64_t shared_fills;  /* chunks this VM wrote into the shared memfd */
+	uint64_t shared_wakes;  /* faults resolved by a wake only */
+	uint64_t service_ns;    /* total time serving faults */
+	uint64_t max_service_ns;
+	uint64_t eexist;
+	uint64_t eagain;
+	uint64_t removes, remaps, unmaps, forks;
+	uint64_t errors;
+	uint64_t eager_bytes;
+	uint64_t eager_ns;
+};
+
+struct snapd_server;
+
+struct snapd_server *snapd_server_new(void);
+/* Runs the loop until snapd_server_stop; call with the GIL released. */
+int snapd_server_run(struct snapd_server *srv);
+void snapd_server_stop(struct snapd_server *srv);
+/* Closes every VM's fds. Only after run() has returned. */
+void snapd_server_free(struct snapd_server *srv);
+
+/* Hand a VM to the server: it takes ownership of uffd and sock (sock may be
+ * -1). Returns the VM id or -errno. */
+int snapd_server_attach(struct snapd_server *srv, struct snapd_image *img, int uffd, int sock,
+			const struct snapd_region_spec *regions, int nregions, int flags);
+int snapd_server_vm_stats(struct snapd_server *srv, int id, struct snapd_vm_stats *out, uint32_t *hist);
+int snapd_server_live_vms(struct snapd_server *srv);
+#endif

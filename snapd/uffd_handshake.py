@@ -1,0 +1,202 @@
+"""Firecracker-compatible userfaultfd handshake, plus our status channel.
+
+The page server listens on a Unix stream socket. A VMM connects and sends ONE message: a JSON list
+of regions `[{"base_host_virt_addr", "size", "offset", "page_size"}]` (Firecracker's older
+"page_size_kib" is accepted too) with its uffd attached via SCM_RIGHTS. Unlike Firecracker the
+connection then stays open: the server writes newline-delimited JSON (`{"ready": true}`,
+`{"error": "image X chunk N: ..."}`) and EOF in either direction means the peer is gone.
+"""
+from __future__ import annotations
+
+import json
+import os
+import select
+import socket
+import time
+from dataclasses import dataclass
+
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+_MAX_HANDSHAKE = 1 << 20
+
+
+class HandshakeError(RuntimeError):
+    """The VMM's first message was not a valid region list with exactly one fd."""
+
+
+class PageServerError(RuntimeError):
+    """The page server reported an error for this VM (e.g. a corrupt chunk); stop the VM."""
+
+
+class PageServerDied(PageServerError):
+    """EOF/HUP on the page-server socket: nobody will resolve this VM's faults any more."""
+
+
+@dataclass(frozen=True)
+class Region:
+    base_host_virt_addr: int
+    size: int
+    offset: int
+    page_size: int = PAGE_SIZE
+
+    def to_json(self) -> dict:
+        return {"base_host_virt_addr": self.base_host_virt_addr, "size": self.size,
+                "offset": self.offset, "page_size": self.page_size}
+
+
+def parse_regions(payload: object) -> list[Region]:
+    """Validate the handshake's JSON value; page_size_kib (older Firecracker) is converted."""
+    if not isinstance(payload, list) or not payload:
+        raise HandshakeError("handshake must be a non-empty JSON list of regions")
+    regions = []
+    for item in payload:
+        if not isinstance(item, dict):
+            raise HandshakeError(f"region is not an object: {item!r}")
+        page_size = item.get("page_size")
+        if page_size is None and "page_size_kib" in item:
+            page_size = item["page_size_kib"] * 1024
+        try:
+            region = Region(int(item["base_host_virt_addr"]), int(item["size"]), int(item["offset"]),
+                            int(page_size or PAGE_SIZE))
+        except (KeyError, TypeError, ValueError) as e:
+            raise HandshakeError(f"bad region {item!r}: {e}") from None
+        if region.page_size != PAGE_SIZE:
+            raise HandshakeError(f"page size {region.page_size} not supported (only {PAGE_SIZE})")
+        regions.append(region)
+    return regions
+
+
+# ---------------------------------------------------------------- VMM side
+
+def send_uffd(sock_path: str, uffd_fd: int, regions: list, timeout: float = 5.0) -> socket.socket:
+    """Connect to the page server and hand it uffd_fd with the region list.
+
+    `regions` holds Region objects, dicts in the wire format, or (addr, size, offset) tuples.
+    Returns the connected socket: keep it open for the VM's lifetime and watch it with
+    `read_server_messages` (EOF = the page server died).
+    """
+    wire = []
+    for r in regions:
+        if isinstance(r, Region):
+            wire.append(r.to_json())
+        elif isinstance(r, dict):
+            wire.append(r)
+        else:
+            addr, size, offset = r
+            wire.append(Region(addr, size, offset).to_json())
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        sock.settimeout(timeout)
+        sock.connect(sock_path)
+        payload = json.dumps(wire).encode()
+        sent = socket.send_fds(sock, [payload], [uffd_fd])
+        if sent < len(payload):
+            sock.sendall(payload[sent:])
+        sock.settimeout(None)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+class ServerMessages:
+    """VMM-side reader of the page server's newline-delimited JSON messages."""
+
+    def __init__(self, sock: socket.socket):
+        self.sock = sock
+        self._buf = b""
+
+    def read(self, timeout: float | None = 0.0) -> list[dict]:
+        """Messages available within timeout (None: block for at least one).
+
+        Raises PageServerDied on EOF/HUP: the VMM must stop its VM (its faults will never be served).
+        """
+        out: list[dict] = []
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not out:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            ready, _, _ = select.select([self.sock], [], [], left)
+            if not ready:
+                break
+            data = self.sock.recv(65536)
+            if not data:
+                raise PageServerDied("page server closed the connection: stopping the VM, "
+                                     "its memory faults can no longer be served")
+            self._buf += data
+            *lines, self._buf = self._buf.split(b"\n")
+            out.extend(json.loads(line) for line in lines if line.strip())
+            if deadline is not None and time.monotonic() >= deadline:
+                break
+        return out
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        """Block until {"ready": true}; raise PageServerError on an error message first."""
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("page server did not report ready")
+            for msg in self.read(left):
+                if "error" in msg:
+                    raise PageServerError(msg["error"])
+                if msg.get("ready"):
+                    return
+
+
+def read_server_messages(sock: socket.socket, timeout: float | None = 0.0) -> list[dict]:
+    """One-shot form of ServerMessages(sock).read(timeout) (loses a partial trailing line)."""
+    return ServerMessages(sock).read(timeout)
+
+
+# ---------------------------------------------------------------- server side
+
+def listen(sock_path: str, backlog: int = 64) -> socket.socket:
+    """Bind and listen on sock_path (a stale socket file is replaced)."""
+    try:
+        os.unlink(sock_path)
+    except FileNotFoundError:
+        pass
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    sock.bind(sock_path)
+    sock.listen(backlog)
+    return sock
+
+
+def recv_handshake(conn: socket.socket, timeout: float = 5.0) -> tuple[int, list[Region]]:
+    """Read the one handshake message from an accepted connection: (uffd fd, regions).
+
+    The message may arrive in pieces; the fd comes with the first. On error every received fd is
+    closed and HandshakeError raised.
+    """
+    conn.settimeout(timeout)
+    buf, fds = b"", []
+    decoder = json.JSONDecoder()
+    try:
+        while True:
+            data, new_fds, _, _ = socket.recv_fds(conn, 65536, 4)
+            fds.extend(new_fds)
+            if not data:
+                raise HandshakeError("VMM closed the connection before a complete handshake")
+            buf += data
+            if len(buf) > _MAX_HANDSHAKE:
+                raise HandshakeError("handshake message too large")
+            try:
+                payload, _ = decoder.raw_decode(buf.decode())
+            except (ValueError, UnicodeDecodeError):
+                continue  # incomplete: read more
+            regions = parse_regions(payload)
+            if len(fds) != 1:
+                raise HandshakeError(f"expected exactly one uffd with the handshake, got {len(fds)}")
+            conn.settimeout(None)
+            return fds[0], regions
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise
+
+
+def send_message(conn: socket.socket, msg: dict) -> None:
+    """One newline-delimited JSON message to the VMM (best effort: it may be gone)."""
+    try:
+        conn.send(json.dumps(msg).encode() + b"\n", socket.MSG_NOSIGNAL | socket.MSG_DONTWAIT)
+    except OSError:
+        pass
