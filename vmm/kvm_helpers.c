@@ -99,3 +99,5 @@ int vmm_range_has_data(void *p, size_t len, int anonymous)
     }
     return !vmm_is_zero(p, len);
 }
+
+long vmm_mprotect(void *addr, size_t length, int prot) { return neg_errno(mprotect(addr, length, prot)); }

@@ -199,9 +199,15 @@ class Microvm:
         self.on_guest_stop("reset")
 
     def on_vcpu_fault(self, runner, fault: GuestFault) -> None:
+        self.fail(fault)
+
+    def fail(self, error: VmmError) -> None:
+        """Stop the VM because of ``error`` (a guest fault, a dead page server); callable from any thread."""
+        if self.vm is None:  # already closed
+            return
         if self.fault is None:
-            self.fault = fault
-        threading.Thread(target=self.stop, args=(str(fault),), daemon=True).start()
+            self.fault = error
+        threading.Thread(target=self.stop, args=(str(error),), daemon=True).start()
 
     def _serial_irq(self, level: int) -> None:
         self.vm.irq_line(COM1_IRQ, level)
@@ -247,6 +253,10 @@ class Microvm:
     def close(self) -> None:
         if self.state in (RUNNING, PAUSED):
             self.stop()
+        stuck = [r.vcpu.index for r in getattr(self, "runners", []) if r.thread is not None and r.thread.is_alive()]
+        if stuck:
+            # Unmapping kvm_run or guest memory under a running vCPU thread would crash the process; keep them.
+            raise VmmError(f"vCPU thread(s) {stuck} did not stop; leaving their memory mapped")
         for vcpu in self.vcpus:
             vcpu.close()
         self.vcpus = []

@@ -72,12 +72,14 @@ class GuestMemory:
         self.size = sum(r.size for r in regions)
         # Pages the VMM itself wrote (KVM's dirty log only sees guest writes); None when not tracking.
         self.host_dirty_pages = None
+        self.backend = None  # a page-server backend (vmm.uffd_backend), closed before the memory is unmapped
+        self.inaccessible_reason = ""  # set when the memory was made inaccessible (PROT_NONE): reads would crash
 
     @classmethod
-    def anonymous(cls, mem_size: int) -> "GuestMemory":
+    def anonymous(cls, mem_size: int, layouts: list[RegionLayout] | None = None) -> "GuestMemory":
         regions = []
         try:
-            for layout in x86_layout(mem_size):
+            for layout in layouts or x86_layout(mem_size):
                 addr = _mmap(0, layout.size, RW, lib.MAP_PRIVATE | lib.MAP_ANONYMOUS | lib.MAP_NORESERVE, -1, 0,
                              f"anonymous guest memory {layout.name}, {layout.size // MiB} MiB")
                 regions.append(Region(layout, addr, "anon"))
@@ -111,6 +113,8 @@ class GuestMemory:
         return [r.layout for r in self.regions]
 
     def _locate(self, gpa: int, length: int) -> tuple[Region, int]:
+        if self.inaccessible_reason:
+            raise ConfigError(f"guest memory is no longer accessible: {self.inaccessible_reason}")
         for region in self.regions:
             start = region.guest_phys_addr
             if start <= gpa and gpa + length <= start + region.size:
@@ -133,6 +137,9 @@ class GuestMemory:
             self.host_dirty_pages.update(range(gpa // PAGE_SIZE, (gpa + len(data) - 1) // PAGE_SIZE + 1))
 
     def close(self) -> None:
+        if self.backend is not None:
+            self.backend.close()
+            self.backend = None
         for region in self.regions:
             if region.host_addr:
                 lib.vmm_munmap(ffi.cast("void *", region.host_addr), region.size)

@@ -57,6 +57,8 @@ def capture_state(machine: Microvm, parent_snapshot_id: str = "", diff_page_runs
 
 def write_memory_file(memory: GuestMemory, path: str) -> None:
     """Raw guest memory, regions back to back; all-zero MiBs become holes (sparse file)."""
+    if memory.inaccessible_reason:
+        raise SnapshotError(f"cannot snapshot guest memory: {memory.inaccessible_reason}")
     with atomic_file(path) as out:
         for region in memory.regions:
             view = memoryview(region.buffer())
@@ -208,3 +210,31 @@ def rebase_snapshot(base_mem_path: str, diff_snapshot_path: str, diff_mem_path: 
         raise SnapshotError(f"{diff_snapshot_path} is a Full snapshot; there is nothing to rebase")
     rebase(base_mem_path, diff_mem_path, state.diff_page_runs, out_mem_path)
     save_state(out_snapshot_path, dataclasses.replace(state, parent_snapshot_id="", diff_page_runs=()))
+
+
+def load_snapshot_uffd_backed(snapshot_path: str, backend_path: str, resume: bool = True, serial_sink=stdout_sink,
+                              track_dirty_pages: bool = False, ready_timeout: float = 30.0) -> Microvm:
+    """Restore with the Uffd backend: anonymous guest memory whose faults the page server at ``backend_path``
+    resolves (lazily, or all before it says ready when it runs in eager mode)."""
+    from vmm.uffd_backend import UffdBackend, UffdBackendError
+    state = read_snapshot(snapshot_path)
+    refuse_diff(state, snapshot_path)
+    layouts = region_layouts(state)
+    memory = GuestMemory.anonymous(sum(layout.size for layout in layouts), layouts)
+    try:
+        backend = UffdBackend(memory, backend_path)
+        backend.wait_ready(ready_timeout)
+        machine = Microvm(machine_config_of(state, track_dirty_pages), serial_sink=serial_sink, memory=memory)
+    except BaseException:
+        memory.close()
+        raise
+    try:
+        restore_into(machine, state, serial_sink)
+    except BaseException:
+        machine.close()
+        raise
+    backend.watch(lambda message: machine.fail(UffdBackendError(message)))
+    machine.state = PAUSED
+    if resume:
+        resume_restored(machine)
+    return machine

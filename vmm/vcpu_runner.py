@@ -53,6 +53,8 @@ class VcpuRunner:
         self.thread.start()
 
     def kick(self) -> None:
+        if self.vcpu.run_map is None:  # closed: nothing runs any more
+            return
         self.vcpu.run.immediate_exit = 1
         thread = self.thread
         if thread is not None and thread.ident is not None and thread.is_alive():

@@ -294,10 +294,8 @@ class VmmController:
             return snapshots.load_snapshot_file_backed(snapshot_path, path, resume=False,
                                                        serial_sink=self.serial_sink,
                                                        track_dirty_pages=track_dirty_pages)
-        load_uffd = getattr(snapshots, "load_snapshot_uffd_backed", None)
-        if load_uffd is None:
-            raise BadRequest("Uffd backend is not available in this VMM build (use backend_type File)")
-        return load_uffd(snapshot_path, path, False, self.serial_sink)
+        return snapshots.load_snapshot_uffd_backed(snapshot_path, path, resume=False, serial_sink=self.serial_sink,
+                                                   track_dirty_pages=track_dirty_pages)
 
 
 def _invocation_state(invocation: Invocation) -> str:

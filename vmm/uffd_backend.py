@@ -1,0 +1,98 @@
+"""Guest memory served by a page server over userfaultfd (Firecracker's `Uffd` memory backend).
+
+The VMM registers its guest memory with a new userfaultfd and hands the fd, with the region list, to the page
+server listening at ``backend_path`` (docs/page-server.md). The connection stays open: the server reports
+``ready`` and errors on it, and EOF means the server died. Either stops the VM with a clear error instead of
+leaving a vCPU waiting forever on a fault nobody will serve.
+"""
+import os
+import threading
+
+from snapd.uffd import UffdError, create_registered_uffd
+from snapd.uffd_handshake import PageServerDied, PageServerError, Region, ServerMessages, send_uffd
+from vmm.errors import VmmError
+from vmm.memory import PAGE_SIZE, GuestMemory
+from vmm.native import ffi, lib
+
+
+class UffdBackendError(VmmError):
+    """The page server refused, failed or died."""
+
+
+class UffdBackend:
+    def __init__(self, memory: GuestMemory, backend_path: str, mode: str = "missing"):
+        self.backend_path = backend_path
+        self.memory = memory
+        self.closing = False  # our own close ends the connection too: that is not a server failure
+        self.uffd = -1
+        self.sock = None
+        try:
+            self.uffd = create_registered_uffd([(r.host_addr, r.size) for r in memory.regions], mode)
+            regions = [Region(r.host_addr, r.size, r.layout.file_offset, PAGE_SIZE) for r in memory.regions]
+            self.sock = send_uffd(backend_path, self.uffd, regions)
+        except (OSError, UffdError) as exc:
+            self.close()
+            raise UffdBackendError(f"cannot hand guest memory to the page server at {backend_path}: {exc}") from None
+        self.messages = ServerMessages(self.sock)
+        for region in memory.regions:
+            region.backing = "uffd"  # untouched pages hold image data, not zeros: snapshots must read them
+        memory.backend = self
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        try:
+            self.messages.wait_ready(timeout)
+        except PageServerError as exc:
+            raise UffdBackendError(f"page server at {self.backend_path}: {exc}") from None
+        except TimeoutError:
+            raise UffdBackendError(f"page server at {self.backend_path} was not ready within {timeout} s") from None
+
+    def sever(self) -> None:
+        """Cut guest memory off from the page server without ever showing the guest a wrong page.
+
+        A vCPU waiting on a fault is not woken by a signal here. Closing the uffd wakes it, but its retried fault
+        would then find plain anonymous memory (zeros); with the memory made inaccessible first, the retry fails
+        and KVM_RUN returns an error instead."""
+        self.memory.inaccessible_reason = f"cut off from the page server at {self.backend_path}"
+        for region in self.memory.regions:
+            lib.vmm_mprotect(ffi.cast("void *", region.host_addr), region.size, lib.PROT_NONE)
+        if self.uffd >= 0:
+            os.close(self.uffd)
+            self.uffd = -1
+
+    def watch(self, on_failure) -> threading.Thread:
+        """On an error message or the end of the connection: sever the memory, then ``on_failure(message)``."""
+        def fail(message: str) -> None:
+            if not self.closing:
+                on_failure(message)  # first, so the VM's recorded fault is this one, not the vCPU's EFAULT
+                self.sever()
+
+        def run():
+            try:
+                while self.sock is not None:
+                    for message in self.messages.read(timeout=None):
+                        if "error" in message:
+                            fail(f"page server at {self.backend_path}: {message['error']}")
+                            return
+            except PageServerDied as exc:
+                fail(f"page server at {self.backend_path} died: {exc}")
+            except (OSError, ValueError):
+                if self.sock is not None:
+                    fail(f"lost the page server at {self.backend_path}")
+        thread = threading.Thread(target=run, name="uffd-watch", daemon=True)
+        thread.start()
+        return thread
+
+    def close(self) -> None:
+        """Close the uffd before guest memory is unmapped: with the UNMAP event requested, munmap of registered
+        memory waits for a reader of that event, and a dead server reads nothing."""
+        self.closing = True
+        if self.uffd >= 0:
+            os.close(self.uffd)
+            self.uffd = -1
+        sock, self.sock = self.sock, None
+        if sock is not None:
+            try:
+                sock.shutdown(2)
+            except OSError:
+                pass
+            sock.close()
