@@ -4,8 +4,6 @@ Guest serial output goes to standard output, as Firecracker's serial console doe
 output goes to standard error and standard output carries one JSON document.
 """
 import argparse
-import json
-import os
 import sys
 
 from vmm.config import DEFAULT_MEM_MIB, MachineConfig, builtin_guest_image

@@ -1,8 +1,10 @@
 """Drives a built-in guest workload from the host: makes requests and verifies every reply independently
 (vmm/workloads.py), so `vmm run`, the tests and bench/ all check the guest the same way."""
+import time
 from dataclasses import dataclass
 
 from vmm import workloads
+from vmm.errors import InvocationError
 
 KV_LOOKUPS = 1000
 SCAN_WINDOW_MIB = 4
@@ -58,3 +60,19 @@ class WorkloadDriver:
             return f"kv found={found} sum={total:016x}"
         words, total = workloads.verify_scan(p.seed, p.scan_mib, request, reply)
         return f"scan words={words} sum={total:016x}"
+
+
+def invoke_verified(machine, driver: WorkloadDriver, count: int, timeout: float) -> list[dict]:
+    """Make ``count`` invocations, verify each reply, and return one record per invocation (latency, summary)."""
+    results = []
+    for i in range(count):
+        request = driver.request(i)
+        t0 = time.perf_counter()
+        reply = machine.invoke(request, timeout=timeout)
+        latency_us = (time.perf_counter() - t0) * 1e6
+        try:
+            summary = driver.verify(request, reply)
+        except workloads.ReplyMismatch as exc:
+            raise InvocationError(f"invocation {i + 1}: the guest's reply is wrong: {exc}") from None
+        results.append({"invocation": i + 1, "latency_us": round(latency_us, 1), "reply": summary})
+    return results

@@ -5,10 +5,8 @@ import time
 
 from vmm.config import MachineConfig
 from vmm.devices.serial import stdout_sink
-from vmm.driver import WorkloadDriver, WorkloadParams
-from vmm.errors import InvocationError
+from vmm.driver import WorkloadDriver, WorkloadParams, invoke_verified
 from vmm.machine import Microvm
-from vmm import workloads
 
 
 def _stderr_sink(data: bytes) -> None:
@@ -28,18 +26,7 @@ def run_command(config: MachineConfig, args) -> int:
             return _report_plain_run(machine, args, t_start)
         machine.wait_ready(args.timeout)
         t_ready = time.perf_counter()
-        driver = WorkloadDriver(params)
-        results = []
-        for i in range(args.invoke):
-            request = driver.request(i)
-            t0 = time.perf_counter()
-            reply = machine.invoke(request, timeout=args.timeout)
-            latency_us = (time.perf_counter() - t0) * 1e6
-            try:
-                summary = driver.verify(request, reply)
-            except workloads.ReplyMismatch as exc:
-                raise InvocationError(f"invocation {i + 1}: the guest's reply is wrong: {exc}") from None
-            results.append({"invocation": i + 1, "latency_us": round(latency_us, 1), "reply": summary})
+        results = invoke_verified(machine, WorkloadDriver(params), args.invoke, args.timeout)
         machine.stop("run finished")
     finally:
         machine.close()

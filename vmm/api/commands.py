@@ -4,7 +4,7 @@ import sys
 import time
 
 from vmm.api.client import ApiClient, ApiClientError
-from vmm.errors import InvocationError, VmmError
+from vmm.errors import VmmError
 
 
 def _stderr_sink(data: bytes) -> None:
@@ -41,8 +41,7 @@ def restore_command(args) -> int:
     """Restore a snapshot in this process (File backend), answer its pending invocations, invoke N times."""
     from vmm import snapshot as snapshots
     from vmm.devices.serial import stdout_sink
-    from vmm.driver import WorkloadDriver, WorkloadParams
-    from vmm.workloads import ReplyMismatch
+    from vmm.driver import WorkloadDriver, WorkloadParams, invoke_verified
 
     t0 = time.perf_counter()
     machine = snapshots.load_snapshot_file_backed(args.snapshot, args.mem_file, resume=False,
@@ -61,17 +60,8 @@ def restore_command(args) -> int:
         params = WorkloadParams.from_boot_args(machine.config.boot_args)
         results = []
         if args.invoke and params.workload != "progress":
-            driver = WorkloadDriver(params, first_count=first_count)
-            for i in range(args.invoke):
-                request = driver.request(i)
-                t_call = time.perf_counter()
-                reply = machine.invoke(request, timeout=args.timeout)
-                latency_us = (time.perf_counter() - t_call) * 1e6
-                try:
-                    summary = driver.verify(request, reply)
-                except ReplyMismatch as exc:
-                    raise InvocationError(f"invocation {i + 1}: the guest's reply is wrong: {exc}") from None
-                results.append({"invocation": i + 1, "latency_us": round(latency_us, 1), "reply": summary})
+            results = invoke_verified(machine, WorkloadDriver(params, first_count=first_count), args.invoke,
+                                      args.timeout)
         machine.stop("restore finished")
     finally:
         machine.close()
