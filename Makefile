@@ -8,16 +8,18 @@ SUDO      := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT_PKGS  := liblz4-dev libzstd-dev libxxhash-dev
 BUILD_DEPS := pyproject.toml setup.py $(wildcard vmm/*_build.py snapd/*_build.py vmm/guest/*.c vmm/guest/*.h vmm/guest/*.S vmm/guest/*.ld vmm/guest/Makefile snapd/csrc/*)
 
-.PHONY: demo test test-all bench system-deps guest clean
+.PHONY: demo test test-fast bench system-deps guest clean
 
 demo: $(STAMP)
 	$(VENV)/bin/vmm run --workload hello --invoke 5
 
+# Everything, including the suites marked slow (a real Linux kernel boot, large clone counts).
 test: $(STAMP)
-	$(VENV)/bin/pytest -q
+	$(VENV)/bin/pytest -q -m 'slow or not slow'
 
-test-all: $(STAMP)
-	$(VENV)/bin/pytest -q -m ''
+# Without the slow suites: seconds, for the edit-test loop.
+test-fast: $(STAMP)
+	$(VENV)/bin/pytest -q
 
 bench: $(STAMP)
 	$(PY) -m bench
