@@ -8,6 +8,7 @@ Run: python -m bench.snapshot [--sizes 128,512,2048] [--runs N]
 """
 import argparse
 import os
+import subprocess
 import tempfile
 import time
 
@@ -63,6 +64,17 @@ def prebuilt_restore(state_path: str, mem_path: str, mem_mib: int) -> float:
         machine.close()
 
 
+def api_restore(state_path: str, mem_path: str, directory: str) -> float:
+    """A fresh `vmm --api-sock` process (started untimed, as a pool would), then load + first invoke over HTTP."""
+    from vmm.api.client import VmmProcess
+    with VmmProcess(os.path.join(directory, "bench-vmm.sock"), stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL) as vmm:
+        t0 = time.perf_counter()
+        vmm.client.load_snapshot(state_path, mem_path, resume_vm=True)
+        vmm.client.invoke(b"first")
+        return (time.perf_counter() - t0) * 1e3
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="128,512,2048")
@@ -77,13 +89,15 @@ def main(argv=None) -> None:
                 creates.append(elapsed)
             cold = summary([cold_restore(state_path, mem_path) for _ in range(args.runs)])
             pre = summary([prebuilt_restore(state_path, mem_path, mem_mib) for _ in range(args.runs)])
+            api = summary([api_restore(state_path, mem_path, directory) for _ in range(max(5, args.runs // 3))])
             create = summary(creates)
             fc = FIRECRACKER_LOAD_P50_MS.get(mem_mib)
-            rows.append([f"{mem_mib} MiB", create["p50"], cold["p50"], cold["p99"], pre["p50"], pre["p99"],
-                         fc if fc else "-", f"{fc / pre['p50']:.1f}x" if fc else "-"])
+            rows.append([f"{mem_mib} MiB", create["p50"], api["p50"], api["p99"], cold["p50"], cold["p99"],
+                         pre["p50"], pre["p99"], fc if fc else "-",
+                         f"{fc / api['p50']:.1f}x / {fc / pre['p50']:.1f}x" if fc else "-"])
     print(f"# Snapshot create and File-backend restore, ms ({machine_line()})\n")
-    print(table(["guest", "create p50", "cold restore->reply p50", "p99", "prebuilt restore->reply p50", "p99",
-                 "Firecracker load p50", "Firecracker/prebuilt"], rows))
+    print(table(["guest", "create p50", "API load->reply p50", "p99", "cold in-process p50", "p99",
+                 "prebuilt p50", "p99", "Firecracker load p50", "Firecracker / ours (API / prebuilt)"], rows))
 
 
 if __name__ == "__main__":

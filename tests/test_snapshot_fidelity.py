@@ -148,3 +148,45 @@ def test_diff_without_tracking_is_refused(tmp_path):
             create_snapshot(machine, str(tmp_path / "d"), str(tmp_path / "dm"), snapshot_type="Diff")
     finally:
         machine.close()
+
+
+@pytest.mark.parametrize("damage, words", [
+    (lambda data: data[: len(data) // 2], "truncated"),
+    (lambda data: data[:100] + bytes([data[100] ^ 0x01]) + data[101:], "checksum"),
+    (lambda data: b"NOTASNAP" + data[8:], "bad magic"),
+    (lambda data: data[:8] + (99).to_bytes(2, "little") + data[10:], "newer"),
+    (lambda data: b"", "empty"),
+])
+def test_damaged_state_file_is_refused_and_no_vm_is_left(hello_snapshot, tmp_path, damage, words):
+    (state_path, mem_path), _ = hello_snapshot
+    with open(state_path, "rb") as f:
+        bad = tmp_path / "bad.state"
+        bad.write_bytes(damage(f.read()))
+    before = len(os.listdir("/proc/self/fd"))
+    with pytest.raises(SnapshotError, match=words):
+        load_snapshot_file_backed(str(bad), mem_path, serial_sink=QUIET)
+    assert len(os.listdir("/proc/self/fd")) == before  # no VM, vCPU or memory file left open
+
+
+def test_oversized_state_file_is_refused_before_reading(tmp_path, hello_snapshot):
+    (_, mem_path), _ = hello_snapshot
+    huge = tmp_path / "huge.state"
+    with open(huge, "wb") as f:
+        f.truncate(1 << 30)  # sparse: costs no disk
+    with pytest.raises(SnapshotError, match="exceeds the limit"):
+        load_snapshot_file_backed(str(huge), mem_path, serial_sink=QUIET)
+
+
+def test_prebuilt_vm_of_another_shape_is_refused(hello_snapshot):
+    from vmm.prebuilt import PrebuiltVm, VmShape
+    (state_path, mem_path), _ = hello_snapshot
+    shell = PrebuiltVm(VmShape(1, 64), serial_sink=QUIET)  # the snapshot has 2 vCPUs
+    try:
+        fd = os.open(mem_path, os.O_RDONLY)
+        try:
+            with pytest.raises(SnapshotError, match="2 vCPUs"):
+                shell.restore(read_snapshot(state_path), fd)
+        finally:
+            os.close(fd)
+    finally:
+        shell.close()
