@@ -1,5 +1,8 @@
 """Compression ratio and one-core throughput per codec, level and chunk size, over guest memory
-shaped like the built-in workloads (docs/function-port.md). Run: python -m bench.compression"""
+shaped like the built-in workloads (docs/function-port.md). Run: python -m bench.compression
+With --real (or --mem-file PATH), the same measures over the memory files of real snapshots of the built-in guest
+(booted, snapshotted right after init, as bench.lazy_restore does) instead of synthetic memory:
+    python -m bench.compression --real --mem-mib 128 --data-mib 32"""
 from __future__ import annotations
 
 import argparse
@@ -113,7 +116,14 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--workloads", default="hello,kv,scan,code")
     ap.add_argument("--mem-mib", type=int, default=64)
+    ap.add_argument("--chunks", default=",".join(str(c >> 10) for c in CHUNK_SIZES), help="chunk sizes, KiB")
+    ap.add_argument("--real", action="store_true", help="real snapshot memory of the built-in guest's workloads")
+    ap.add_argument("--data-mib", type=int, default=32, help="--real: kv table / scan array MiB")
+    ap.add_argument("--mem-file", action="append", default=[], help="measure this raw memory file (repeatable)")
     args = ap.parse_args(argv)
+    chunk_sizes = [int(c) << 10 for c in args.chunks.split(",")]
+    if args.real or args.mem_file:
+        return real_main(args, chunk_sizes)
     print(f"# one core, MB/s of uncompressed non-zero input; ratio = whole memory / stored bytes "
           f"(zero chunks stored as nothing); live = non-zero bytes / stored bytes; raw % = non-zero chunks stored "
           f"raw; decompress over compressed chunks only; {args.mem_mib} MiB guests")
@@ -122,7 +132,7 @@ def main(argv=None) -> None:
     for wl in args.workloads.split(","):
         mem = guest_memory(wl, args.mem_mib)
         for name, cid, level in CODECS:
-            for chunk in CHUNK_SIZES:
+            for chunk in chunk_sizes:
                 r = measure(mem, chunk, cid, level)
                 dec = "-" if r["decomp"] is None else f"{r['decomp']:.0f}"
                 print(f"| {wl} | {name} | {chunk >> 10} KiB | {100 * r['zero']:.1f} | {100 * r['raw']:.0f} | "
@@ -130,9 +140,36 @@ def main(argv=None) -> None:
     guests = b"".join(guest_memory(wl, args.mem_mib) for wl in ("kv", "scan", "code"))
     dense = kv_table(32) + code_bytes(32 * MIB)  # no zero chunks: every byte is hashed and compressed
     for label, mem in (("kv+scan+code guests", guests), ("dense kv table + code, no zeros", dense)):
-        for chunk in CHUNK_SIZES:
+        for chunk in chunk_sizes:
             print(f"# build_image lz4, {os.cpu_count()} threads, {label} ({len(mem) >> 20} MiB), chunk "
                   f"{chunk >> 10} KiB: {build_throughput(mem, chunk):.0f} MB/s (hashing, zero skip, fsync included)")
+
+
+def real_main(args, chunk_sizes) -> None:
+    """The table of main() over real memory files: snapshots of the built-in guest (--real) and/or --mem-file."""
+    with tempfile.TemporaryDirectory(prefix="bench-compression-") as d:
+        files = [(os.path.basename(p), p) for p in args.mem_file]
+        if args.real:
+            from bench.lazy_restore import data_mib_for, make_snapshot
+            data_mib = data_mib_for(args.mem_mib, args.data_mib)
+            for wl in args.workloads.split(","):
+                if wl in ("hello", "kv", "scan"):
+                    files.append((f"{wl} (real, data {data_mib if wl != 'hello' else 0} MiB)",
+                                  make_snapshot(d, wl, args.mem_mib, data_mib)[2]))
+        print(f"# REAL snapshot memory; one core, MB/s of uncompressed non-zero input; ratio = whole memory / "
+              f"stored bytes; live = non-zero bytes / stored bytes; raw % = non-zero chunks stored raw; "
+              f"{args.mem_mib} MiB guests snapshotted right after init")
+        print("| memory | codec | chunk | zero % | raw % | ratio | live ratio | compress MB/s | decompress MB/s |")
+        print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+        for label, path in files:
+            with open(path, "rb") as f:
+                mem = f.read()
+            for name, cid, level in CODECS:
+                for chunk in chunk_sizes:
+                    r = measure(mem, chunk, cid, level)
+                    dec = "-" if r["decomp"] is None else f"{r['decomp']:.0f}"
+                    print(f"| {label} | {name} | {chunk >> 10} KiB | {100 * r['zero']:.1f} | {100 * r['raw']:.0f} | "
+                          f"{r['ratio']:.2f} | {r['live_ratio']:.2f} | {r['comp']:.0f} | {dec} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import collections
+import errno
 import hashlib
 import mmap
 import os
@@ -69,7 +70,8 @@ def build_image(mem_path: str | os.PathLike, store_dir: str | os.PathLike, image
         mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if mem_size else None
         view = memoryview(mm) if mm is not None else memoryview(b"")
         try:
-            result = _build(view, mem_size, n, chunk_size, cid, level, store, progress, workers)
+            has_data = _chunks_with_data(f.fileno(), mem_size, chunk_size, n)
+            result = _build(view, mem_size, n, chunk_size, cid, level, store, progress, workers, has_data)
         finally:
             view.release()
             if mm is not None:
@@ -82,7 +84,31 @@ def build_image(mem_path: str | os.PathLike, store_dir: str | os.PathLike, image
     return BuildResult(image_path, n, zero, dup, new, new_bytes)
 
 
-def _build(view, mem_size, n, chunk_size, codec, level, store, progress, workers):
+def _chunks_with_data(fd: int, mem_size: int, chunk_size: int, n: int) -> bytearray:
+    """1 for each chunk that overlaps a data extent of the file, 0 for chunks wholly inside holes.
+
+    Snapshot memory files are sparse (all-zero MiBs are holes); reading a hole through the mapping costs a page
+    fault and a zero page-cache page per 4 KiB (a 2 GiB guest: ~4 s and 2 GiB of page cache), SEEK_DATA/SEEK_HOLE
+    tell the same in microseconds. Without SEEK_DATA support every chunk counts as data."""
+    has_data = bytearray(n)
+    offset = 0
+    while offset < mem_size:
+        try:
+            start = os.lseek(fd, offset, os.SEEK_DATA)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:  # no data after offset
+                break
+            return bytearray(b"\1" * n)
+        if start >= mem_size:
+            break
+        end = min(os.lseek(fd, start, os.SEEK_HOLE), mem_size)
+        first, last = start // chunk_size, (end - 1) // chunk_size
+        has_data[first:last + 1] = b"\1" * (last + 1 - first)
+        offset = end
+    return has_data
+
+
+def _build(view, mem_size, n, chunk_size, codec, level, store, progress, workers, has_data=None):
     entries: list[Entry | None] = [None] * n
     hashes: list[bytes | None] = [None] * n
     pending: dict[bytes, NewChunk] = {}   # new content waiting for the next store append
@@ -113,9 +139,12 @@ def _build(view, mem_size, n, chunk_size, codec, level, store, progress, workers
         while nxt < n or inflight:
             # Keep a bounded window in flight: memory stays small while workers stay busy.
             while nxt < n and len(inflight) < window:
-                inflight.append(pool.submit(job, nxt))
+                # a chunk wholly inside a hole of the file is zero: not read, not submitted
+                inflight.append((nxt, None, None) if has_data is not None and not has_data[nxt]
+                                else pool.submit(job, nxt))
                 nxt += 1
-            i, h, chunk = inflight.popleft().result()
+            item = inflight.popleft()
+            i, h, chunk = item if isinstance(item, tuple) else item.result()
             size = min(chunk_size, mem_size - i * chunk_size)
             done += size
             if h is None:
