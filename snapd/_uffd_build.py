@@ -76,6 +76,7 @@ void snapd_image_free(struct snapd_image *img);
 #define SNAPD_ATTACH_EAGER ...
 #define SNAPD_ATTACH_SHARED ...
 #define SNAPD_ATTACH_CONTINUE ...
+#define SNAPD_ATTACH_RECORD ...
 #define SNAPD_VM_FREE ...
 #define SNAPD_VM_ACTIVE ...
 #define SNAPD_VM_FAILED ...
@@ -87,6 +88,8 @@ struct snapd_vm_stats {
     uint64_t shared_fills; uint64_t shared_wakes; uint64_t service_ns; uint64_t max_service_ns;
     uint64_t eexist; uint64_t eagain; uint64_t removes; uint64_t remaps; uint64_t unmaps; uint64_t forks;
     uint64_t errors; uint64_t eager_bytes; uint64_t eager_ns;
+    uint64_t prefetch_pending; uint64_t prefetch_chunks; uint64_t prefetch_bytes; uint64_t prefetch_ns;
+    uint64_t prefetch_faults; uint64_t recorded;
 };
 struct snapd_server;
 struct snapd_server *snapd_server_new(void);
@@ -95,12 +98,18 @@ void snapd_server_stop(struct snapd_server *srv);
 void snapd_server_free(struct snapd_server *srv);
 int snapd_server_attach(struct snapd_server *srv, struct snapd_image *img, int uffd, int sock,
                         const struct snapd_region_spec *regions, int nregions, int flags);
+int snapd_server_attach_ex(struct snapd_server *srv, struct snapd_image *img, int uffd, int sock,
+                           const struct snapd_region_spec *regions, int nregions, int flags,
+                           const uint32_t *prefetch, uint32_t nprefetch);
+int snapd_server_record_start(struct snapd_server *srv, int id);
+int snapd_server_record_stop(struct snapd_server *srv, int id);
+int64_t snapd_server_record_take(struct snapd_server *srv, int id, uint32_t *out, uint32_t cap);
 int snapd_server_vm_stats(struct snapd_server *srv, int id, struct snapd_vm_stats *out, uint32_t *hist);
 int snapd_server_live_vms(struct snapd_server *srv);
 """
 
 # The enum codec/state names are enum constants in C; cffi reads them as integer constants.
-SOURCES = ["uffd_ops.c", "chunk_source.c", "pageserver.c"]
+SOURCES = ["uffd_ops.c", "chunk_source.c", "pageserver.c", "workingset.c"]
 
 ffibuilder = FFI()
 ffibuilder.cdef(CDEF)

@@ -9,7 +9,7 @@ import argparse
 import importlib
 import sys
 
-COMMAND_MODULES = ("snapd.image.commands",)
+COMMAND_MODULES = ("snapd.image.commands", "snapd.serve", "snapd.loadset_commands")
 
 EXIT_FAILED = 1   # the command ran and found a problem (e.g. verify found corruption)
 EXIT_USAGE = 2    # bad arguments, missing files, unreadable input

@@ -140,3 +140,26 @@ def test_api_uffd_backend_with_a_page_server_process(kv_image, tmp_path):
     finally:
         server.kill()
         server.wait()
+
+
+def test_lazy_restore_into_a_prebuilt_vm(kv_image):
+    """The shell's placeholder memory itself is served by the page server: same memory, verified reply."""
+    from vmm.prebuilt import PrebuiltVm, VmShape
+    from vmm.snapshot import read_snapshot
+    with PageServer() as server:
+        image = server.add_image(ChunkTable.from_base_image(str(kv_image / "vm.img")))
+        listener = server.serve(str(kv_image / "prebuilt.sock"), image, "lazy")
+        shell = PrebuiltVm(VmShape(1, 64), serial_sink=QUIET)
+        try:
+            machine = shell.restore_from_page_server(read_snapshot(str(kv_image / "vm.state")), listener.sock_path,
+                                                     resume=False)
+            with open(kv_image / "vm.mem", "rb") as snapshot_memory:
+                expected = bytearray(snapshot_memory.read().ljust(64 << 20, b"\0"))
+            generation_field = machine.fnport.mailbox_gpa + OFF_GENERATION
+            expected[generation_field:generation_field + 40] = machine.memory.read(generation_field, 40)
+            assert guest_memory_bytes(machine) == bytes(expected)
+            machine.resume()
+            request = workloads.kv_request(1000, 3)
+            workloads.verify_kv(1, KV_MIB, request, machine.invoke(request))
+        finally:
+            shell.close()

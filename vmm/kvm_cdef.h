@@ -214,3 +214,5 @@ int vmm_kick_signal(void);
 /* Memory helpers. */
 int vmm_is_zero(const void *p, size_t len);
 int vmm_range_has_data(void *p, size_t len, int anonymous);
+long vmm_self_read(void *dst, const void *src, size_t len);
+long vmm_self_write(void *dst, const void *src, size_t len);

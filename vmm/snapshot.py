@@ -65,7 +65,9 @@ def write_memory_file(memory: GuestMemory, path: str) -> None:
             anonymous = 1 if region.backing == "anon" else 0
             for offset in range(0, region.size, COPY_PIECE):
                 length = min(COPY_PIECE, region.size - offset)
-                if not lib.vmm_range_has_data(ffi.cast("char *", region.host_addr + offset), length, anonymous):
+                if region.backing == "uffd":  # untouched pages hold image data: read (and fault in) everything
+                    out.write(memory.read(region.guest_phys_addr + offset, length))
+                elif not lib.vmm_range_has_data(ffi.cast("char *", region.host_addr + offset), length, anonymous):
                     out.seek(length, os.SEEK_CUR)
                 else:
                     out.write(view[offset:offset + length])
@@ -213,27 +215,36 @@ def rebase_snapshot(base_mem_path: str, diff_snapshot_path: str, diff_mem_path: 
 
 
 def load_snapshot_uffd_backed(snapshot_path: str, backend_path: str, resume: bool = True, serial_sink=stdout_sink,
-                              track_dirty_pages: bool = False, ready_timeout: float = 30.0) -> Microvm:
+                              track_dirty_pages: bool = False, ready_timeout: float = 30.0,
+                              layered: bool = False) -> Microvm:
     """Restore with the Uffd backend: anonymous guest memory whose faults the page server at ``backend_path``
-    resolves (lazily, or all before it says ready when it runs in eager mode)."""
+    resolves (lazily, or all before it says ready when it runs in eager mode).
+
+    layered: the snapshot may be a Diff; the page server serves a diff layer stacked on the diff's base image
+    (`snapd image build --parent`), so the memory it hands out is whole."""
     from vmm.uffd_backend import UffdBackend, UffdBackendError
     state = read_snapshot(snapshot_path)
-    refuse_diff(state, snapshot_path)
+    if not layered:
+        refuse_diff(state, snapshot_path)
     layouts = region_layouts(state)
     memory = GuestMemory.anonymous(sum(layout.size for layout in layouts), layouts)
     try:
         backend = UffdBackend(memory, backend_path)
-        backend.wait_ready(ready_timeout)
         machine = Microvm(machine_config_of(state, track_dirty_pages), serial_sink=serial_sink, memory=memory)
     except BaseException:
         memory.close()
         raise
     try:
+        # The VM is built and its state written while the server attaches (faults meanwhile are served);
+        # in eager mode "ready" comes once every chunk is installed, and the guest runs only after it.
         restore_into(machine, state, serial_sink)
-    except BaseException:
+        backend.wait_ready(ready_timeout)
+    except BaseException as exc:
         machine.close()
+        if backend.failures and not isinstance(exc, UffdBackendError):
+            raise UffdBackendError(backend.failures[0]) from None
         raise
-    backend.watch(lambda message: machine.fail(UffdBackendError(message)))
+    backend.set_failure_handler(lambda message: machine.fail(UffdBackendError(message)))
     machine.state = PAUSED
     if resume:
         resume_restored(machine)

@@ -9,7 +9,7 @@ import os
 import threading
 
 from snapd.uffd import UffdError, create_registered_uffd
-from snapd.uffd_handshake import PageServerDied, PageServerError, Region, ServerMessages, send_uffd
+from snapd.uffd_handshake import PageServerDied, Region, ServerMessages, send_uffd
 from vmm.errors import VmmError
 from vmm.memory import PAGE_SIZE, GuestMemory
 from vmm.native import ffi, lib
@@ -37,21 +37,24 @@ class UffdBackend:
         for region in memory.regions:
             region.backing = "uffd"  # untouched pages hold image data, not zeros: snapshots must read them
         memory.backend = self
+        self.failures = []
+        self.on_failure = None
+        self._settled = threading.Event()  # ready, or failed
+        threading.Thread(target=self._read_messages, name="uffd-messages", daemon=True).start()
 
     def wait_ready(self, timeout: float = 30.0) -> None:
-        try:
-            self.messages.wait_ready(timeout)
-        except PageServerError as exc:
-            raise UffdBackendError(f"page server at {self.backend_path}: {exc}") from None
-        except TimeoutError:
-            raise UffdBackendError(f"page server at {self.backend_path} was not ready within {timeout} s") from None
+        """Wait for the server's ``ready`` (in eager mode: every chunk installed); raise on its failure."""
+        if not self._settled.wait(timeout):
+            raise UffdBackendError(f"page server at {self.backend_path} was not ready within {timeout} s")
+        if self.failures:
+            raise UffdBackendError(self.failures[0])
 
     def sever(self) -> None:
         """Cut guest memory off from the page server without ever showing the guest a wrong page.
 
         A vCPU waiting on a fault is not woken by a signal here. Closing the uffd wakes it, but its retried fault
         would then find plain anonymous memory (zeros); with the memory made inaccessible first, the retry fails
-        and KVM_RUN returns an error instead."""
+        and KVM_RUN returns an error instead. Host-side accesses go through vmm_self_read/write and fail too."""
         self.memory.inaccessible_reason = f"cut off from the page server at {self.backend_path}"
         for region in self.memory.regions:
             lib.vmm_mprotect(ffi.cast("void *", region.host_addr), region.size, lib.PROT_NONE)
@@ -59,28 +62,36 @@ class UffdBackend:
             os.close(self.uffd)
             self.uffd = -1
 
-    def watch(self, on_failure) -> threading.Thread:
-        """On an error message or the end of the connection: sever the memory, then ``on_failure(message)``."""
-        def fail(message: str) -> None:
-            if not self.closing:
-                on_failure(message)  # first, so the VM's recorded fault is this one, not the vCPU's EFAULT
-                self.sever()
+    def _fail(self, message: str) -> None:
+        if self.closing:
+            return
+        self.failures.append(message)
+        self._settled.set()
+        if self.on_failure is not None:
+            self.on_failure(message)  # first, so the VM's recorded fault is this one, not the vCPU's EFAULT
+        self.sever()
 
-        def run():
-            try:
-                while self.sock is not None:
-                    for message in self.messages.read(timeout=None):
-                        if "error" in message:
-                            fail(f"page server at {self.backend_path}: {message['error']}")
-                            return
-            except PageServerDied as exc:
-                fail(f"page server at {self.backend_path} died: {exc}")
-            except (OSError, ValueError):
-                if self.sock is not None:
-                    fail(f"lost the page server at {self.backend_path}")
-        thread = threading.Thread(target=run, name="uffd-watch", daemon=True)
-        thread.start()
-        return thread
+    def _read_messages(self) -> None:
+        """The one reader of the server's messages, for the whole life of the connection."""
+        try:
+            while self.sock is not None:
+                for message in self.messages.read(timeout=None):
+                    if "error" in message:
+                        self._fail(f"page server at {self.backend_path}: {message['error']}")
+                        return
+                    if message.get("ready"):
+                        self._settled.set()
+        except PageServerDied as exc:
+            self._fail(f"page server at {self.backend_path} died: {exc}")
+        except (OSError, ValueError):
+            if self.sock is not None:
+                self._fail(f"lost the page server at {self.backend_path}")
+
+    def set_failure_handler(self, on_failure) -> None:
+        """``on_failure(message)`` from now on; called at once if the server already failed."""
+        self.on_failure = on_failure
+        if self.failures:
+            on_failure(self.failures[0])
 
     def close(self) -> None:
         """Close the uffd before guest memory is unmapped: with the UNMAP event requested, munmap of registered

@@ -12,50 +12,8 @@
 #include <unistd.h>
 
 #include "pageserver.h"
+#include "pageserver_int.h"
 #include "uffd_ops.h"
-
-enum { CHUNK_MISSING = 0, CHUNK_INSTALLED = 1, CHUNK_BAD = 2 };
-
-/* A fault whose address is outside every known region is retried this many
- * loop turns (1 ms apart) while REMAP/UNMAP events catch up, then reported. */
-#define DEFER_LIMIT 500
-#define EAGER_BUDGET (8ULL << 20) /* bytes installed per VM per loop turn */
-#define EVFD_TAG UINT64_MAX
-
-/* One registered range of a VM's memory; state[] is per image chunk that the
- * range overlaps, so REMOVE can mark chunks for refill. */
-struct region {
-	uint64_t addr, size, offset;
-	uint64_t first_chunk, nchunks;
-	uint8_t *state;
-};
-
-struct deferred_fault {
-	uint64_t addr, t0;
-	uint32_t tries;
-};
-
-struct vm {
-	int state; /* enum snapd_vm_state, atomic: attach runs on another thread */
-	uint32_t gen;
-	int id, uffd, sock, parent, flags, dead;
-	struct snapd_image *img;
-	struct region *regions;
-	int nregions;
-	int eager, eager_region;
-	uint64_t eager_chunk, eager_t0;
-	struct deferred_fault *deferred;
-	int ndeferred, cap_deferred;
-	struct snapd_vm_stats st;
-	uint32_t hist[SNAPD_HIST_BUCKETS];
-};
-
-struct snapd_server {
-	int epfd, evfd, stop, live;
-	pthread_mutex_t lock; /* slot allocation, release, stats copies */
-	struct snapd_scratch scratch; /* one loop thread: one set of buffers */
-	struct vm vms[SNAPD_MAX_VMS];
-};
 
 /* ---------- small helpers ---------- */
 
@@ -258,7 +216,7 @@ static int fill_range(struct vm *vm, enum fill_op op, uint64_t dst, const uint8_
  * VM's MAP_PRIVATE mapping then just needs its waiting threads woken.
  * Returns 1 with err filled when the chunk cannot be loaded. */
 static int fill_shared(struct snapd_server *srv, struct vm *vm, uint64_t c, uint64_t dst, uint64_t len,
-		       char *err, size_t errlen)
+		       enum install_why why, char *err, size_t errlen)
 {
 	struct snapd_image *img = vm->img;
 	if (!__atomic_load_n(&img->present[c], __ATOMIC_ACQUIRE)) {
@@ -296,6 +254,8 @@ static int fill_shared(struct snapd_server *srv, struct vm *vm, uint64_t c, uint
 		uint64_t mapped;
 		return fill_range(vm, FILL_CONTINUE, dst, NULL, len, &mapped);
 	}
+	if (why == WHY_PREFETCH) /* a fault already queued on this chunk is woken when it is served */
+		return 0;
 	struct uffdio_range wake = {.start = dst, .len = len};
 	return snapd_ioctl(vm->uffd, UFFDIO_WAKE, &wake);
 }
@@ -303,7 +263,7 @@ static int fill_shared(struct snapd_server *srv, struct vm *vm, uint64_t c, uint
 /* Install image chunk c into region r. Returns 0 when installed, 1 when the
  * chunk is bad (VM marked failed and told; nothing installed), or -errno
  * (-EAGAIN: retry after the queued events, -ESRCH: the process is gone). */
-static int install_chunk(struct snapd_server *srv, struct vm *vm, struct region *r, uint64_t c, int eager)
+int install_chunk(struct snapd_server *srv, struct vm *vm, struct region *r, uint64_t c, enum install_why why)
 {
 	struct snapd_image *img = vm->img;
 	uint8_t *state = &r->state[c - r->first_chunk];
@@ -316,7 +276,7 @@ static int install_chunk(struct snapd_server *srv, struct vm *vm, struct region 
 	char err[512], what[600];
 	int rc;
 	if (vm->flags & SNAPD_ATTACH_SHARED) {
-		rc = fill_shared(srv, vm, c, dst, len, err, sizeof(err));
+		rc = fill_shared(srv, vm, c, dst, len, why, err, sizeof(err));
 	} else {
 		const uint8_t *data = NULL;
 		uint64_t installed = 0;
@@ -327,8 +287,10 @@ static int install_chunk(struct snapd_server *srv, struct vm *vm, struct region 
 			rc = fill_range(vm, kind == 1 ? FILL_ZERO : FILL_COPY, dst, kind == 1 ? NULL : data + (s - fs), len,
 					&installed);
 			vm->st.bytes_installed += installed;
-			if (eager)
+			if (why == WHY_EAGER)
 				vm->st.eager_bytes += installed;
+			else if (why == WHY_PREFETCH)
+				vm->st.prefetch_bytes += installed;
 			if (rc == 0 && kind == 1)
 				vm->st.zero_chunks++;
 		}
@@ -342,6 +304,8 @@ static int install_chunk(struct snapd_server *srv, struct vm *vm, struct region 
 	if (rc == 0) {
 		*state = CHUNK_INSTALLED;
 		vm->st.chunks_installed++;
+		if (why == WHY_PREFETCH)
+			vm->st.prefetch_chunks++;
 	}
 	return rc;
 }
@@ -371,6 +335,28 @@ static void record_service(struct vm *vm, uint64_t t0)
 	vm->hist[hist_bucket(ns)]++;
 }
 
+/* A fault on a chunk already marked installed: it was queued before a prefetch
+ * or eager install of its chunk, so the page is almost surely there. Copying
+ * just that page settles it (EEXIST: present, and fill_range wakes the
+ * thread) instead of retrying the whole chunk one EEXIST page at a time. The
+ * chunk is still loaded, because the page might really be missing. */
+static int refault_page(struct snapd_server *srv, struct vm *vm, struct region *r, uint64_t c, uint64_t addr)
+{
+	struct snapd_image *img = vm->img;
+	uint64_t file_off = r->offset + (addr - r->addr), installed;
+	const uint8_t *data = NULL;
+	char err[512];
+	int kind = snapd_chunk_load(img, (uint32_t)c, &srv->scratch, &data, err, sizeof(err));
+	if (kind < 0) {
+		r->state[c - r->first_chunk] = CHUNK_MISSING;
+		return install_chunk(srv, vm, r, c, WHY_FAULT); /* reports the bad chunk */
+	}
+	int rc = fill_range(vm, kind == 1 ? FILL_ZERO : FILL_COPY, addr,
+			    kind == 1 ? NULL : data + (file_off - c * img->chunk_size), SNAPD_PAGE_SIZE, &installed);
+	vm->st.bytes_installed += installed;
+	return rc;
+}
+
 static void serve_fault(struct snapd_server *srv, struct vm *vm, uint64_t addr, uint64_t t0, uint32_t tries)
 {
 	addr &= ~(SNAPD_PAGE_SIZE - 1);
@@ -385,7 +371,15 @@ static void serve_fault(struct snapd_server *srv, struct vm *vm, uint64_t addr, 
 			return;
 		}
 	} else {
-		rc = install_chunk(srv, vm, r, (r->offset + (addr - r->addr)) / vm->img->chunk_size, 0);
+		uint64_t c = (r->offset + (addr - r->addr)) / vm->img->chunk_size;
+		if (vm->rec.on)
+			record_fault(srv, vm, c);
+		if (prefetch_pending(vm))
+			vm->st.prefetch_faults++;
+		if (r->state[c - r->first_chunk] == CHUNK_INSTALLED && !(vm->flags & SNAPD_ATTACH_SHARED))
+			rc = refault_page(srv, vm, r, c, addr);
+		else
+			rc = install_chunk(srv, vm, r, c, WHY_FAULT);
 	}
 	if (rc == -EAGAIN)
 		defer_fault(vm, addr, t0, tries + 1);
@@ -397,7 +391,7 @@ static void serve_fault(struct snapd_server *srv, struct vm *vm, uint64_t addr, 
 
 static int attach_vm(struct snapd_server *srv, struct snapd_image *img, int uffd, int sock,
 		     const struct region *regions, int nregions, const struct snapd_region_spec *specs,
-		     int flags, int parent);
+		     int flags, int parent, const uint32_t *prefetch, uint32_t nprefetch);
 
 /* UFFD_EVENT_FORK: the child gets its own uffd with the same registrations;
  * serve it like the parent (it inherits the parent's installed pages). */
@@ -405,7 +399,7 @@ static void handle_fork(struct snapd_server *srv, struct vm *vm, int child_uffd)
 {
 	vm->st.forks++;
 	int id = attach_vm(srv, vm->img, child_uffd, -1, vm->regions, vm->nregions, NULL,
-			   vm->flags & (SNAPD_ATTACH_SHARED | SNAPD_ATTACH_CONTINUE), vm->id);
+			   vm->flags & (SNAPD_ATTACH_SHARED | SNAPD_ATTACH_CONTINUE), vm->id, NULL, 0);
 	if (id < 0)
 		close(child_uffd); /* released: the child's registrations are dropped */
 }
@@ -517,7 +511,7 @@ static void eager_step(struct snapd_server *srv, struct vm *vm)
 				continue;
 			if (budget == 0)
 				return;
-			int rc = install_chunk(srv, vm, r, r->first_chunk + vm->eager_chunk, 1);
+			int rc = install_chunk(srv, vm, r, r->first_chunk + vm->eager_chunk, WHY_EAGER);
 			if (rc == -EAGAIN)
 				return;
 			if (rc == -ESRCH)
@@ -565,6 +559,8 @@ static void vm_release(struct snapd_server *srv, struct vm *vm)
 	vm->nregions = vm->ndeferred = vm->cap_deferred = 0;
 	vm->eager = 0;
 	vm->st.eager_pending = 0;
+	prefetch_free(vm);
+	vm->rec.on = 0;
 	vm->uffd = vm->sock = -1;
 	__atomic_store_n(&vm->state, SNAPD_VM_CLOSED, __ATOMIC_RELEASE);
 	srv->live--;
@@ -579,7 +575,7 @@ static void vm_release(struct snapd_server *srv, struct vm *vm)
  * child, whose installed state is inherited). */
 static int attach_vm(struct snapd_server *srv, struct snapd_image *img, int uffd, int sock,
 		     const struct region *regions, int nregions, const struct snapd_region_spec *specs,
-		     int flags, int parent)
+		     int flags, int parent, const uint32_t *prefetch, uint32_t nprefetch)
 {
 	if (flags & SNAPD_ATTACH_CONTINUE)
 		flags |= SNAPD_ATTACH_SHARED;
@@ -597,6 +593,7 @@ static int attach_vm(struct snapd_server *srv, struct snapd_image *img, int uffd
 	}
 	struct vm *vm = &srv->vms[slot];
 	uint32_t gen = vm->gen + 1;
+	recorder_free(&vm->rec); /* a closed VM's recording stays readable until its slot is reused */
 	memset(vm, 0, sizeof(*vm));
 	vm->state = SNAPD_VM_CLOSED; /* reserved: not FREE, not live */
 	pthread_mutex_unlock(&srv->lock);
@@ -623,6 +620,22 @@ static int attach_vm(struct snapd_server *srv, struct snapd_image *img, int uffd
 			vm->nregions++;
 	}
 	vm->st.nregions = vm->nregions;
+	if (rc == 0 && nprefetch) {
+		vm->prefetch = malloc(nprefetch * sizeof(uint32_t));
+		if (vm->prefetch) {
+			memcpy(vm->prefetch, prefetch, nprefetch * sizeof(uint32_t));
+			vm->nprefetch = nprefetch;
+			vm->st.prefetch_pending = 1;
+			vm->prefetch_t0 = snapd_now_ns();
+		} else {
+			rc = -ENOMEM;
+		}
+	}
+	if (rc == 0 && (flags & SNAPD_ATTACH_RECORD)) {
+		vm->rec.seen = calloc(img->nchunks ? img->nchunks : 1, 1);
+		vm->rec.on = vm->rec.seen != NULL;
+		rc = vm->rec.on ? 0 : -ENOMEM;
+	}
 	if (flags & SNAPD_ATTACH_EAGER) {
 		vm->eager = 1;
 		vm->st.eager_pending = 1;
@@ -642,6 +655,8 @@ static int attach_vm(struct snapd_server *srv, struct snapd_image *img, int uffd
 		free(vm->regions);
 		vm->regions = NULL;
 		vm->nregions = 0;
+		prefetch_free(vm);
+		recorder_free(&vm->rec);
 		return rc; /* the caller still owns uffd and sock */
 	}
 	if (!(flags & SNAPD_ATTACH_EAGER))
@@ -650,7 +665,7 @@ static int attach_vm(struct snapd_server *srv, struct snapd_image *img, int uffd
 	srv->live++;
 	__atomic_store_n(&vm->state, SNAPD_VM_ACTIVE, __ATOMIC_RELEASE);
 	pthread_mutex_unlock(&srv->lock);
-	if (flags & SNAPD_ATTACH_EAGER) { /* the loop may be asleep in epoll_wait */
+	if ((flags & SNAPD_ATTACH_EAGER) || vm->nprefetch) { /* the loop may be asleep in epoll_wait */
 		uint64_t one = 1;
 		(void)!write(srv->evfd, &one, sizeof(one));
 	}
@@ -687,6 +702,13 @@ struct snapd_server *snapd_server_new(void)
 int snapd_server_attach(struct snapd_server *srv, struct snapd_image *img, int uffd, int sock,
 			const struct snapd_region_spec *regions, int nregions, int flags)
 {
+	return snapd_server_attach_ex(srv, img, uffd, sock, regions, nregions, flags, NULL, 0);
+}
+
+int snapd_server_attach_ex(struct snapd_server *srv, struct snapd_image *img, int uffd, int sock,
+			   const struct snapd_region_spec *regions, int nregions, int flags,
+			   const uint32_t *prefetch, uint32_t nprefetch)
+{
 	if (nregions <= 0)
 		return -EINVAL;
 	for (int i = 0; i < nregions; i++) {
@@ -695,7 +717,10 @@ int snapd_server_attach(struct snapd_server *srv, struct snapd_image *img, int u
 		    r->offset + r->size > img->mem_size)
 			return -EINVAL;
 	}
-	return attach_vm(srv, img, uffd, sock, NULL, nregions, regions, flags, -1);
+	for (uint32_t i = 0; i < nprefetch; i++)
+		if (prefetch[i] >= img->nchunks)
+			return -ERANGE; /* Python names the chunk; here it is only refused */
+	return attach_vm(srv, img, uffd, sock, NULL, nregions, regions, flags, -1, prefetch, nprefetch);
 }
 
 static void handle_sock(struct snapd_server *srv, struct vm *vm, uint32_t events)
@@ -716,7 +741,7 @@ int snapd_server_run(struct snapd_server *srv)
 		for (int i = 0; i < SNAPD_MAX_VMS; i++) {
 			struct vm *vm = &srv->vms[i];
 			if (vm_live(vm)) {
-				busy |= vm->eager;
+				busy |= vm->eager | prefetch_pending(vm);
 				waiting |= vm->ndeferred > 0;
 			}
 		}
@@ -750,6 +775,10 @@ int snapd_server_run(struct snapd_server *srv)
 			}
 			if (vm->eager)
 				eager_step(srv, vm);
+			/* One batch per turn: faults that arrived meanwhile are served first
+			 * on the next turn (epoll_wait does not sleep while this is pending). */
+			if (prefetch_pending(vm) && !vm->dead)
+				prefetch_step(srv, vm);
 			if (vm->dead)
 				vm_release(srv, vm);
 		}
@@ -773,6 +802,8 @@ void snapd_server_free(struct snapd_server *srv)
 			vm_release(srv, &srv->vms[i]);
 	for (int i = 0; i < SNAPD_MAX_VMS; i++)
 		vm_release(srv, &srv->vms[i]);
+	for (int i = 0; i < SNAPD_MAX_VMS; i++)
+		recorder_free(&srv->vms[i].rec);
 	close(srv->epfd);
 	close(srv->evfd);
 	snapd_scratch_free(&srv->scratch);

@@ -14,6 +14,9 @@
 /* with SHARED: map the chunk with UFFDIO_CONTINUE instead of waking (the
  * mapping is registered MISSING|MINOR), so each chunk costs one fault per VM */
 #define SNAPD_ATTACH_CONTINUE 4
+/* log the image chunks this VM faults on, in first-fault order, from its
+ * first fault (snapd_server_record_*) */
+#define SNAPD_ATTACH_RECORD 8
 
 enum snapd_vm_state { SNAPD_VM_FREE = 0, SNAPD_VM_ACTIVE, SNAPD_VM_FAILED, SNAPD_VM_CLOSED };
 
@@ -40,6 +43,13 @@ struct snapd_vm_stats {
 	uint64_t errors;
 	uint64_t eager_bytes;
 	uint64_t eager_ns;
+	/* prefetch of a loading set (snapd_server_attach_ex) */
+	uint64_t prefetch_pending;
+	uint64_t prefetch_chunks;  /* chunks the prefetch installed (not counting those a fault got first) */
+	uint64_t prefetch_bytes;
+	uint64_t prefetch_ns;      /* attach to the end of the prefetch */
+	uint64_t prefetch_faults;  /* faults taken while the prefetch was still running */
+	uint64_t recorded;         /* chunks in the working-set recording */
 };
 
 struct snapd_server;
@@ -55,6 +65,19 @@ void snapd_server_free(struct snapd_server *srv);
  * -1). Returns the VM id or -errno. */
 int snapd_server_attach(struct snapd_server *srv, struct snapd_image *img, int uffd, int sock,
 			const struct snapd_region_spec *regions, int nregions, int flags);
+/* Like attach; the server also installs image chunks prefetch[0..n) in that
+ * order in the background, between faults (-ERANGE: a chunk past the image). */
+int snapd_server_attach_ex(struct snapd_server *srv, struct snapd_image *img, int uffd, int sock,
+			   const struct snapd_region_spec *regions, int nregions, int flags,
+			   const uint32_t *prefetch, uint32_t nprefetch);
+
+/* Working-set recording: start (clearing any earlier log), stop, and copy the
+ * log out. take copies up to cap chunk indices into out and returns how many
+ * the log holds (call again with a larger buffer if that is above cap). */
+int snapd_server_record_start(struct snapd_server *srv, int id);
+int snapd_server_record_stop(struct snapd_server *srv, int id);
+int64_t snapd_server_record_take(struct snapd_server *srv, int id, uint32_t *out, uint32_t cap);
+
 int snapd_server_vm_stats(struct snapd_server *srv, int id, struct snapd_vm_stats *out, uint32_t *hist);
 int snapd_server_live_vms(struct snapd_server *srv);
 #endif

@@ -1,4 +1,4 @@
-"""`snapd image build|inspect|verify` (registered by snapd.cli)."""
+"""`snapd image build|inspect|verify|squash` (registered by snapd.cli)."""
 from __future__ import annotations
 
 import argparse
@@ -22,8 +22,13 @@ def register(subparsers) -> None:
     image = subparsers.add_parser("image", help="build, inspect and verify compressed base images")
     sub = image.add_subparsers(dest="image_command", metavar="ACTION", required=True)
 
-    b = sub.add_parser("build", help="build a base image from a snapshot memory file")
-    b.add_argument("mem_file", metavar="SNAPSHOT_MEM_FILE")
+    b = sub.add_parser("build", help="build a base image from a snapshot memory file, or (--parent) a diff layer "
+                                     "from a Diff snapshot's state and memory files")
+    b.add_argument("mem_file", metavar="SNAPSHOT_MEM_FILE | DIFF_STATE")
+    b.add_argument("diff_mem", metavar="DIFF_MEM", nargs="?", default=None,
+                   help="with --parent: the Diff snapshot's memory file")
+    b.add_argument("--parent", default=None, metavar="BASE_IMAGE",
+                   help="build a diff layer over this image (its identity is recorded and checked on use)")
     b.add_argument("--store", default=None, help="chunk store directory (default: ./chunks next to the image)")
     b.add_argument("--out", default=None, help="image index path (default: SNAPSHOT_MEM_FILE.img)")
     b.add_argument("--chunk-size", type=_size, default=None, help="power of two, 4K..2M (default 512K)")
@@ -44,6 +49,12 @@ def register(subparsers) -> None:
     v.add_argument("--store", default=None, help="chunk store directory, if moved")
     v.set_defaults(func=_verify)
 
+    q = sub.add_parser("squash", help="merge a diff layer and its parents into one base image")
+    q.add_argument("image", metavar="TOP_IMAGE")
+    q.add_argument("--out", required=True, help="the new base image's index path")
+    q.add_argument("--store", default=None, help="chunk store of the result (default: the top layer's)")
+    q.set_defaults(func=_squash)
+
 
 def _build(args) -> int:
     from tqdm import tqdm
@@ -51,6 +62,10 @@ def _build(args) -> int:
     from snapd.image import DEFAULT_CHUNK_SIZE, DEFAULT_CODEC, ImageError, build_image
     from snapd.image.codecs import CodecError
 
+    if args.parent is not None:
+        return _build_layer(args)
+    if args.diff_mem is not None:
+        raise CliError("a second input file (DIFF_MEM) only goes with --parent BASE_IMAGE")
     if not os.path.isfile(args.mem_file):
         raise CliError(f"{args.mem_file}: no such file")
     out = args.out or args.mem_file + ".img"
@@ -91,6 +106,10 @@ def _inspect(args) -> int:
             "level": h.level, "stored_bytes": s.stored_bytes, "ratio": round(s.ratio, 3) if s.stored_bytes else None,
             "zero_fraction": round(s.zero_fraction, 4), "duplicate_fraction": round(s.dup_fraction, 4),
             "unique_chunks": s.unique_chunks, "chunks_per_codec": s.codecs}
+    if h.is_layer:
+        info["parent"] = img.parent.path
+        info["parent_content_id"] = h.parent_id.hex()
+        info["layers"] = len(img.chain())
     if args.json:
         print(json.dumps(info, indent=2))
     else:
@@ -110,4 +129,51 @@ def _verify(args) -> int:
     finally:
         img.close()
     print(f"{img.path}: OK ({img.nchunks} chunks)")
+    return 0
+
+
+def _build_layer(args) -> int:
+    from snapd.image import DEFAULT_CODEC, ImageError
+    from snapd.image.codecs import CodecError
+    from snapd.image.layers import build_layer
+    from vmm.snapshot import SnapshotError, read_snapshot
+
+    if args.diff_mem is None:
+        raise CliError("--parent needs two inputs: DIFF_STATE DIFF_MEM")
+    if args.chunk_size is not None:
+        raise CliError("a layer has its parent's chunk size; drop --chunk-size")
+    for path in (args.parent, args.mem_file, args.diff_mem):
+        if not os.path.isfile(path):
+            raise CliError(f"{path}: no such file")
+    try:
+        state = read_snapshot(args.mem_file)
+    except SnapshotError as exc:
+        raise CliError(str(exc)) from None
+    if not state.parent_snapshot_id:
+        raise CliError(f"{args.mem_file} is a Full snapshot: build a base image from its memory file instead")
+    out = args.out or args.diff_mem + ".img"
+    store = args.store or os.path.join(os.path.dirname(os.path.abspath(out)), "chunks")
+    try:
+        r = build_layer(args.parent, args.diff_mem, state.diff_page_runs, store, out,
+                        source_id=args.source_id or state.snapshot_id, parent_snapshot_id=state.parent_snapshot_id,
+                        codec=args.codec or DEFAULT_CODEC, level=args.level)
+    except (ValueError, CodecError) as exc:
+        raise CliError(str(exc)) from None
+    except ImageError as exc:
+        raise CliError(str(exc), EXIT_FAILED) from None
+    print(f"{r.image_path}: layer over {args.parent}: {r.changed_chunks} chunks changed, {r.stored_chunks} "
+          f"differ from the parent, {r.new_chunks} new ({r.new_stored_bytes} bytes added to {store})")
+    return 0
+
+
+def _squash(args) -> int:
+    from snapd.image import ImageError
+    from snapd.image.layers import squash_image
+    if not os.path.isfile(args.image):
+        raise CliError(f"{args.image}: no such file")
+    try:
+        r = squash_image(args.image, args.out, args.store)
+    except ImageError as exc:
+        raise CliError(str(exc), EXIT_FAILED) from None
+    print(f"{r.image_path}: {r.nchunks} chunks from {r.layers} images, {r.copied_chunks} copied between stores")
     return 0

@@ -33,3 +33,11 @@ class PackMissing(ImageError):
 
 class StoreCorrupt(ImageError):
     """The chunk store's own hash index or pack headers are damaged."""
+
+
+class LayerParentMissing(ImageError):
+    """A diff layer's parent image (base) is not where the layer says it is."""
+
+
+class LayerParentMismatch(ImageError):
+    """A diff layer's parent image is not the one it was built on (content id or geometry differs)."""

@@ -16,6 +16,13 @@ from snapd.image.errors import ImageFormatError, IndexTruncated
 
 MAGIC = b"UVMIMG\0\0"
 VERSION = (1, 0)
+# A diff layer's index: the 1.0 layout plus the parent's identity after the store path, and entries
+# whose codec is CODEC_PARENT ("this chunk is the parent's"). Major 2 so that a 1.x reader refuses a
+# layer instead of serving it as a whole image.
+LAYER_VERSION = (2, 0)
+READABLE_MAJORS = (1, 2)
+CODEC_PARENT = 255
+LAYER_EXT = struct.Struct("<32sH")  # parent content id, parent path length (then the path, UTF-8)
 MIN_CHUNK, MAX_CHUNK = 4096, 2 << 20
 # magic, major, minor, header_size, chunk_size, codec, reserved, level, mem_size, nchunks,
 # content_id, source_id length, store path length
@@ -46,6 +53,12 @@ class Header:
     store_path: str     # chunk store directory, relative to the index file's directory unless absolute
     version: tuple[int, int] = VERSION
     header_size: int = 0
+    parent_id: bytes = b""   # layers only: content id the parent image must have
+    parent_path: str = ""    # layers only: parent index, relative to this index's directory unless absolute
+
+    @property
+    def is_layer(self) -> bool:
+        return bool(self.parent_id)
 
 
 def check_chunk_size(chunk_size: int) -> None:
@@ -67,11 +80,17 @@ def content_id(chunk_size: int, mem_size: int, hashes) -> bytes:
 
 def encode_index(hdr: Header, entries: list[Entry]) -> bytes:
     src, store = hdr.source_id.encode(), hdr.store_path.encode()
-    fixed = HEADER.size + len(src) + len(store)
+    ext = b""
+    version = VERSION
+    if hdr.is_layer:
+        parent = hdr.parent_path.encode()
+        ext = LAYER_EXT.pack(hdr.parent_id, len(parent)) + parent
+        version = LAYER_VERSION
+    fixed = HEADER.size + len(src) + len(store) + len(ext)
     header_size = -(-fixed // ALIGN) * ALIGN
-    head = HEADER.pack(MAGIC, VERSION[0], VERSION[1], header_size, hdr.chunk_size, hdr.codec, 0,
+    head = HEADER.pack(MAGIC, version[0], version[1], header_size, hdr.chunk_size, hdr.codec, 0,
                        hdr.level, hdr.mem_size, len(entries), hdr.content_id, len(src), len(store))
-    body = b"".join([head, src, store, bytes(header_size - fixed)] +
+    body = b"".join([head, src, store, ext, bytes(header_size - fixed)] +
                     [ENTRY.pack(*e) for e in entries])
     return body + hashlib.blake2b(body, digest_size=DIGEST_LEN).digest()
 
@@ -91,8 +110,9 @@ def decode_index(data: bytes, name: str) -> tuple[Header, memoryview]:
         raise IndexTruncated(name, f"index truncated: {size} bytes, header alone is {HEADER.size}")
     (_, major, minor, header_size, chunk_size, codec, _, level, mem_size, nchunks, cid,
      src_len, store_len) = HEADER.unpack_from(data)
-    if major != VERSION[0]:
-        raise ImageFormatError(name, f"index format {major}.{minor} is not supported (reader: {VERSION[0]}.x)")
+    if major not in READABLE_MAJORS:
+        raise ImageFormatError(name, f"index format {major}.{minor} is not supported "
+                                     f"(reader: {', '.join(f'{m}.x' for m in READABLE_MAJORS)})")
     expected = header_size + nchunks * ENTRY.size + DIGEST_LEN
     if size < expected:
         raise IndexTruncated(name, f"index truncated: {size} bytes, header declares {expected}")
@@ -116,5 +136,18 @@ def decode_index(data: bytes, name: str) -> tuple[Header, memoryview]:
         store = bytes(view[p + src_len:p + src_len + store_len]).decode()
     except UnicodeDecodeError:
         raise ImageFormatError(name, "source id or store path is not UTF-8") from None
-    hdr = Header(chunk_size, codec, level, mem_size, nchunks, cid, src, store, (major, minor), header_size)
+    parent_id, parent_path = b"", ""
+    if major == LAYER_VERSION[0]:
+        q = p + src_len + store_len
+        if header_size < q + LAYER_EXT.size:
+            raise ImageFormatError(name, f"header size {header_size} too small for a layer")
+        parent_id, plen = LAYER_EXT.unpack_from(view, q)
+        if header_size < q + LAYER_EXT.size + plen or parent_id == bytes(32):
+            raise ImageFormatError(name, "layer header names no parent")
+        try:
+            parent_path = bytes(view[q + LAYER_EXT.size:q + LAYER_EXT.size + plen]).decode()
+        except UnicodeDecodeError:
+            raise ImageFormatError(name, "parent path is not UTF-8") from None
+    hdr = Header(chunk_size, codec, level, mem_size, nchunks, cid, src, store, (major, minor), header_size,
+                 parent_id, parent_path)
     return hdr, view[header_size:header_size + nchunks * ENTRY.size]

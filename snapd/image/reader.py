@@ -10,8 +10,11 @@ import xxhash
 
 from snapd.image import codecs
 from snapd.image.chunkstore import pack_name
-from snapd.image.errors import ChunkCorrupt, ChunkOutOfBounds, ImageError, PackMissing
-from snapd.image.index import ENTRY, Entry, Header, decode_index
+from snapd.image.errors import (ChunkCorrupt, ChunkOutOfBounds, ImageError, LayerParentMismatch,
+                                LayerParentMissing, PackMissing)
+from snapd.image.index import CODEC_PARENT, ENTRY, Entry, Header, decode_index
+
+MAX_LAYERS = 64  # a chain deeper than this is a cycle or a mistake
 
 
 class ChunkRef(NamedTuple):
@@ -47,16 +50,23 @@ class ImageStats:
 
 
 class BaseImage:
-    def __init__(self, path: str, header: Header, entries: memoryview, store_dir: str):
+    """A base image, or a diff layer over a parent image (self.parent, opened and checked with it):
+    a layer's chunks marked CODEC_PARENT are read from the parent, so every method below sees the
+    composition of the chain, top layer winning."""
+
+    def __init__(self, path: str, header: Header, entries: memoryview, store_dir: str,
+                 parent: "BaseImage | None" = None):
         self.path = path
         self.header = header
         self.store_dir = store_dir
+        self.parent = parent
         self._entries = entries
         self._fds: dict[int, int] = {}
 
     @classmethod
-    def open(cls, path: str | os.PathLike, store: str | os.PathLike | None = None) -> "BaseImage":
-        """Open and validate an index; `store` overrides the store path recorded in it."""
+    def open(cls, path: str | os.PathLike, store: str | os.PathLike | None = None, _depth: int = 0) -> "BaseImage":
+        """Open and validate an index; `store` overrides the store path recorded in it (this image only:
+        a layer's parents use their own). A layer's parent chain is opened and checked too."""
         path = os.fspath(path)
         try:
             with open(path, "rb") as f:
@@ -66,7 +76,46 @@ class BaseImage:
         hdr, entries = decode_index(data, path)
         if store is None:
             store = os.path.join(os.path.dirname(os.path.abspath(path)), hdr.store_path)
-        return cls(path, hdr, entries, os.path.normpath(os.fspath(store)))
+        parent = cls._open_parent(path, hdr, _depth) if hdr.is_layer else None
+        return cls(path, hdr, entries, os.path.normpath(os.fspath(store)), parent)
+
+    @classmethod
+    def _open_parent(cls, path: str, hdr: Header, depth: int) -> "BaseImage":
+        if depth >= MAX_LAYERS:
+            raise ImageError(path, f"more than {MAX_LAYERS} layers (a cycle?)")
+        parent_path = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(path)), hdr.parent_path))
+        if not os.path.exists(parent_path):
+            raise LayerParentMissing(path, f"diff layer over {parent_path}, which is missing "
+                                           f"(base image {hdr.parent_id.hex()[:16]} needed)")
+        parent = cls.open(parent_path, _depth=depth + 1)
+        if parent.header.content_id != hdr.parent_id:
+            parent.close()
+            raise LayerParentMismatch(path, f"diff layer built over image {hdr.parent_id.hex()[:16]}, but "
+                                            f"{parent_path} is now {parent.header.content_id.hex()[:16]} "
+                                            "(the base was altered or replaced)")
+        if (parent.chunk_size, parent.mem_size) != (hdr.chunk_size, hdr.mem_size):
+            parent.close()
+            raise LayerParentMismatch(path, f"parent {parent_path} has {parent.mem_size} bytes in "
+                                            f"{parent.chunk_size}-byte chunks, the layer {hdr.mem_size} in "
+                                            f"{hdr.chunk_size}-byte chunks")
+        return parent
+
+    def chain(self) -> list["BaseImage"]:
+        """This image, then its parents down to the base."""
+        out, img = [], self
+        while img is not None:
+            out.append(img)
+            img = img.parent
+        return out
+
+    def owner(self, i: int) -> tuple["BaseImage", Entry]:
+        """The image of the chain that holds chunk i, and its entry there."""
+        img = self
+        e = img.entry(i)
+        while e.codec == CODEC_PARENT:
+            img = img.parent
+            e = img.entry(i)
+        return img, e
 
     chunk_size = property(lambda self: self.header.chunk_size)
     mem_size = property(lambda self: self.header.mem_size)
@@ -84,11 +133,15 @@ class BaseImage:
         return os.path.join(self.store_dir, "packs", pack_name(pack_id))
 
     def chunk_table(self) -> list[ChunkRef]:
-        """(pack_path, offset, stored_len, codec, checksum) per chunk, in order; ZERO chunks: codec 0."""
+        """(pack_path, offset, stored_len, codec, checksum) per chunk, in order; ZERO chunks: codec 0.
+        For a layer: the composition of the chain (a chunk the layer holds wins over its parents')."""
         paths: dict[int, str] = {}
         out = []
-        for h, codec, pack, off, slen, csum in ENTRY.iter_unpack(self._entries):
-            if codec == codecs.ZERO:
+        below = self.parent.chunk_table() if self.parent is not None else None
+        for i, (h, codec, pack, off, slen, csum) in enumerate(ENTRY.iter_unpack(self._entries)):
+            if codec == CODEC_PARENT:
+                out.append(below[i])
+            elif codec == codecs.ZERO:
                 out.append(ChunkRef("", 0, 0, codecs.ZERO, 0))
             else:
                 p = paths.get(pack) or paths.setdefault(pack, self.pack_path(pack))
@@ -98,6 +151,8 @@ class BaseImage:
     def read_stored(self, i: int) -> tuple[Entry, bytes]:
         """The chunk's stored (compressed) bytes after the checksum check."""
         e = self.entry(i)
+        if e.codec == CODEC_PARENT:
+            return self.parent.read_stored(i)
         if e.codec == codecs.ZERO:
             return e, b""
         fd = self._pack_fd(e.pack_id, i)
@@ -135,7 +190,10 @@ class BaseImage:
         places: set[tuple[int, int]] = set()
         per_codec: dict[str, int] = {}
         for h, codec, pack, off, slen, _ in ENTRY.iter_unpack(self._entries):
-            name = codecs.NAMES.get(codec, str(codec))
+            name = "parent" if codec == CODEC_PARENT else codecs.NAMES.get(codec, str(codec))
+            if codec == CODEC_PARENT:
+                per_codec[name] = per_codec.get(name, 0) + 1
+                continue
             per_codec[name] = per_codec.get(name, 0) + 1
             if codec == codecs.ZERO:
                 zero += 1
@@ -162,6 +220,8 @@ class BaseImage:
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
+        if self.parent is not None:
+            self.parent.close()
 
     def __enter__(self):
         return self

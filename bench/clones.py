@@ -1,0 +1,232 @@
+"""Clones from the snapd daemon: end-to-end restore latency, memory per clone, sustained restore rate.
+
+    PYTHONPATH=. .venv/bin/python -m bench.clones latency [--mem-mib 512] [--n 200]
+    PYTHONPATH=. .venv/bin/python -m bench.clones memory  [--mem-mib 256] [--counts 1,10,100,1000]
+    PYTHONPATH=. .venv/bin/python -m bench.clones rate    [--mem-mib 512] [--seconds 10] [--clients 4]
+
+The daemon runs as `snapd serve` in its own process (as a scheduler would see it); this process is the client.
+Latency is one API request, POST /v1/clones with a hello payload, to the guest's first hello reply (verified),
+with a warm pool: requests are paced (--gap-ms) so the pool refills between them. Also home of
+`make_hello_snapshot`, used by the tests.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+from bench.common import machine_line, summary, table
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def make_hello_snapshot(directory: str, mem_mib: int, vcpus: int = 1) -> tuple[str, str]:
+    """Boot the built-in hello guest, wait for its init phase, snapshot it; returns (state, memory) paths."""
+    from vmm.config import MachineConfig
+    from vmm.machine import Microvm
+    from vmm.snapshot import create_snapshot
+    state, mem = os.path.join(directory, "hello.state"), os.path.join(directory, "hello.mem")
+    machine = Microvm(MachineConfig(vcpu_count=vcpus, mem_size_mib=mem_mib, boot_args="workload=hello"),
+                      serial_sink=lambda data: None)
+    try:
+        machine.boot()
+        machine.wait_ready(30)
+        machine.pause()
+        create_snapshot(machine, state, mem)
+    finally:
+        machine.close()
+    return state, mem
+
+
+class DaemonProcess:
+    """`snapd serve` as a child process."""
+
+    def __init__(self, state_dir: str, *args: str, timeout: float = 60.0):
+        from snapd.client import SnapdClient
+        self.socket_path = os.path.join(state_dir, "snapd.sock")
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
+        self.process = subprocess.Popen([sys.executable, "-m", "snapd.cli", "serve", "--state-dir", state_dir,
+                                         "--socket", self.socket_path, *args], env=env, stdout=subprocess.DEVNULL)
+        deadline = time.monotonic() + timeout
+        while True:
+            if os.path.exists(self.socket_path):
+                try:
+                    self.client = SnapdClient(self.socket_path)
+                    self.client.images()
+                    break
+                except OSError:
+                    pass
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"snapd serve did not come up (status {self.process.poll()})")
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(60)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+
+
+def wait_pool(client, minimum: int, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for line in client.metrics().splitlines():
+            if line.startswith("snapd_pool_idle_workers ") and float(line.split()[1]) >= minimum:
+                return
+        time.sleep(0.02)
+
+
+def run_latency(args, work: str) -> dict:
+    from vmm import workloads
+    state, mem = make_hello_snapshot(work, args.mem_mib)
+    rows, steps = [], {}
+    with DaemonProcess(os.path.join(work, "state"), "--pool-size", str(args.pool_size)) as daemon:
+        client = daemon.client
+        image = client.register_image(state, mem)["id"]
+        wait_pool(client, args.pool_size)
+        e2e, two_step, server, worker = [], [], [], []
+        for i in range(args.n + args.warmup):
+            request = workloads.hello_request(f"bench {i}")
+            t0 = time.perf_counter()
+            clone = client.create_clones(image, payload=request)[0]
+            t1 = time.perf_counter()
+            workloads.verify_hello(request, clone["result"], 1)
+            client.delete_clone(clone["id"])
+            if i >= args.warmup:
+                e2e.append((t1 - t0) * 1e3)
+                server.append(clone["restore_us"] / 1e3)
+                for key, value in clone["timings_us"].items():
+                    steps.setdefault(key, []).append(value / 1e3)
+                steps.setdefault("first_invoke_us", []).append(clone["invoke_latency_us"] / 1e3)
+            time.sleep(args.gap_ms / 1e3)
+            # The same, as two requests: restore, then the first invocation.
+            t0 = time.perf_counter()
+            clone = client.create_clones(image)[0]
+            reply = client.invoke(clone["id"], request)
+            t1 = time.perf_counter()
+            workloads.verify_hello(request, reply, 1)
+            client.delete_clone(clone["id"])
+            if i >= args.warmup:
+                two_step.append((t1 - t0) * 1e3)
+            time.sleep(args.gap_ms / 1e3)
+    for name, samples in [("e2e one request (ms)", e2e), ("e2e restore + invoke requests (ms)", two_step),
+                          ("daemon: request to reply (ms)", server)] + [(f"worker {k} (ms)", v) for k, v in steps.items()]:
+        s = summary(samples)
+        rows.append([name, s["p50"], s["p90"], s["p99"], s["mean"], s["min"]])
+    print(table(["what", "p50", "p90", "p99", "mean", "min"], rows))
+    return {"e2e": summary(e2e), "two_step": summary(two_step)}
+
+
+def worker_rollups(client) -> list[dict]:
+    from snapd.daemon.metrics import smaps_rollup
+    return [smaps_rollup(c["pid"]) for c in client.clones()]
+
+
+def run_memory(args, work: str) -> None:
+    from vmm import workloads
+    state, mem = make_hello_snapshot(work, args.mem_mib)
+    counts = [int(c) for c in args.counts.split(",")]
+    rows = []
+    with DaemonProcess(os.path.join(work, "state"), "--pool-size", str(args.pool_size), "--max-spawning", "2",
+                       "--max-clones", str(max(counts)), "--max-count", "64") as daemon:
+        client = daemon.client
+        image = client.register_image(state, mem)["id"]
+        live = 0
+        for target in counts:
+            try:
+                while live < target:
+                    batch = min(64, target - live)
+                    for clone in client.create_clones(image, count=batch, payload=b"memory"):
+                        workloads.verify_hello(b"memory", clone["result"], 1)
+                    live += batch
+            except Exception as exc:  # out of memory or limits: report how far it got
+                print(f"stopped at {live} clones: {exc}", file=sys.stderr)
+                target = live
+            time.sleep(1.0)
+            rollups = worker_rollups(client)
+            n = len(rollups)
+            pss = sum(r.get("Pss", 0) for r in rollups) / n / 2**20
+            private = sum(r.get("Private_Dirty", 0) + r.get("Private_Clean", 0) for r in rollups) / n / 2**20
+            anon = sum(r.get("Anonymous", 0) for r in rollups) / n / 2**20
+            shmem = sum(r.get("Pss_Shmem", 0) for r in rollups) / n / 2**20
+            shared = client.image(image)["shared_bytes"] / 2**20
+            rows.append([n, pss, private, anon, shmem, shared])
+            print(table(["clones", "PSS MiB/clone", "private MiB/clone", "anon MiB/clone", "PSS shmem MiB/clone",
+                         "shared memfd MiB"], rows[-1:]), flush=True)
+            if n < target:
+                break
+    print(table(["clones", "PSS MiB/clone", "private MiB/clone", "anon MiB/clone", "PSS shmem MiB/clone",
+                 "shared memfd MiB"], rows))
+
+
+def run_rate(args, work: str) -> None:
+    state, mem = make_hello_snapshot(work, args.mem_mib)
+    with DaemonProcess(os.path.join(work, "state"), "--pool-size", str(args.pool_size),
+                       "--max-spawning", str(args.max_spawning)) as daemon:
+        image = daemon.client.register_image(state, mem)["id"]
+        wait_pool(daemon.client, args.pool_size)
+        from snapd.client import SnapdClient
+        done, errors = [0] * args.clients, []
+        stop = time.monotonic() + args.seconds
+
+        def client_loop(index: int) -> None:
+            with SnapdClient(daemon.socket_path) as client:
+                while time.monotonic() < stop:
+                    try:
+                        clone = client.create_clones(image, payload=b"rate")[0]
+                        client.delete_clone(clone["id"])
+                        done[index] += 1
+                    except Exception as exc:
+                        errors.append(str(exc))
+        threads = [threading.Thread(target=client_loop, args=(i,)) for i in range(args.clients)]
+        t0 = time.monotonic()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        elapsed = time.monotonic() - t0
+    total = sum(done)
+    print(table(["clients", "seconds", "clones", "clones/s", "errors"],
+                [[args.clients, round(elapsed, 2), total, total / elapsed, len(errors)]]))
+    if errors:
+        print("first error:", errors[0])
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.clones", description=__doc__.split("\n\n")[0])
+    p.add_argument("what", choices=("latency", "memory", "rate"))
+    p.add_argument("--mem-mib", type=int, default=None)
+    p.add_argument("--n", type=int, default=200)
+    p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--gap-ms", type=float, default=20.0)
+    p.add_argument("--pool-size", type=int, default=4)
+    p.add_argument("--max-spawning", type=int, default=2)
+    p.add_argument("--counts", default="1,10,100,1000")
+    p.add_argument("--seconds", type=float, default=10.0)
+    p.add_argument("--clients", type=int, default=4)
+    args = p.parse_args(argv)
+    if args.mem_mib is None:
+        args.mem_mib = 256 if args.what == "memory" else 512
+    print(machine_line(), f"guest {args.mem_mib} MiB", flush=True)
+    with tempfile.TemporaryDirectory(prefix="bench-clones-") as work:
+        {"latency": run_latency, "memory": run_memory, "rate": run_rate}[args.what](args, work)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,84 @@
+/* Internals of the page server shared by its C files (pageserver.c: the
+ * fault loop and events; workingset.c: loading-set recording and prefetch).
+ * Everything here runs on the loop thread unless it says otherwise. */
+#ifndef SNAPD_PAGESERVER_INT_H
+#define SNAPD_PAGESERVER_INT_H
+#include <pthread.h>
+#include <stdint.h>
+#include "pageserver.h"
+
+enum { CHUNK_MISSING = 0, CHUNK_INSTALLED = 1, CHUNK_BAD = 2 };
+
+/* A fault whose address is outside every known region is retried this many
+ * loop turns (1 ms apart) while REMAP/UNMAP events catch up, then reported. */
+#define DEFER_LIMIT 500
+#define EAGER_BUDGET (8ULL << 20) /* bytes installed per VM per loop turn */
+/* Prefetch yields to pending faults after this many bytes: a fault waits for
+ * at most one such batch (~0.2 ms at the ~3 GB/s decompress+copy rate). */
+#define PREFETCH_BUDGET (512ULL << 10)
+#define EVFD_TAG UINT64_MAX
+
+/* One registered range of a VM's memory; state[] is per image chunk that the
+ * range overlaps, so REMOVE can mark chunks for refill. */
+struct region {
+	uint64_t addr, size, offset;
+	uint64_t first_chunk, nchunks;
+	uint8_t *state;
+};
+
+struct deferred_fault {
+	uint64_t addr, t0;
+	uint32_t tries;
+};
+
+/* Why a chunk is installed: decides the stats it counts in and, in shared
+ * wake mode, whether anyone can be waiting for a wake. */
+enum install_why { WHY_FAULT, WHY_EAGER, WHY_PREFETCH };
+
+/* Chunks in first-fault order. Appended by the loop, read and reset by
+ * Python threads: guarded by the server lock. */
+struct recorder {
+	int on;
+	uint32_t *chunks;
+	uint32_t n, cap;
+	uint8_t *seen; /* per image chunk */
+};
+
+struct vm {
+	int state; /* enum snapd_vm_state, atomic: attach runs on another thread */
+	uint32_t gen;
+	int id, uffd, sock, parent, flags, dead;
+	struct snapd_image *img;
+	struct region *regions;
+	int nregions;
+	int eager, eager_region;
+	uint64_t eager_chunk, eager_t0;
+	/* prefetch: install these image chunks in order, between faults */
+	uint32_t *prefetch;
+	uint32_t nprefetch, prefetch_pos;
+	uint64_t prefetch_t0;
+	struct recorder rec;
+	struct deferred_fault *deferred;
+	int ndeferred, cap_deferred;
+	struct snapd_vm_stats st;
+	uint32_t hist[SNAPD_HIST_BUCKETS];
+};
+
+struct snapd_server {
+	int epfd, evfd, stop, live;
+	pthread_mutex_t lock; /* slot allocation, release, stats copies, recorders */
+	struct snapd_scratch scratch; /* one loop thread: one set of buffers */
+	struct vm vms[SNAPD_MAX_VMS];
+};
+
+/* pageserver.c */
+int install_chunk(struct snapd_server *srv, struct vm *vm, struct region *r, uint64_t c, enum install_why why);
+
+/* workingset.c */
+void record_fault(struct snapd_server *srv, struct vm *vm, uint64_t c);
+void recorder_free(struct recorder *rec);
+/* Install the next batch of the VM's loading set; clears vm->prefetch when done. */
+void prefetch_step(struct snapd_server *srv, struct vm *vm);
+int prefetch_pending(const struct vm *vm);
+void prefetch_free(struct vm *vm);
+#endif

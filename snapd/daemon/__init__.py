@@ -1,0 +1,1 @@
+"""`snapd serve`: the host daemon that restores microVM clones for schedulers (docs/snapd.md)."""

@@ -1,0 +1,174 @@
+"""The daemon's HTTP/JSON API (docs/api/snapd-openapi.json), served on a Unix socket and optionally on TCP
+127.0.0.1. Built from the VMM API's pieces (vmm.api.server): its request handler (body limits, JSON replies,
+http.server's own errors as JSON), its body validation (vmm.api.fields) and its socket helpers.
+"""
+from __future__ import annotations
+
+import logging
+import re
+import socketserver
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+from typing import Callable
+
+from snapd.daemon.core import Daemon
+from snapd.daemon.errors import ApiError, MethodNotAllowed, NotFound
+from vmm.api.fields import Field, ObjectSpec, parse_body
+from vmm.api.server import ApiRequestHandler, UnixHttpServer
+from vmm.errors import VmmError
+
+log = logging.getLogger("snapd")
+
+IMAGE_REGISTER = ObjectSpec("images", {
+    "state_path": Field("string", required=True),
+    "mem_path": Field("string", required=True),
+    "chunk_size": Field("integer", minimum=4096),
+    "codec": Field("string", enum=("lz4", "zstd", "raw")),
+})
+CLONES_CREATE = ObjectSpec("clones", {
+    "image": Field("string", required=True),
+    "count": Field("integer", minimum=1),
+    "payload": Field("string"),  # base64: a first invocation, answered in the same reply
+    "timeout_ms": Field("integer", minimum=1),
+})
+INVOKE = ObjectSpec("invoke", {
+    "payload": Field("string", required=True),
+    "timeout_ms": Field("integer", minimum=1),
+})
+SNAPSHOT = ObjectSpec("snapshot", {
+    "state_path": Field("string"),
+    "mem_path": Field("string"),
+})
+
+
+class Text(str):
+    """A reply that is plain text (the Prometheus exposition), not JSON."""
+
+
+@dataclass(frozen=True)
+class Route:
+    method: str
+    path: str  # OpenAPI path template
+    call: Callable  # call(daemon, [body,] **path_parameters) -> dict (200/201), Text, or None (204)
+    body: ObjectSpec | None = None
+    status: int = 200
+
+    def handle(self, daemon: Daemon, body: bytes, params: dict):
+        if self.body is None:
+            return self.call(daemon, **params)
+        return self.call(daemon, parse_body(body, self.body), **params)
+
+
+# The tests check this table against docs/api/snapd-openapi.json (paths, methods, request schemas).
+ROUTES = [
+    Route("GET", "/v1/images", Daemon.list_images),
+    Route("POST", "/v1/images", Daemon.register_image, IMAGE_REGISTER, 201),
+    Route("GET", "/v1/images/{image_id}", Daemon.get_image),
+    Route("DELETE", "/v1/images/{image_id}", Daemon.delete_image),
+    Route("GET", "/v1/clones", Daemon.list_clones),
+    Route("POST", "/v1/clones", Daemon.create_clones, CLONES_CREATE, 201),
+    Route("GET", "/v1/clones/{clone_id}", Daemon.get_clone),
+    Route("DELETE", "/v1/clones/{clone_id}", Daemon.delete_clone),
+    Route("POST", "/v1/clones/{clone_id}/invoke", Daemon.invoke, INVOKE),
+    Route("POST", "/v1/clones/{clone_id}/snapshot", Daemon.snapshot_clone, SNAPSHOT),
+    Route("GET", "/metrics", lambda daemon: Text(daemon.metrics_text())),
+]
+PARAMETER = r"(?P<\1>[A-Za-z0-9_-]{1,64})"
+
+
+class Router:
+    def __init__(self, routes: list[Route]):
+        self.exact: dict[str, dict[str, Route]] = {}
+        self.templated: list[tuple[re.Pattern, dict[str, Route]]] = []
+        patterns: dict[str, dict[str, Route]] = {}
+        for route in routes:
+            if "{" in route.path:
+                patterns.setdefault(route.path, {})[route.method] = route
+            else:
+                self.exact.setdefault(route.path, {})[route.method] = route
+        for template, methods in patterns.items():
+            regex = re.sub(r"\\\{(\w+)\\\}", PARAMETER, re.escape(template)) + r"\Z"
+            self.templated.append((re.compile(regex), methods))
+
+    def find(self, method: str, path: str) -> tuple[Route, dict]:
+        methods, params = self.exact.get(path), {}
+        if methods is None:
+            for pattern, candidates in self.templated:
+                match = pattern.match(path)
+                if match:
+                    methods, params = candidates, match.groupdict()
+                    break
+        if methods is None:
+            raise NotFound(f"no such path: {path}")
+        route = methods.get(method)
+        if route is None:
+            allowed = sorted(methods)
+            raise MethodNotAllowed(f"{method} is not allowed on {path} (allowed: {', '.join(allowed)})", allowed)
+        return route, params
+
+
+ROUTER = Router(ROUTES)
+
+
+class SnapdRequestHandler(ApiRequestHandler):
+    def version_string(self) -> str:
+        return "snapd/0.1"
+
+    def log_message(self, format, *args) -> None:
+        log.debug("http: " + format, *args)
+
+    def _dispatch(self) -> None:
+        t0 = time.perf_counter()
+        path = self.path.split("?", 1)[0]
+        headers = {}
+        try:
+            body = self._read_body()
+            route, params = ROUTER.find(self.command, path)
+            result = route.handle(self.server.controller, body, params)
+            status = 204 if result is None else route.status
+        except ApiError as exc:
+            status, result = exc.status, {"fault_message": str(exc)}
+            if isinstance(exc, MethodNotAllowed):
+                headers["Allow"] = ", ".join(exc.allowed)
+        except VmmError as exc:
+            status, result = 400, {"fault_message": str(exc)}
+        except Exception as exc:  # a bug: say so, keep serving, leave the traceback for a developer
+            traceback.print_exc(file=sys.stderr)
+            status, result = 500, {"fault_message": f"internal error: {type(exc).__name__}: {exc}"}
+        if isinstance(result, Text):
+            self._respond_text(status, result)
+        else:
+            self._respond(status, result, headers)
+        self.wfile.flush()
+        log.info("%s %s -> %d (%.0f us)", self.command, path, status, (time.perf_counter() - t0) * 1e6)
+
+    def _respond_text(self, status: int, text: str) -> None:
+        data = text.encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    do_GET = do_PUT = do_PATCH = do_POST = do_DELETE = _dispatch
+
+
+class SnapdUnixServer(UnixHttpServer):
+    request_queue_size = 512  # a burst of schedulers connecting at once must not be refused
+
+    def __init__(self, path: str, daemon: Daemon):
+        super().__init__(path, daemon)
+        self.RequestHandlerClass = SnapdRequestHandler  # UnixHttpServer fixes the VMM's handler
+
+
+class SnapdTcpServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
+    daemon_threads = True
+    block_on_close = False
+    allow_reuse_address = True
+    request_queue_size = 512
+
+    def __init__(self, port: int, daemon: Daemon):
+        self.controller = daemon
+        super().__init__(("127.0.0.1", port), SnapdRequestHandler)

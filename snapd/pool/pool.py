@@ -1,0 +1,423 @@
+"""The daemon's side of the pool: the zygote process, worker handles, and the warm pool per VM shape.
+
+A worker is asked for with one "fork" message to the zygote carrying one end of a new SEQPACKET pair; the
+worker reports "ready" on that pair once its VM shell is built. The pool keeps ``target`` ready workers per
+shape and refills in a background thread, so a restore takes a ready worker and never waits for a fork
+unless a burst outruns the refill.
+"""
+from __future__ import annotations
+
+import collections
+import itertools
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from typing import Callable
+
+from snapd.pool import protocol
+from vmm.prebuilt import VmShape
+
+# After a restore, its HTTP reply still has to be written and read; forking and building a replacement worker
+# in that window would take the CPU from them on a 2-core host.
+QUIET_S = 0.003
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+class PoolError(RuntimeError):
+    """No worker could be had (the zygote died, every fork failed, or none came in time)."""
+
+
+class WorkerFailed(RuntimeError):
+    """A worker died or broke the protocol during a request."""
+
+
+class WorkerError(RuntimeError):
+    """A worker answered a request with an error; ``kind`` is timeout, invocation, vmm or protocol."""
+
+    def __init__(self, message: str, kind: str):
+        super().__init__(message)
+        self.kind = kind
+
+
+def process_start_time(pid: int) -> int | None:
+    """Field 22 of /proc/PID/stat (clock ticks since boot): with the pid, it names one process for good."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            text = f.read()
+    except OSError:
+        return None
+    return int(text[text.rindex(b")") + 2:].split()[19])
+
+
+class WorkerHandle:
+    """One worker process, seen from the daemon. Requests are serialised by ``lock``; the requester reads the
+    reply itself (no hand-off to another thread on the restore path)."""
+
+    _ids = itertools.count(1)
+
+    def __init__(self, channel: socket.socket, shape: VmShape):
+        self.channel = channel
+        self.shape = shape
+        self.pid = 0
+        self.start_time: int | None = None
+        self.lock = threading.Lock()
+        self.dead = False
+        self.failure = ""  # the worker's own report (a page-server failure), or why it died
+        self.on_event: Callable[["WorkerHandle", dict], None] | None = None
+
+    def fileno(self) -> int:
+        return self.channel.fileno()
+
+    def request(self, header: dict, data: bytes = b"", fds=(), timeout: float = 30.0) -> tuple[dict, bytes]:
+        """Send one request and wait for its reply; raises WorkerFailed (dead) or WorkerError (refused)."""
+        header = dict(header, id=next(self._ids))
+        with self.lock:
+            if self.dead:
+                raise WorkerFailed(f"worker {self.pid} is gone: {self.failure or 'it exited'}")
+            try:
+                protocol.send(self.channel, header, data, fds)
+                deadline = time.monotonic() + timeout
+                while True:
+                    left = deadline - time.monotonic()
+                    if left <= 0 or not select.select([self.channel], [], [], left)[0]:
+                        self._mark_dead(f"no reply to {header['op']} within {timeout:.1f} s")
+                        self.kill()
+                        raise WorkerFailed(f"worker {self.pid} did not answer {header['op']} within {timeout:.1f} s")
+                    reply, out, extra = protocol.recv(self.channel)
+                    for fd in extra:
+                        os.close(fd)
+                    if "event" in reply:
+                        self._event(reply)
+                        continue
+                    if reply.get("id") != header["id"]:
+                        continue  # the late reply of a request that timed out: not ours
+                    break
+            except (protocol.ProtocolError, OSError) as exc:
+                self._mark_dead(f"{type(exc).__name__}: {exc}")
+                raise WorkerFailed(f"worker {self.pid} failed during {header['op']}: {self.failure}") from None
+        if not reply.get("ok"):
+            raise WorkerError(reply.get("error", "unknown error"), reply.get("kind", "vmm"))
+        return reply, out
+
+    def send_quietly(self, header: dict) -> None:
+        """A message that takes no reply (preload); a dead worker is simply skipped."""
+        with self.lock:
+            if not self.dead:
+                try:
+                    protocol.send(self.channel, header)
+                except OSError:
+                    pass
+
+    def _event(self, event: dict) -> None:
+        if event.get("event") == "failed":
+            self.failure = event.get("error", "failed")
+        if self.on_event is not None:
+            self.on_event(self, event)
+
+    def _mark_dead(self, why: str) -> None:
+        self.dead = True
+        self.failure = self.failure or why
+
+    def poll_events(self) -> bool:
+        """Read what the worker sent unasked (without blocking); False once it is gone."""
+        if not self.lock.acquire(blocking=False):
+            return True  # a request is reading the channel: it will see the news
+        try:
+            while not self.dead and select.select([self.channel], [], [], 0)[0]:
+                try:
+                    reply, _, extra = protocol.recv(self.channel)
+                except (protocol.ProtocolError, OSError) as exc:
+                    self._mark_dead("the worker process exited" if isinstance(exc, protocol.PeerGone)
+                                    else f"{type(exc).__name__}: {exc}")
+                    break
+                for fd in extra:
+                    os.close(fd)
+                if "event" in reply:
+                    self._event(reply)
+            return not self.dead
+        finally:
+            self.lock.release()
+
+    def kill(self) -> None:
+        """SIGKILL the worker if it is still the process we started (pid + start time)."""
+        if self.pid and self.start_time is not None and process_start_time(self.pid) == self.start_time:
+            try:
+                os.kill(self.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    def stop(self) -> None:
+        """Ask the worker to exit, then make sure: its VM, uffd and memory go with the process."""
+        with self.lock:
+            if not self.dead:
+                try:
+                    protocol.send(self.channel, {"op": "stop"})
+                except OSError:
+                    pass
+            self.dead = True
+            self.kill()
+            self.channel.close()
+
+
+class Zygote:
+    """The zygote child process and its control channel."""
+
+    def __init__(self, python: str = sys.executable, start_timeout: float = 60.0):
+        ours, theirs = protocol.channel_pair()
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
+        self.control = ours
+        self.lock = threading.Lock()
+        try:
+            self.process = subprocess.Popen([python, "-m", "snapd.pool.zygote", "--control-fd", str(theirs.fileno())],
+                                            pass_fds=[theirs.fileno()], env=env, stdin=subprocess.DEVNULL)
+        finally:
+            theirs.close()
+        if not select.select([ours], [], [], start_timeout)[0]:
+            self.close()
+            raise PoolError(f"the zygote did not start within {start_timeout} s")
+        try:
+            hello, _, _ = protocol.recv(ours)
+        except protocol.ProtocolError as exc:
+            self.close()
+            raise PoolError(f"the zygote failed to start: {exc}") from None
+        self.pid = hello["pid"]
+        self.start_time = process_start_time(self.pid)
+
+    def fork_worker(self, shape: VmShape) -> WorkerHandle:
+        ours, theirs = protocol.channel_pair()
+        try:
+            with self.lock:
+                protocol.send(self.control, {"op": "fork", "vcpu_count": shape.vcpu_count,
+                                             "mem_size_mib": shape.mem_size_mib}, fds=[theirs.fileno()])
+        except OSError as exc:
+            ours.close()
+            raise PoolError(f"the zygote is gone: {exc}") from None
+        finally:
+            theirs.close()
+        return WorkerHandle(ours, shape)
+
+    def preload(self, image: str, state_path: str) -> None:
+        with self.lock:
+            protocol.send(self.control, {"op": "preload", "image": image, "state_path": state_path})
+
+    def forget(self, image: str) -> None:
+        with self.lock:
+            protocol.send(self.control, {"op": "forget", "image": image})
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def close(self) -> None:
+        self.control.close()  # EOF: the zygote leaves its loop
+        try:
+            self.process.wait(10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+class WarmPool:
+    """Ready workers per shape, refilled in the background up to ``target`` (plus any waiting demand)."""
+
+    def __init__(self, zygote: Zygote, target: int = 2, max_spawning: int = 4,
+                 on_ready: Callable[[WorkerHandle], None] | None = None,
+                 on_gone: Callable[[WorkerHandle], None] | None = None):
+        self.zygote = zygote
+        self.target = target
+        self.max_spawning = max_spawning
+        self.on_ready = on_ready or (lambda worker: None)
+        self.on_gone = on_gone or (lambda worker: None)
+        self.shapes: dict[VmShape, int] = {}  # shape -> number of images needing it
+        self.idle: dict[VmShape, collections.deque[WorkerHandle]] = collections.defaultdict(collections.deque)
+        self.waiting: dict[VmShape, int] = collections.defaultdict(int)
+        self.spawning: dict[int, WorkerHandle] = {}
+        self.restoring = 0  # restores in flight: refilling now would take CPU from them (2 cores here)
+        self.quiet_until = 0.0
+        self.cond = threading.Condition()
+        self.closed = False
+        self.failures = 0
+        self.last_error = ""
+        self.wake_read, self.wake_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.thread = threading.Thread(target=self._refill_loop, name="snapd-pool", daemon=True)
+        self.thread.start()
+
+    # -- shapes in use
+    def add_shape(self, shape: VmShape) -> None:
+        with self.cond:
+            self.shapes[shape] = self.shapes.get(shape, 0) + 1
+        self._wake()
+
+    def remove_shape(self, shape: VmShape) -> None:
+        with self.cond:
+            left = self.shapes.get(shape, 0) - 1
+            if left > 0:
+                self.shapes[shape] = left
+                return
+            self.shapes.pop(shape, None)
+            idle = list(self.idle.pop(shape, ()))
+        for worker in idle:
+            self._retire(worker)
+
+    def idle_workers(self) -> list[WorkerHandle]:
+        with self.cond:
+            return [w for queue in self.idle.values() for w in queue]
+
+    def idle_count(self) -> int:
+        with self.cond:
+            return sum(len(q) for q in self.idle.values())
+
+    # -- taking a worker
+    def take(self, shape: VmShape, timeout: float) -> WorkerHandle:
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            if shape not in self.shapes:
+                raise PoolError(f"no image of shape {shape} is registered")
+            queue = self.idle[shape]
+            if queue:
+                worker = queue.popleft()
+                self._wake_locked()
+                return worker
+            self.waiting[shape] += 1
+            self._wake_locked()
+            try:
+                while not queue:
+                    left = deadline - time.monotonic()
+                    if self.closed or left <= 0:
+                        raise PoolError(f"no warm {shape.vcpu_count}-vCPU/{shape.mem_size_mib} MiB worker within "
+                                        f"{timeout:.1f} s" + (f" (last failure: {self.last_error})"
+                                                              if self.last_error else ""))
+                    self.cond.wait(left)
+                return queue.popleft()
+            finally:
+                self.waiting[shape] -= 1
+
+    def restore_started(self) -> None:
+        with self.cond:
+            self.restoring += 1
+
+    def restore_finished(self) -> None:
+        """The restore is done but its reply is still being written: the refill waits QUIET_S longer."""
+        with self.cond:
+            self.restoring -= 1
+            self.quiet_until = time.monotonic() + QUIET_S
+            if not self.restoring:
+                self._wake_locked()
+
+    # -- refill
+    def _wake(self) -> None:
+        with self.cond:
+            self._wake_locked()
+
+    def _wake_locked(self) -> None:
+        try:
+            os.write(self.wake_write, b"x")
+        except BlockingIOError:
+            pass
+
+    def _wanted(self) -> list[VmShape]:
+        """Shapes to fork for now, at most max_spawning in flight (called with the lock held)."""
+        wanted = []
+        in_flight = collections.Counter(w.shape for w in self.spawning.values())
+        budget = self.max_spawning - len(self.spawning)
+        for shape in self.shapes:
+            busy = self.restoring or time.monotonic() < self.quiet_until
+            if busy and self.idle[shape] and not self.waiting[shape]:
+                continue  # a fork and a VM build now would compete with the restore for the CPU
+            deficit = self.target + self.waiting[shape] - len(self.idle[shape]) - in_flight[shape]
+            for _ in range(max(0, min(deficit, budget))):
+                wanted.append(shape)
+                budget -= 1
+        return wanted
+
+    def _refill_loop(self) -> None:
+        backoff = 0.0
+        while True:
+            with self.cond:
+                if self.closed:
+                    return
+                wanted = [] if backoff > time.monotonic() else self._wanted()
+            for shape in wanted:
+                try:
+                    worker = self.zygote.fork_worker(shape)
+                except PoolError as exc:
+                    self._note_failure(str(exc))
+                    backoff = time.monotonic() + 0.5
+                    break
+                with self.cond:
+                    self.spawning[worker.fileno()] = worker
+            watched = [self.wake_read, *self.spawning]
+            wait = 0.5 if not self.restoring else 0.05
+            if self.quiet_until > time.monotonic():
+                wait = min(wait, self.quiet_until - time.monotonic())
+            try:
+                readable, _, _ = select.select(watched, [], [], wait)
+            except (OSError, ValueError):
+                readable = []
+            if self.wake_read in readable:
+                try:
+                    while os.read(self.wake_read, 4096):
+                        pass
+                except BlockingIOError:
+                    pass
+            for fd in readable:
+                if fd != self.wake_read and fd in self.spawning:
+                    self._spawned(self.spawning[fd])
+
+    def _spawned(self, worker: WorkerHandle) -> None:
+        try:
+            hello, _, extra = protocol.recv(worker.channel)
+            for fd in extra:
+                os.close(fd)
+        except (protocol.ProtocolError, OSError) as exc:
+            hello = {"event": "error", "error": f"the new worker exited before it was ready ({exc})"}
+        with self.cond:
+            self.spawning.pop(worker.fileno(), None)
+        if hello.get("event") != "ready":
+            worker.dead = True
+            worker.channel.close()
+            self._note_failure(hello.get("error", "bad hello"))
+            return
+        worker.pid = hello["pid"]
+        worker.start_time = process_start_time(worker.pid)
+        self.on_ready(worker)
+        with self.cond:
+            if self.closed or worker.shape not in self.shapes:
+                keep = False
+            else:
+                self.idle[worker.shape].append(worker)
+                self.cond.notify_all()
+                keep = True
+        if not keep:
+            self._retire(worker)
+
+    def _note_failure(self, message: str) -> None:
+        with self.cond:
+            self.failures += 1
+            self.last_error = message
+            self.cond.notify_all()
+
+    def _retire(self, worker: WorkerHandle) -> None:
+        worker.stop()
+        self.on_gone(worker)
+
+    def close(self) -> None:
+        with self.cond:
+            self.closed = True
+            idle = [w for queue in self.idle.values() for w in queue]
+            self.idle.clear()
+            self.cond.notify_all()
+        self._wake()
+        self.thread.join(10)
+        for worker in idle:
+            self._retire(worker)
+        for worker in list(self.spawning.values()):
+            worker.dead = True
+            worker.channel.close()  # the new worker sees EOF after its build and exits
+        self.spawning.clear()
+        os.close(self.wake_read)
+        os.close(self.wake_write)

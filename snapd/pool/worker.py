@@ -1,0 +1,211 @@
+"""A warm VMM worker: one process, one prebuilt VM shell, one microVM once a restore request arrives.
+
+Forked from the zygote (snapd.pool.zygote), the worker builds a PrebuiltVm for its shape (VM, memory slot over
+a placeholder, irqchip, PIT, vCPUs parked in their threads) and tells the daemon it is ready. A restore then
+only: maps the image's shared memfd MAP_PRIVATE over the placeholder, registers it with a userfaultfd and hands
+that to the daemon's page server, writes the parsed snapshot state, releases the vCPUs and replies.
+
+The main loop waits on the daemon channel; besides the vCPU threads, the Uffd backend's reader thread watches
+the page server and reports its failure to the daemon as an event. EOF on the daemon channel means the daemon
+is gone: the worker exits, so no VMM outlives the daemon that accounted for it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+
+from snapd.pool import protocol
+from snapd.uffd import create_registered_uffd
+from snapd.uffd_handshake import Region
+from vmm.errors import InvocationError, VmmError
+from vmm.machine import STOPPED
+from vmm.prebuilt import PrebuiltVm, VmShape
+from vmm.snapshot import create_snapshot, machine_config_of, read_snapshot, restore_into, resume_restored
+from vmm.uffd_backend import UffdBackend, UffdBackendError
+
+
+READ_MEMORY_MAX = 1 << 20
+
+
+def discard_console(data: bytes) -> None:
+    """Guest console output of a clone is dropped: schedulers talk to it through invocations."""
+
+
+class Worker:
+    def __init__(self, channel: socket.socket, shape: VmShape, states: dict):
+        self.channel = channel
+        self.shape = shape
+        self.states = states  # image id -> parsed MicrovmState (inherited from the zygote, or loaded here)
+        self.prebuilt = PrebuiltVm(shape, serial_sink=discard_console)
+        self.machine = None
+        self.backend: UffdBackend | None = None
+        self.image = ""
+        for state in list(states.values()):
+            self._rehearse(state)
+
+    def _rehearse(self, state) -> None:
+        """Run the restore's code over the parsed state once, before any request: a forked worker shares the
+        zygote's pages copy-on-write, and the first touch of each object (a reference count) copies its page,
+        a fault that costs microseconds on this nested host. Done here, those copies leave the restore path.
+        Everything written now is overwritten by the real restore; the placeholder page the mailbox write
+        touches is dropped by the remap."""
+        if machine_config_of(state).mem_size_mib != self.shape.mem_size_mib or len(state.vcpus) != self.shape.vcpu_count:
+            return
+        machine = self.prebuilt.machine
+        restore_into(machine, state, discard_console)
+        uffd = create_registered_uffd([(r.host_addr, r.size) for r in machine.memory.regions], "missing")
+        os.close(uffd)
+        json.dumps([Region(r.host_addr, r.size, r.layout.file_offset).to_json() for r in machine.memory.regions])
+        socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC).close()
+
+    # -- the loop
+    def serve(self) -> None:
+        protocol.send(self.channel, {"event": "ready", "pid": os.getpid()})
+        while True:
+            try:
+                header, data, fds = protocol.recv(self.channel)
+            except protocol.PeerGone:
+                return  # the daemon is gone
+            self._dispatch(header, data, fds)
+
+    def _dispatch(self, header: dict, data: bytes, fds: list[int]) -> None:
+        op = header.get("op")
+        try:
+            if op == "restore":
+                reply, out = self._restore(header, data, fds)
+            elif op == "invoke":
+                reply, out = self._invoke(data, header.get("timeout", 10.0))
+            elif op == "snapshot":
+                reply, out = self._snapshot(header), b""
+            elif op == "preload":
+                if self.machine is None:
+                    self._rehearse(self._state(header["image"], header["state_path"]))
+                return  # no reply: sent to idle workers in the background
+            elif op == "read_memory":
+                reply, out = self._read_memory(header["gpa"], header["size"])
+            elif op == "status":
+                reply, out = self._status(), b""
+            elif op == "stop":
+                os._exit(0)
+            else:
+                reply, out = {"ok": False, "error": f"unknown operation {op!r}", "kind": "protocol"}, b""
+        except (VmmError, OSError, KeyError) as exc:
+            reply, out = {"ok": False, "error": f"{type(exc).__name__}: {exc}", "kind": "vmm"}, b""
+        finally:
+            for fd in fds:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+        reply["id"] = header.get("id", 0)
+        protocol.send(self.channel, reply, out)
+
+    # -- operations
+    def _state(self, image: str, state_path: str):
+        state = self.states.get(image)
+        if state is None:
+            state = self.states[image] = read_snapshot(state_path)
+        return state
+
+    def _restore(self, header: dict, payload: bytes, fds: list[int]) -> tuple[dict, bytes]:
+        t0 = time.perf_counter()
+        if self.machine is not None:
+            return {"ok": False, "error": "this worker already runs a clone", "kind": "protocol"}, b""
+        if len(fds) != 1:
+            return {"ok": False, "error": f"restore needs the image memfd, got {len(fds)} fds", "kind": "protocol"}, b""
+        self.image = header["image"]
+        state = self._state(self.image, header["state_path"])
+        marks = {}
+
+        def register_with_page_server(machine) -> None:
+            marks["remap"] = time.perf_counter()
+            # Lazy mode: the server sends "ready" at once and serves faults as they come; a fault raised before
+            # it has attached simply waits in the uffd, so the restore does not wait for that round trip.
+            self.backend = UffdBackend(machine.memory, header["page_server"])
+            self.backend.set_failure_handler(lambda error: self._page_server_failed(machine, error))
+            marks["uffd"] = time.perf_counter()
+
+        t1 = time.perf_counter()
+        machine = self.prebuilt.restore(state, fds[0], shared=False, before_state=register_with_page_server,
+                                        resume=False)
+        t2 = time.perf_counter()
+        self.machine = machine
+        resume_restored(machine)
+        t3 = time.perf_counter()
+        timings = {"state_lookup_us": (t1 - t0) * 1e6, "remap_us": (marks["remap"] - t1) * 1e6,
+                   "uffd_handshake_us": (marks["uffd"] - marks["remap"]) * 1e6,
+                   "write_state_us": (t2 - marks["uffd"]) * 1e6, "resume_us": (t3 - t2) * 1e6}
+        reply = {"ok": True, "pid": os.getpid(), "timings": timings,
+                 "regions": [[r.guest_phys_addr, r.size, r.host_addr] for r in machine.memory.regions],
+                 "mailbox_gpa": machine.fnport.mailbox_gpa, "generation": machine.fnport.generation}
+        if header.get("invoke"):
+            first, result = self._invoke(payload, header.get("timeout", 10.0))
+            reply["invoke"] = first
+            reply["total_us"] = (time.perf_counter() - t0) * 1e6
+            return reply, result
+        reply["total_us"] = (time.perf_counter() - t0) * 1e6
+        return reply, b""
+
+    def _invoke(self, payload: bytes, timeout: float) -> tuple[dict, bytes]:
+        machine = self.machine
+        if machine is None:
+            return {"ok": False, "error": "no clone is running in this worker", "kind": "protocol"}, b""
+        t0 = time.perf_counter()
+        try:
+            result = machine.invoke(payload, timeout)
+        except InvocationError as exc:
+            kind = "timeout" if "no reply within" in str(exc) and machine.state != STOPPED else "invocation"
+            return {"ok": False, "error": str(exc), "kind": kind}, b""
+        return {"ok": True, "latency_us": (time.perf_counter() - t0) * 1e6}, result
+
+    def _snapshot(self, header: dict) -> dict:
+        machine = self.machine
+        if machine is None:
+            return {"ok": False, "error": "no clone is running in this worker", "kind": "protocol"}
+        machine.pause()
+        try:
+            create_snapshot(machine, header["state_path"], header["mem_path"])
+        finally:
+            if machine.state != STOPPED:
+                machine.resume()
+        return {"ok": True}
+
+    def _read_memory(self, gpa: int, size: int) -> tuple[dict, bytes]:
+        """Guest memory as this clone sees it (diagnostics, tests). Read here, not through /proc/PID/mem: a page
+        not yet fetched from the image raises its userfaultfd fault only for an access by this process."""
+        if self.machine is None:
+            return {"ok": False, "error": "no clone is running in this worker", "kind": "protocol"}, b""
+        if size > READ_MEMORY_MAX:
+            return {"ok": False, "error": f"read at most {READ_MEMORY_MAX} bytes at once", "kind": "protocol"}, b""
+        return {"ok": True}, self.machine.memory.read(gpa, size)
+
+    def _status(self) -> dict:
+        machine = self.machine
+        if machine is None:
+            return {"ok": True, "state": "idle"}
+        return {"ok": True, "state": machine.state, "stop_reason": machine.stop_reason,
+                "fault": str(machine.fault) if machine.fault else None}
+
+    def _page_server_failed(self, machine, error: str) -> None:
+        """The page server reported an error or died (called on the backend's reader thread, which then makes
+        guest memory inaccessible): stop the VM and tell the daemon (one SEQPACKET message: atomic)."""
+        machine.fail(UffdBackendError(error))
+        protocol.send(self.channel, {"event": "failed", "error": error})
+
+
+def run_worker(channel: socket.socket, shape: VmShape, states: dict) -> None:
+    """A forked worker's whole life: build the VM shell, serve the daemon until its channel closes, exit.
+    Never returns (the zygote's stack must not unwind in the child)."""
+    try:
+        worker = Worker(channel, shape, states)
+    except (VmmError, OSError) as exc:
+        try:
+            protocol.send(channel, {"event": "error", "error": f"the worker could not build its VM: {exc}"})
+        finally:
+            os._exit(1)
+    try:
+        worker.serve()
+    finally:
+        os._exit(0)

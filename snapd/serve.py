@@ -1,0 +1,113 @@
+"""`snapd serve`: run the clone daemon (registered by snapd.cli; docs/snapd.md).
+
+    snapd serve --state-dir DIR [--socket PATH] [--tcp-port N] [--pool-size N] [--max-clones N] ...
+"""
+from __future__ import annotations
+
+import logging
+import os
+import resource
+import selectors
+import signal
+import sys
+
+from snapd.cli import CliError
+
+log = logging.getLogger("snapd")
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("serve", help="run the clone daemon: HTTP/JSON API on a Unix socket")
+    p.add_argument("--state-dir", required=True, help="images, chunk store, snapshots and runtime records")
+    p.add_argument("--socket", default=None, help="API socket (default: STATE_DIR/snapd.sock)")
+    p.add_argument("--tcp-port", type=int, default=None, help="also serve the API on 127.0.0.1:PORT")
+    p.add_argument("--pool-size", type=int, default=2, help="warm workers kept ready per VM shape (default 2)")
+    p.add_argument("--max-spawning", type=int, default=4, help="worker forks in flight at once (default 4)")
+    p.add_argument("--max-clones", type=int, default=1024, help="live clones, all images (default 1024)")
+    p.add_argument("--max-count", type=int, default=64, help="clones per request (default 64)")
+    p.add_argument("--restore-timeout", type=float, default=30.0, help="seconds to get a worker and restore")
+    p.add_argument("--log-level", default="warning", choices=("error", "warning", "info", "debug"))
+    p.set_defaults(func=_serve)
+
+
+def raise_fd_limit() -> None:
+    """Each clone holds a worker channel, a uffd and a page-server socket in the daemon."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def _serve(args) -> int:
+    from snapd.daemon.core import Daemon, DaemonConfig
+    from snapd.daemon.http import SnapdTcpServer, SnapdUnixServer
+    from vmm.api.server import remove_stale_socket
+    from vmm.errors import VmmError
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("snapd: %(levelname)s: %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(args.log_level.upper())
+    log.propagate = False
+    raise_fd_limit()
+    # Several daemon threads (HTTP, page-server accept, pool refill, monitor) share the GIL; a restore's reply
+    # must not wait the default 5 ms for another thread to give it up.
+    sys.setswitchinterval(0.0002)
+    os.makedirs(args.state_dir, exist_ok=True)
+    socket_path = os.path.abspath(args.socket or os.path.join(args.state_dir, "snapd.sock"))
+    try:
+        remove_stale_socket(socket_path)
+    except VmmError as exc:
+        raise CliError(str(exc)) from None
+    config = DaemonConfig(state_dir=args.state_dir, pool_size=args.pool_size, max_spawning=args.max_spawning,
+                          max_clones=args.max_clones, max_count=args.max_count, restore_timeout=args.restore_timeout)
+    daemon = Daemon(config, socket_path)
+    servers = []
+    try:
+        old_umask = os.umask(0o077)  # the API starts VMs: only our user may talk to it
+        try:
+            servers.append(SnapdUnixServer(socket_path, daemon))
+        finally:
+            os.umask(old_umask)
+        if args.tcp_port is not None:
+            servers.append(SnapdTcpServer(args.tcp_port, daemon))
+        return _loop(servers, socket_path)
+    except VmmError as exc:
+        raise CliError(str(exc)) from None
+    finally:
+        for server in servers:
+            server.server_close()
+        try:
+            os.unlink(socket_path)
+        except FileNotFoundError:
+            pass
+        daemon.close()
+
+
+def _loop(servers, socket_path: str) -> int:
+    wake_read, wake_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    stopping = []
+    previous = {sig: signal.signal(sig, lambda *_: stopping.append(1)) for sig in (signal.SIGTERM, signal.SIGINT)}
+    old_wakeup = signal.set_wakeup_fd(wake_write, warn_on_full_buffer=False)
+    print(f"snapd: serving on {socket_path}", flush=True)
+    try:
+        with selectors.DefaultSelector() as selector:
+            for server in servers:
+                selector.register(server.socket, selectors.EVENT_READ, server)
+            selector.register(wake_read, selectors.EVENT_READ, None)
+            while not stopping:
+                for key, _ in selector.select():
+                    if key.data is None:
+                        try:
+                            while os.read(wake_read, 512):
+                                pass
+                        except BlockingIOError:
+                            pass
+                    else:
+                        key.data._handle_request_noblock()
+    finally:
+        signal.set_wakeup_fd(old_wakeup)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        os.close(wake_read)
+        os.close(wake_write)
+    return 0

@@ -1,0 +1,51 @@
+"""Shared by the daemon tests: a hello snapshot, an in-process daemon serving its API on a Unix socket."""
+import os
+import threading
+
+from bench.clones import make_hello_snapshot
+from snapd.client import SnapdClient
+from snapd.daemon.core import Daemon, DaemonConfig
+from snapd.daemon.http import SnapdUnixServer
+
+MEM_MIB = 64
+
+
+class RunningDaemon:
+    def __init__(self, state_dir: str, **config):
+        self.socket_path = os.path.join(state_dir, "snapd.sock")
+        self.daemon = Daemon(DaemonConfig(state_dir=state_dir, **config), self.socket_path)
+        self.server = SnapdUnixServer(self.socket_path, self.daemon)
+        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        self.thread.start()
+        self.client = SnapdClient(self.socket_path)
+
+    def close(self) -> None:
+        self.client.close()
+        self.server.shutdown()
+        self.server.server_close()
+        self.daemon.close()
+        if os.path.exists(self.socket_path):
+            os.unlink(self.socket_path)
+
+
+def hello_snapshot(directory) -> tuple[str, str]:
+    return make_hello_snapshot(str(directory), MEM_MIB)
+
+
+def write_process_memory(pid: int, address: int, data: bytes) -> None:
+    with open(f"/proc/{pid}/mem", "r+b", buffering=0) as mem:
+        mem.seek(address)
+        mem.write(data)
+
+
+def zygote_children(zygote_pid: int) -> set[int]:
+    with open(f"/proc/{zygote_pid}/task/{zygote_pid}/children") as f:
+        return {int(p) for p in f.read().split()}
+
+
+def thread_count(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("Threads:"):
+                return int(line.split()[1])
+    raise AssertionError("no Threads line")

@@ -1,0 +1,130 @@
+"""Clones of one image share its memory copy-on-write, start from exactly the snapshot, and are unique."""
+import os
+import signal
+import time
+
+import pytest
+
+from snapd.client import SnapdError
+from tests.conftest import requires_kvm
+from tests.daemon_helpers import MEM_MIB, RunningDaemon, hello_snapshot, thread_count, write_process_memory
+from vmm import workloads
+from vmm.devices.fnport import OFF_GENERATION
+from vmm.snapshot import read_snapshot
+
+pytestmark = requires_kvm
+PAGE = 4096
+
+
+@pytest.fixture(scope="module")
+def running(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("clones")
+    state, mem = hello_snapshot(tmp)
+    daemon = RunningDaemon(str(tmp / "state"), pool_size=2)
+    try:
+        image = daemon.client.register_image(state, mem, chunk_size=64 << 10)["id"]
+        yield daemon, image, state, mem
+    finally:
+        daemon.close()
+
+
+def snapshot_memory(mem_path: str) -> bytes:
+    with open(mem_path, "rb") as f:
+        return f.read().ljust(MEM_MIB << 20, b"\0")
+
+
+def clone_memory(daemon, clone_id: str) -> bytes:
+    """Guest memory as the clone sees it, read by its worker (pages not yet fetched fault through the page
+    server, as a guest access would)."""
+    worker = daemon.daemon.clones[clone_id].worker
+    pieces = []
+    for gpa in range(0, MEM_MIB << 20, 1 << 20):
+        _, data = worker.request({"op": "read_memory", "gpa": gpa, "size": 1 << 20})
+        pieces.append(data)
+    return b"".join(pieces)
+
+
+def assert_equals_snapshot(memory: bytes, expected: bytes, mailbox_gpa: int) -> None:
+    # The restore writes a new generation id and 32 bytes of entropy into the function-port mailbox (as VMGenID
+    # does); every other byte must be the snapshot's.
+    field = mailbox_gpa + OFF_GENERATION
+    expected = bytearray(expected)
+    expected[field:field + 40] = memory[field:field + 40]
+    assert len(memory) == len(expected)
+    if memory != bytes(expected):
+        first = next(i for i in range(0, len(memory), PAGE) if memory[i:i + PAGE] != expected[i:i + PAGE])
+        raise AssertionError(f"guest memory differs from the snapshot, first at page {first // PAGE}")
+
+
+def test_clone_memory_equals_the_snapshot_before_and_after_other_clones_write(running):
+    daemon, image, state_path, mem_path = running
+    expected = snapshot_memory(mem_path)
+    mailbox_gpa = read_snapshot(state_path).devices.fnport.mailbox_pfn << 12
+    a, b = daemon.client.create_clones(image, count=2)
+    try:
+        assert_equals_snapshot(clone_memory(daemon, a["id"]), expected, mailbox_gpa)
+        # Clone b writes: through its guest (invocations) and, like a guest store, into pages all over memory.
+        for i in range(3):
+            daemon.client.invoke(b["id"], f"write {i}".encode())
+        worker_b = daemon.daemon.clones[b["id"]]
+        written = list(range(0, MEM_MIB << 20, 1 << 20))
+        for gpa in written:
+            write_process_memory(worker_b.worker.pid, worker_b.regions[0][2] + gpa, b"\xee" * PAGE)
+        b_memory = clone_memory(daemon, b["id"])
+        assert all(b_memory[gpa:gpa + PAGE] == b"\xee" * PAGE for gpa in written)
+        assert_equals_snapshot(clone_memory(daemon, a["id"]), expected, mailbox_gpa)
+        memfd = daemon.daemon.images[image].shards[0].image.memfd
+        assert all(os.pread(memfd, PAGE, gpa) == expected[gpa:gpa + PAGE] for gpa in written)  # shared copy intact
+        # A clone restored after the writes starts from the snapshot too.
+        (c,) = daemon.client.create_clones(image)
+        try:
+            assert_equals_snapshot(clone_memory(daemon, c["id"]), expected, mailbox_gpa)
+        finally:
+            daemon.client.delete_clone(c["id"])
+    finally:
+        daemon.client.delete_clone(a["id"])
+        daemon.client.delete_clone(b["id"])
+
+
+def test_two_clones_of_one_image_draw_different_random_streams(running):
+    daemon, image, _, _ = running
+    request = workloads.hello_request("same request")
+    clones = daemon.client.create_clones(image, count=2, payload=request)
+    try:
+        replies = [workloads.verify_hello(request, c["result"], 1) for c in clones]
+        assert replies[0].generation != replies[1].generation
+        assert replies[0].random != replies[1].random
+        second = [workloads.verify_hello(request, daemon.client.invoke(c["id"], request), 2) for c in clones]
+        assert second[0].random != second[1].random
+    finally:
+        for clone in clones:
+            daemon.client.delete_clone(clone["id"])
+
+
+def test_a_crashed_worker_marks_its_clone_failed_and_the_daemon_keeps_serving(running):
+    daemon, image, _, _ = running
+    (clone,) = daemon.client.create_clones(image)
+    os.kill(clone["pid"], signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while daemon.client.clone(clone["id"])["state"] != "failed":
+        assert time.monotonic() < deadline, "the clone was not marked failed"
+        time.sleep(0.02)
+    with pytest.raises(SnapdError) as error:
+        daemon.client.invoke(clone["id"], b"hello?")
+    assert error.value.status == 502 and clone["id"] in error.value.fault_message
+    (fresh,) = daemon.client.create_clones(image, payload=b"still serving")
+    workloads.verify_hello(b"still serving", fresh["result"], 1)
+    daemon.client.delete_clone(fresh["id"])
+    daemon.client.delete_clone(clone["id"])
+
+
+def test_the_zygote_is_single_threaded_and_workers_are_its_children(running):
+    daemon, image, _, _ = running
+    zygote = daemon.daemon.zygote.pid
+    assert thread_count(zygote) == 1
+    (clone,) = daemon.client.create_clones(image)
+    try:
+        with open(f"/proc/{clone['pid']}/stat") as f:
+            assert int(f.read().rsplit(")", 1)[1].split()[1]) == zygote
+    finally:
+        daemon.client.delete_clone(clone["id"])

@@ -1,0 +1,186 @@
+"""The snapd API: documented as served, bad input refused with a 4xx naming the problem, and a burst of
+concurrent restores that leaves no file descriptor, memfd, process or page-server slot behind."""
+import json
+import os
+import threading
+
+import pytest
+
+from snapd.client import SnapdClient, SnapdError
+from snapd.daemon.http import ROUTES
+from tests.conftest import ROOT, requires_kvm
+from tests.daemon_helpers import RunningDaemon, hello_snapshot, zygote_children
+from tests.test_api_openapi import CheckedClient, check_spec, documented_operations
+from vmm import workloads
+
+pytestmark = requires_kvm
+DOC_PATH = os.path.join(ROOT, "docs", "api", "snapd-openapi.json")
+
+
+@pytest.fixture(scope="module")
+def doc():
+    with open(DOC_PATH) as f:
+        return json.load(f)
+
+
+@pytest.fixture(scope="module")
+def snapshot(tmp_path_factory):
+    return hello_snapshot(tmp_path_factory.mktemp("daemon-snapshot"))
+
+
+@pytest.fixture
+def running(tmp_path):
+    daemon = RunningDaemon(str(tmp_path / "state"), pool_size=2, max_count=8, max_clones=300)
+    yield daemon
+    daemon.close()
+
+
+def test_every_served_route_is_documented_and_every_documented_one_served(doc):
+    assert {(r.method, r.path) for r in ROUTES} == documented_operations(doc)
+    for route in ROUTES:
+        operation = doc["paths"][route.path][route.method.lower()]
+        if route.body is None:
+            assert "requestBody" not in operation, route
+        else:
+            check_spec(doc, operation["requestBody"]["content"]["application/json"]["schema"], route.body, route.path)
+
+
+def test_every_operation_answers_as_documented(doc, running, snapshot, tmp_path):
+    state, mem = snapshot
+    api = CheckedClient(doc, running.client)
+    image = api("POST", "/v1/images", body={"state_path": state, "mem_path": mem}, expect=201)["id"]
+    api("GET", "/v1/images", expect=200)
+    api("GET", f"/v1/images/{image}", "/v1/images/{image_id}", expect=200)
+    payload = "aGVsbG8="
+    clone = api("POST", "/v1/clones", body={"image": image, "payload": payload}, expect=201)["clones"][0]
+    api("GET", "/v1/clones", expect=200)
+    api("GET", f"/v1/clones/{clone['id']}", "/v1/clones/{clone_id}", expect=200)
+    api("POST", f"/v1/clones/{clone['id']}/invoke", "/v1/clones/{clone_id}/invoke",
+        body={"payload": payload, "timeout_ms": 10000}, expect=200)
+    api("DELETE", f"/v1/images/{image}", "/v1/images/{image_id}", expect=409)
+    files = api("POST", f"/v1/clones/{clone['id']}/snapshot", "/v1/clones/{clone_id}/snapshot",
+                body={"state_path": str(tmp_path / "c.state"), "mem_path": str(tmp_path / "c.mem")}, expect=200)
+    api("DELETE", f"/v1/clones/{clone['id']}", "/v1/clones/{clone_id}", expect=204)
+    api("POST", f"/v1/clones/{clone['id']}/invoke", "/v1/clones/{clone_id}/invoke", body={"payload": payload},
+        expect=404)
+    # The clone's snapshot is an image of its own: its clones continue from the clone's state (count 2).
+    second = api("POST", "/v1/images", body=files, expect=201)["id"]
+    (child,) = running.client.create_clones(second, payload=b"again")
+    workloads.verify_hello(b"again", child["result"], 3)
+    running.client.delete_clone(child["id"])
+    api("DELETE", f"/v1/images/{second}", "/v1/images/{image_id}", expect=204)
+    api("DELETE", f"/v1/images/{image}", "/v1/images/{image_id}", expect=204)
+    metrics = running.client.request("GET", "/metrics")
+    assert metrics.status == 200 and metrics.headers["Content-Type"].startswith("text/plain")
+    text = metrics.body.decode()
+    for name in ("snapd_restore_latency_seconds_bucket", "snapd_clones", "snapd_page_faults", "snapd_shared_bytes",
+                 "snapd_clone_private_bytes"):
+        assert name in text
+    assert "snapd_restores_total 2" in text
+    assert api.covered | {("GET", "/metrics")} == documented_operations(doc)
+
+
+@pytest.mark.parametrize("method, path, body, status, words", [
+    ("POST", "/v1/clones", {"image": "img-nope"}, 404, "img-nope"),
+    ("POST", "/v1/clones", {"image": "IMAGE", "count": 9}, 400, "count 9"),
+    ("POST", "/v1/clones", {"image": "IMAGE", "count": 0}, 400, "count"),
+    ("POST", "/v1/clones", {"image": "IMAGE", "colour": 1}, 400, "colour"),
+    ("POST", "/v1/clones", {"image": "IMAGE", "payload": "%%%"}, 400, "base64"),
+    ("POST", "/v1/images", {"state_path": "/nonexistent.state", "mem_path": "/x"}, 400, "nonexistent.state"),
+    ("POST", "/v1/clones/c-unknown/invoke", {"payload": ""}, 404, "c-unknown"),
+    ("GET", "/v1/clones/c-unknown", None, 404, "c-unknown"),
+    ("DELETE", "/v1/images/img-nope", None, 404, "img-nope"),
+    ("PUT", "/v1/clones", {}, 405, "PUT"),
+    ("GET", "/v2/everything", None, 404, "/v2/everything"),
+])
+def test_bad_requests_get_a_4xx_naming_the_problem(running, snapshot, method, path, body, status, words):
+    image = running.client.register_image(*snapshot)["id"]
+    if isinstance(body, dict) and body.get("image") == "IMAGE":
+        body = dict(body, image=image)
+    reply = running.client.request(method, path, body)
+    assert reply.status == status, reply.body
+    assert words in reply.json()["fault_message"]
+
+
+def test_bad_json_is_refused(running):
+    reply = running.client.request("POST", "/v1/clones", raw=b"{not json")
+    assert reply.status == 400 and "not valid JSON" in reply.json()["fault_message"]
+
+
+def fd_targets() -> list[str]:
+    out = []
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            out.append(os.readlink(f"/proc/self/fd/{name}"))
+        except OSError:
+            pass
+    return out
+
+
+def test_200_concurrent_restores_all_answer_and_leak_nothing(running, snapshot):
+    image = running.client.register_image(*snapshot)["id"]
+    for clone in running.client.create_clones(image, count=2):  # fills the shared memfd's working set
+        running.client.delete_clone(clone["id"])
+    daemon = running.daemon
+    shard = daemon.images[image].shards[0]
+    wait_until(lambda: not daemon.pool.spawning)
+    fds_before, shared_before = fd_targets(), shard.memfd_bytes()
+    pool_before = len(daemon.pool.idle_workers())
+    results, errors = [], []
+
+    def restore(i: int) -> None:
+        try:
+            with SnapdClient(running.socket_path) as client:
+                (clone,) = client.create_clones(image, payload=f"burst {i}".encode())
+                workloads.verify_hello(f"burst {i}".encode(), clone["result"], 1)
+                results.append(clone["id"])
+        except SnapdError as exc:  # a clean refusal (e.g. 503) is acceptable; anything else is not
+            errors.append(exc)
+        except BaseException as exc:  # noqa: BLE001 (reported below)
+            errors.append(exc)
+
+    threads = [threading.Thread(target=restore, args=(i,)) for i in range(200)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert not any(t.is_alive() for t in threads)
+    assert all(isinstance(e, SnapdError) and 400 <= e.status < 600 for e in errors), errors[:3]
+    assert len(results) + len(errors) == 200 and len(results) >= 150
+    assert len(set(results)) == len(results)
+    live = running.client.clones()
+    assert {c["id"] for c in live} == set(results)
+    for clone_id in results:
+        running.client.delete_clone(clone_id)
+    assert running.client.clones() == []
+    # Nothing left: the workers are gone (the zygote's only children are the pool's), the page server freed
+    # their slots, the daemon holds the same descriptors and memfds, and the shared copy did not grow.
+    deadline_ok = wait_until(lambda: shard.server.live_vms() == 0)
+    assert deadline_ok, f"{shard.server.live_vms()} page-server VM slots still live"
+    pool = daemon.pool
+    assert wait_until(lambda: not pool.spawning
+                      and zygote_children(daemon.zygote.pid) == {w.pid for w in pool.idle_workers()})
+    fds_after = fd_targets()
+    assert sorted(t for t in fds_after if "memfd" in t) == sorted(t for t in fds_before if "memfd" in t)
+    # One channel per idle worker: a burst can leave the pool above its target (they are reused, not leaked).
+    grown = len(pool.idle_workers()) - pool_before
+    assert wait_until(lambda: len(fd_targets()) <= len(fds_before) + grown), \
+        fd_kinds(fd_targets()) - fd_kinds(fds_before)
+    assert shard.memfd_bytes() == shared_before
+    recorded = {int(name.split(".")[0]) for name in os.listdir(os.path.join(daemon.run_dir, "procs"))}
+    assert recorded == {daemon.zygote.pid} | {w.pid for w in pool.idle_workers()}
+
+
+def fd_kinds(targets: list[str]):
+    import collections
+    return collections.Counter(t.split(":")[0] for t in targets)
+
+
+def wait_until(condition, timeout: float = 30.0) -> bool:
+    import time
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.05)
+    return condition()

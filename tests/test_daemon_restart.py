@@ -1,0 +1,63 @@
+"""`snapd serve` as a process: killed and restarted, it keeps its images and leaves no VMM unaccounted for."""
+import os
+import signal
+import time
+
+from bench.clones import DaemonProcess
+from snapd.pool.pool import process_start_time
+from tests.conftest import requires_kvm
+from tests.daemon_helpers import hello_snapshot
+from vmm import workloads
+
+pytestmark = requires_kvm
+
+
+def alive(pid: int, start_time) -> bool:
+    if process_start_time(pid) != start_time:
+        return False
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+
+
+def wait_gone(processes, timeout=30.0) -> list:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        left = [p for p in processes if alive(*p)]
+        if not left:
+            return []
+        time.sleep(0.05)
+    return [p for p in processes if alive(*p)]
+
+
+def recorded(state_dir) -> set[int]:
+    return {int(n.split(".")[0]) for n in os.listdir(os.path.join(state_dir, "run", "procs")) if n.endswith(".json")}
+
+
+def test_a_restarted_daemon_keeps_images_and_stops_what_the_old_one_started(tmp_path):
+    state, mem = hello_snapshot(tmp_path)
+    state_dir = str(tmp_path / "state")
+    first = DaemonProcess(state_dir, "--pool-size", "1")
+    try:
+        image = first.client.register_image(state, mem)["id"]
+        clones = first.client.create_clones(image, count=2, payload=b"before")
+        old = [(c["pid"], process_start_time(c["pid"])) for c in clones]
+        old += [(pid, process_start_time(pid)) for pid in recorded(state_dir) if pid not in dict(old)]
+        assert all(alive(*p) for p in old[:2])
+        first.process.send_signal(signal.SIGKILL)
+        first.process.wait()
+    finally:
+        first.stop()
+    second = DaemonProcess(state_dir, "--pool-size", "1")
+    try:
+        assert wait_gone(old) == [], "VMM processes of the killed daemon are still running"
+        assert [i["id"] for i in second.client.images()] == [image]
+        assert second.client.clones() == []
+        assert not recorded(state_dir) & {pid for pid, _ in old}
+        (clone,) = second.client.create_clones(image, payload=b"after")
+        workloads.verify_hello(b"after", clone["result"], 1)
+        now = [(pid, process_start_time(pid)) for pid in recorded(state_dir)]
+    finally:
+        second.stop()
+    assert second.process.returncode == 0
+    assert wait_gone(now) == [], "a cleanly stopped daemon left processes running"
+    assert recorded(state_dir) == set()
