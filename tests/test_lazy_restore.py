@@ -11,15 +11,13 @@ from snapd.image.builder import build_image
 from snapd.image.reader import BaseImage
 from snapd.pageserver import ChunkTable, PageServer
 from tests.conftest import requires_kvm, subprocess_env
+from tests.vm_helpers import QUIET, assert_memory_equals_snapshot, snapshot_guest
 from vmm import workloads
-from vmm.config import MachineConfig
-from vmm.devices.fnport import OFF_GENERATION
 from vmm.errors import VmmError
-from vmm.machine import STOPPED, Microvm
-from vmm.snapshot import create_snapshot, load_snapshot_uffd_backed
+from vmm.machine import STOPPED
+from vmm.snapshot import load_snapshot_uffd_backed
 
 pytestmark = requires_kvm
-QUIET = lambda data: None  # noqa: E731
 KV_MIB = 8
 
 
@@ -27,20 +25,9 @@ KV_MIB = 8
 def kv_image(tmp_path_factory):
     """A snapshot of the kv guest after init, and its base image (64 KiB lz4 chunks)."""
     tmp = tmp_path_factory.mktemp("lazy")
-    machine = Microvm(MachineConfig(mem_size_mib=64, boot_args=f"workload=kv kv_mib={KV_MIB}"), serial_sink=QUIET)
-    try:
-        machine.boot()
-        machine.wait_ready(10)
-        machine.pause()
-        create_snapshot(machine, str(tmp / "vm.state"), str(tmp / "vm.mem"))
-    finally:
-        machine.close()
+    snapshot_guest(str(tmp), f"workload=kv kv_mib={KV_MIB}")
     build_image(str(tmp / "vm.mem"), str(tmp / "store"), str(tmp / "vm.img"), chunk_size=64 << 10, codec="lz4")
     return tmp
-
-
-def guest_memory_bytes(machine) -> bytes:
-    return b"".join(machine.memory.read(r.guest_phys_addr, r.size) for r in machine.memory.regions)
 
 
 @pytest.mark.parametrize("mode", ["lazy", "eager"])
@@ -51,13 +38,7 @@ def test_every_page_equals_the_snapshot_then_the_guest_answers(kv_image, mode):
         machine = load_snapshot_uffd_backed(str(kv_image / "vm.state"), listener.sock_path, resume=False,
                                             serial_sink=QUIET)
         try:
-            with open(kv_image / "vm.mem", "rb") as snapshot_memory:
-                expected = bytearray(snapshot_memory.read().ljust(64 << 20, b"\0"))
-            # The restore writes a new generation id and entropy into the function-port mailbox (VMGenID);
-            # every other byte must be the snapshot's.
-            generation_field = machine.fnport.mailbox_gpa + OFF_GENERATION
-            expected[generation_field:generation_field + 40] = machine.memory.read(generation_field, 40)
-            assert guest_memory_bytes(machine) == bytes(expected)
+            assert_memory_equals_snapshot(machine, str(kv_image / "vm.mem"))
             machine.resume()
             request = workloads.kv_request(1000, 42)
             workloads.verify_kv(1, KV_MIB, request, machine.invoke(request))
@@ -153,11 +134,7 @@ def test_lazy_restore_into_a_prebuilt_vm(kv_image):
         try:
             machine = shell.restore_from_page_server(read_snapshot(str(kv_image / "vm.state")), listener.sock_path,
                                                      resume=False)
-            with open(kv_image / "vm.mem", "rb") as snapshot_memory:
-                expected = bytearray(snapshot_memory.read().ljust(64 << 20, b"\0"))
-            generation_field = machine.fnport.mailbox_gpa + OFF_GENERATION
-            expected[generation_field:generation_field + 40] = machine.memory.read(generation_field, 40)
-            assert guest_memory_bytes(machine) == bytes(expected)
+            assert_memory_equals_snapshot(machine, str(kv_image / "vm.mem"))
             machine.resume()
             request = workloads.kv_request(1000, 3)
             workloads.verify_kv(1, KV_MIB, request, machine.invoke(request))

@@ -9,11 +9,11 @@ from snapd import uffd
 from snapd import uffd_handshake as hs
 from snapd.pageserver import PageServer
 from tests.conftest import requires_kvm
+from tests.vm_helpers import snapshot_guest
 from vmm import workloads
-from vmm.config import MachineConfig
 from vmm.machine import Microvm
 from vmm.memory import GuestMemory
-from vmm.snapshot import (create_snapshot, machine_config_of, read_snapshot, region_layouts, restore_into,
+from vmm.snapshot import (machine_config_of, read_snapshot, region_layouts, restore_into,
                           resume_restored)
 
 pytestmark = requires_kvm
@@ -22,18 +22,7 @@ QUIET = lambda data: None  # noqa: E731
 
 @pytest.fixture
 def hello_snapshot(tmp_path):
-    machine = Microvm(MachineConfig(mem_size_mib=64, vcpu_count=1, boot_args="workload=hello"), serial_sink=QUIET)
-    try:
-        machine.boot()
-        machine.wait_ready(10)
-        for _ in range(2):
-            machine.invoke(b"before")
-        machine.pause()
-        paths = (str(tmp_path / "vm.state"), str(tmp_path / "vm.mem"))
-        create_snapshot(machine, *paths)
-    finally:
-        machine.close()
-    return paths
+    return snapshot_guest(str(tmp_path), "workload=hello", invokes=2)
 
 
 @pytest.mark.parametrize("mode", ["lazy", "eager"])

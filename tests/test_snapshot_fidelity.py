@@ -5,6 +5,7 @@ import os
 import pytest
 
 from tests.conftest import requires_kvm
+from tests.vm_helpers import snapshot_guest
 from vmm import workloads
 from vmm.config import MachineConfig
 from vmm.machine import Microvm
@@ -30,15 +31,7 @@ def _pit_without_load_times(pit2: bytes) -> bytes:
 
 @pytest.fixture
 def hello_snapshot(tmp_path):
-    machine = booted(vcpus=2)
-    try:
-        for _ in range(3):
-            machine.invoke(b"before")
-        machine.pause()
-        paths = (str(tmp_path / "vm.state"), str(tmp_path / "vm.mem"))
-        create_snapshot(machine, *paths)
-    finally:
-        machine.close()
+    paths = snapshot_guest(str(tmp_path), "workload=hello", vcpus=2, invokes=3)
     return paths, read_snapshot(paths[0])
 
 

@@ -1,5 +1,6 @@
 """Drives a built-in guest workload from the host: makes requests and verifies every reply independently
 (vmm/workloads.py), so `vmm run`, the tests and bench/ all check the guest the same way."""
+import json
 import time
 from dataclasses import dataclass
 
@@ -76,3 +77,15 @@ def invoke_verified(machine, driver: WorkloadDriver, count: int, timeout: float)
             raise InvocationError(f"invocation {i + 1}: the guest's reply is wrong: {exc}") from None
         results.append({"invocation": i + 1, "latency_us": round(latency_us, 1), "reply": summary})
     return results
+
+
+def print_invocation_report(report: dict, headline: str, as_json: bool, extra_lines=()) -> None:
+    """The `vmm run` / `vmm restore` output: one JSON document, or a headline and one line per invocation."""
+    if as_json:
+        print(json.dumps(report, indent=2))
+        return
+    print(headline)
+    for line in extra_lines:
+        print(line)
+    for r in report["invocations"]:
+        print(f"  invoke {r['invocation']}: {r['latency_us']:8.1f} us  {r['reply']}  (verified)")

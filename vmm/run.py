@@ -5,7 +5,7 @@ import time
 
 from vmm.config import MachineConfig
 from vmm.devices.serial import stdout_sink
-from vmm.driver import WorkloadDriver, WorkloadParams, invoke_verified
+from vmm.driver import WorkloadDriver, WorkloadParams, invoke_verified, print_invocation_report
 from vmm.machine import Microvm
 
 
@@ -34,13 +34,8 @@ def run_command(config: MachineConfig, args) -> int:
         "workload": params.workload, "vcpus": config.vcpu_count, "mem_mib": config.mem_size_mib,
         "boot_to_ready_ms": round((t_ready - t_start) * 1e3, 3), "invocations": results, "verified": True,
     }
-    if args.json:
-        print(json.dumps(report, indent=2))
-    else:
-        print(f"booted {params.workload} ({config.mem_size_mib} MiB, {config.vcpu_count} vCPU): "
-              f"ready in {report['boot_to_ready_ms']:.2f} ms")
-        for r in results:
-            print(f"  invoke {r['invocation']}: {r['latency_us']:8.1f} us  {r['reply']}  (verified)")
+    print_invocation_report(report, f"booted {params.workload} ({config.mem_size_mib} MiB, {config.vcpu_count} "
+                                    f"vCPU): ready in {report['boot_to_ready_ms']:.2f} ms", args.json)
     return 0
 
 

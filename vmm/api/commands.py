@@ -41,7 +41,7 @@ def restore_command(args) -> int:
     """Restore a snapshot in this process (File backend), answer its pending invocations, invoke N times."""
     from vmm import snapshot as snapshots
     from vmm.devices.serial import stdout_sink
-    from vmm.driver import WorkloadDriver, WorkloadParams, invoke_verified
+    from vmm.driver import WorkloadDriver, WorkloadParams, invoke_verified, print_invocation_report
 
     t0 = time.perf_counter()
     machine = snapshots.load_snapshot_file_backed(args.snapshot, args.mem_file, resume=False,
@@ -68,15 +68,10 @@ def restore_command(args) -> int:
     report = {"workload": params.workload, "vcpus": machine.config.vcpu_count,
               "mem_mib": machine.config.mem_size_mib, "restore_ms": round((t_resumed - t0) * 1e3, 3),
               "restored_pending": restored, "invocations": results, "verified": True}
-    if args.json:
-        print(json.dumps(report, indent=2))
-    else:
-        print(f"restored {params.workload} ({report['mem_mib']} MiB, {report['vcpus']} vCPU) "
-              f"in {report['restore_ms']:.2f} ms")
-        for r in restored:
-            print(f"  pending invocation {r['seq']} from the snapshot answered ({r['reply_size']} bytes)")
-        for r in results:
-            print(f"  invoke {r['invocation']}: {r['latency_us']:8.1f} us  {r['reply']}  (verified)")
+    print_invocation_report(
+        report, f"restored {params.workload} ({report['mem_mib']} MiB, {report['vcpus']} vCPU) in "
+                f"{report['restore_ms']:.2f} ms", args.json,
+        [f"  pending invocation {r['seq']} from the snapshot answered ({r['reply_size']} bytes)" for r in restored])
     return 0
 
 

@@ -1,0 +1,43 @@
+"""Helpers shared by the KVM tests: snapshot a booted built-in guest; compare restored memory with a snapshot."""
+import os
+
+from vmm.config import MachineConfig
+from vmm.devices.fnport import OFF_GENERATION
+from vmm.machine import Microvm
+from vmm.snapshot import create_snapshot
+
+QUIET = lambda data: None  # noqa: E731  (a serial sink that drops the guest's console)
+GENERATION_AND_ENTROPY = 40  # bytes at mailbox + OFF_GENERATION that every restore rewrites (VMGenID)
+
+
+def snapshot_guest(directory, boot_args: str, mem_mib: int = 64, vcpus: int = 1, invokes: int = 0,
+                   track_dirty_pages: bool = False) -> tuple[str, str]:
+    """Boot the built-in guest, let it finish its init phase, invoke it ``invokes`` times, pause and snapshot it.
+    Returns (state path, memory file path)."""
+    machine = Microvm(MachineConfig(mem_size_mib=mem_mib, vcpu_count=vcpus, boot_args=boot_args,
+                                    track_dirty_pages=track_dirty_pages), serial_sink=QUIET)
+    try:
+        machine.boot()
+        machine.wait_ready(10)
+        for _ in range(invokes):
+            machine.invoke(b"before")
+        machine.pause()
+        paths = (os.path.join(directory, "vm.state"), os.path.join(directory, "vm.mem"))
+        create_snapshot(machine, *paths)
+    finally:
+        machine.close()
+    return paths
+
+
+def guest_memory_bytes(machine) -> bytes:
+    return b"".join(machine.memory.read(r.guest_phys_addr, r.size) for r in machine.memory.regions)
+
+
+def assert_memory_equals_snapshot(machine, mem_path: str) -> None:
+    """Every byte of the machine's guest memory equals the snapshot's memory file, except the mailbox's
+    generation id and entropy, which a restore rewrites by design."""
+    with open(mem_path, "rb") as snapshot_memory:
+        expected = bytearray(snapshot_memory.read().ljust(machine.memory.size, b"\0"))
+    field = machine.fnport.mailbox_gpa + OFF_GENERATION
+    expected[field:field + GENERATION_AND_ENTROPY] = machine.memory.read(field, GENERATION_AND_ENTROPY)
+    assert guest_memory_bytes(machine) == bytes(expected)
