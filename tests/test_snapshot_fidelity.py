@@ -16,9 +16,9 @@ pytestmark = requires_kvm
 QUIET = lambda data: None  # noqa: E731
 
 
-def booted(mem_mib=64, vcpus=1, boot_args="workload=hello", track=False) -> Microvm:
+def booted(mem_mib=64, vcpus=1, boot_args="workload=hello", track=False, dirty_log="bitmap") -> Microvm:
     machine = Microvm(MachineConfig(mem_size_mib=mem_mib, vcpu_count=vcpus, boot_args=boot_args,
-                                    track_dirty_pages=track), serial_sink=QUIET)
+                                    track_dirty_pages=track, dirty_log=dirty_log), serial_sink=QUIET)
     machine.boot()
     machine.wait_ready(10)
     return machine
@@ -99,8 +99,9 @@ def test_memory_file_shorter_than_layout_is_refused(hello_snapshot, tmp_path):
         load_snapshot_file_backed(state_path, str(short), serial_sink=QUIET)
 
 
-def test_diff_snapshot_holds_exactly_the_written_pages(tmp_path):
-    machine = booted(track=True, boot_args="workload=kv kv_mib=8")
+@pytest.mark.parametrize("dirty_log", ["bitmap", "ring"])
+def test_diff_snapshot_holds_exactly_the_written_pages(tmp_path, dirty_log):
+    machine = booted(track=True, boot_args="workload=kv kv_mib=8", dirty_log=dirty_log)
     try:
         machine.pause()
         base_state, base_mem = str(tmp_path / "base.state"), str(tmp_path / "base.mem")

@@ -30,6 +30,7 @@ class MachineConfig:
     boot_args: str = "workload=hello"
     initrd_path: str = ""  # Linux kernels only
     track_dirty_pages: bool = False  # KVM dirty logging, for Diff snapshots
+    dirty_log: str = "bitmap"  # "bitmap" (KVM_GET_DIRTY_LOG) or "ring" (KVM_CAP_DIRTY_LOG_RING); bench/dirty_log.py
 
     def validate(self, max_vcpus: int = 255) -> "MachineConfig":
         if not isinstance(self.vcpu_count, int) or not 1 <= self.vcpu_count <= max_vcpus:
@@ -44,6 +45,8 @@ class MachineConfig:
                               f"({host // MiB} MiB of RAM and swap)")
         if self.kernel_image and not os.path.isfile(self.kernel_image):
             raise GuestImageError(f"guest image {self.kernel_image} does not exist")
+        if self.dirty_log not in ("bitmap", "ring"):
+            raise ConfigError(f"dirty_log must be 'bitmap' or 'ring', not {self.dirty_log!r}")
         if self.initrd_path and not os.path.isfile(self.initrd_path):
             raise GuestImageError(f"initrd {self.initrd_path} does not exist")
         return self

@@ -118,3 +118,34 @@ long vmm_self_write(void *dst, const void *src, size_t len)
     ssize_t n = process_vm_writev(getpid(), &local, 1, &remote, 1, 0);
     return n < 0 ? -errno : (n == (ssize_t)len ? 0 : -EFAULT);
 }
+
+/* Collect the dirty entries of one vCPU's dirty ring from *fetch_index on, marking each for reset (the caller
+ * then issues KVM_RESET_DIRTY_RINGS). Writes (slot << 48 | page offset) per entry; returns how many. */
+long vmm_harvest_dirty_ring(struct kvm_dirty_gfn *ring, uint32_t entries, uint32_t *fetch_index,
+                            uint64_t *slots_and_offsets, long max_out)
+{
+    long n = 0;
+    while (n < max_out) {
+        struct kvm_dirty_gfn *gfn = &ring[*fetch_index & (entries - 1)];
+        if (!(__atomic_load_n(&gfn->flags, __ATOMIC_ACQUIRE) & KVM_DIRTY_GFN_F_DIRTY))
+            break;
+        slots_and_offsets[n++] = ((uint64_t)gfn->slot << 48) | gfn->offset;
+        __atomic_store_n(&gfn->flags, KVM_DIRTY_GFN_F_RESET, __ATOMIC_RELEASE);
+        (*fetch_index)++;
+    }
+    return n;
+}
+
+/* The page numbers of the set bits of a KVM dirty bitmap (bit i = page first_page + i). */
+long vmm_bitmap_to_pages(const uint64_t *bitmap, size_t words, uint64_t first_page, uint64_t *pages, long max_out)
+{
+    long n = 0;
+    for (size_t w = 0; w < words; w++) {
+        uint64_t word = bitmap[w];
+        while (word && n < max_out) {
+            pages[n++] = first_page + w * 64 + (uint64_t)__builtin_ctzll(word);
+            word &= word - 1;
+        }
+    }
+    return n;
+}

@@ -9,13 +9,14 @@ import time
 from vmm import x86
 from vmm.config import MachineConfig
 from vmm.devices.bus import PortIoBus
+from vmm.dirty_log import BitmapDirtyLog, RingDirtyLog
 from vmm.devices.fnport import FN_PORT_BASE, FN_PORT_COUNT, FunctionPort
 from vmm.devices.i8042 import I8042, I8042_COMMAND, I8042_DATA, SystemControlPortB
 from vmm.devices.serial import COM1_BASE, COM1_IRQ, UART_PORTS, Serial, stdout_sink
 from vmm.errors import GuestFault, InvocationError, VmmError
 from vmm.kvm import Kvm
 from vmm.loader import load_elf
-from vmm.memory import PAGE_SIZE, GuestMemory
+from vmm.memory import GuestMemory
 from vmm.native import lib
 from vmm.vcpu_runner import VcpuRunner, install_kick_handler
 
@@ -61,11 +62,18 @@ class Microvm:
             self.vm.set_tss_addr(KVM_TSS_ADDR)
             self.vm.create_irqchip()
             self.vm.create_pit2()
+            ring = self.config.track_dirty_pages and self.config.dirty_log == "ring"
+            if ring:
+                RingDirtyLog.enable(self.vm)  # before the first vCPU exists
             supported = self.kvm.supported_cpuid()
             for index in range(self.config.vcpu_count):
                 vcpu = self.vm.create_vcpu(index)
                 self.vcpus.append(vcpu)
                 vcpu.set_cpuid(x86.vcpu_cpuid(supported, index, self.config.vcpu_count))
+            self.dirty_log = None
+            if self.config.track_dirty_pages:
+                self.dirty_log = (RingDirtyLog(self.vm, self.vcpus, self.memory) if ring
+                                  else BitmapDirtyLog(self.vm, self.memory))
             self.bus = PortIoBus()
             self.attach_devices(Serial(self._serial_irq, serial_sink), I8042(self._on_reset_request),
                                 FunctionPort(self.memory, self._vcpus_must_yield))
@@ -219,16 +227,7 @@ class Microvm:
             raise VmmError("dirty page tracking is off: enable track_dirty_pages at boot or load")
         pages = set(self.memory.host_dirty_pages)
         self.memory.host_dirty_pages.clear()
-        for slot, region in enumerate(self.memory.regions):
-            npages = region.size // PAGE_SIZE
-            bitmap = self.vm.get_dirty_log(slot, npages)
-            first = region.guest_phys_addr // PAGE_SIZE
-            for word_index in range(0, len(bitmap), 8):
-                word = int.from_bytes(bitmap[word_index:word_index + 8], "little")
-                while word:
-                    bit = word & -word
-                    pages.add(first + word_index * 8 + bit.bit_length() - 1)
-                    word ^= bit
+        pages |= self.dirty_log.take()
         return sorted(pages)
 
     # -- function invocations
@@ -257,6 +256,8 @@ class Microvm:
         if stuck:
             # Unmapping kvm_run or guest memory under a running vCPU thread would crash the process; keep them.
             raise VmmError(f"vCPU thread(s) {stuck} did not stop; leaving their memory mapped")
+        if isinstance(getattr(self, "dirty_log", None), RingDirtyLog):
+            self.dirty_log.close()
         for vcpu in self.vcpus:
             vcpu.close()
         self.vcpus = []

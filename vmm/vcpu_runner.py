@@ -99,6 +99,8 @@ class VcpuRunner:
                 self._handle_mmio()
             elif reason in (lib.KVM_EXIT_INTR, lib.KVM_EXIT_HLT, lib.KVM_EXIT_IRQ_WINDOW_OPEN):
                 continue
+            elif reason == lib.KVM_EXIT_DIRTY_RING_FULL:
+                machine.dirty_log.harvest()  # hand the ring back to KVM; the pages wait for the next take
             elif reason == lib.KVM_EXIT_SYSTEM_EVENT:
                 event = lib.vmm_run_system_event(run).type
                 kind = {lib.KVM_SYSTEM_EVENT_SHUTDOWN: "shutdown", lib.KVM_SYSTEM_EVENT_RESET: "reset"}.get(event)
