@@ -13,7 +13,7 @@ from snapd.image.index import CODEC_PARENT
 from snapd.image.reader import BaseImage
 from snapd.pageserver import ChunkTable, PageServer
 from tests.conftest import requires_kvm
-from tests.test_lazy_restore import QUIET, guest_memory_bytes
+from tests.vm_helpers import QUIET, guest_memory_bytes
 from vmm import workloads
 from vmm.config import MachineConfig
 from vmm.devices.fnport import OFF_GENERATION

@@ -83,6 +83,9 @@ class GuestMemory:
                 addr = _mmap(0, layout.size, RW, lib.MAP_PRIVATE | lib.MAP_ANONYMOUS | lib.MAP_NORESERVE, -1, 0,
                              f"anonymous guest memory {layout.name}, {layout.size // MiB} MiB")
                 regions.append(Region(layout, addr, "anon"))
+                # Transparent huge pages (THP is "madvise" here): a kv guest filling 64 MiB reached ready in
+                # ~105 ms instead of ~200 ms (bench.peers found QEMU backing its RAM this way).
+                lib.vmm_madvise(ffi.cast("void *", addr), layout.size, lib.MADV_HUGEPAGE)
         except Exception:
             cls(regions).close()
             raise
