@@ -1,6 +1,7 @@
 """Clones from the snapd daemon: end-to-end restore latency, memory per clone, sustained restore rate.
 
-    PYTHONPATH=. .venv/bin/python -m bench.clones latency [--mem-mib 512] [--n 200]
+    PYTHONPATH=. .venv/bin/python -m bench.clones latency [--mem-mib 512] [--n 200] [--prepared N]
+    PYTHONPATH=. .venv/bin/python -m bench.clones latency-ab [--n 100]   (no prepared workers vs prepared, alternating)
     PYTHONPATH=. .venv/bin/python -m bench.clones memory  [--mem-mib 256] [--counts 1,10,100,1000]
     PYTHONPATH=. .venv/bin/python -m bench.clones rate    [--mem-mib 512] [--seconds 10] [--clients 4]
 
@@ -46,10 +47,12 @@ def make_hello_snapshot(directory: str, mem_mib: int, vcpus: int = 1) -> tuple[s
 class DaemonProcess:
     """`snapd serve` as a child process."""
 
-    def __init__(self, state_dir: str, *args: str, timeout: float = 60.0):
+    def __init__(self, state_dir: str, *args: str, timeout: float = 60.0, prepared: int | None = None):
         from snapd.client import SnapdClient
         self.socket_path = os.path.join(state_dir, "snapd.sock")
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
+        if prepared is not None:
+            env["SNAPD_PREPARED"] = str(prepared)
         self.process = subprocess.Popen([sys.executable, "-m", "snapd.cli", "serve", "--state-dir", state_dir,
                                          "--socket", self.socket_path, *args], env=env, stdout=subprocess.DEVNULL)
         deadline = time.monotonic() + timeout
@@ -82,12 +85,17 @@ class DaemonProcess:
         self.stop()
 
 
-def wait_pool(client, minimum: int, timeout: float = 60.0) -> None:
+def wait_pool(client, minimum: int, timeout: float = 60.0, prepared: int = 0) -> None:
+    """Until ``minimum`` plain warm workers and ``prepared`` prepared ones are ready."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        values = {}
         for line in client.metrics().splitlines():
-            if line.startswith("snapd_pool_idle_workers ") and float(line.split()[1]) >= minimum:
-                return
+            if line.startswith(("snapd_pool_idle_workers ", "snapd_pool_prepared_workers ")):
+                values[line.split()[0]] = float(line.split()[1])
+        if (values.get("snapd_pool_idle_workers", 0) >= minimum
+                and values.get("snapd_pool_prepared_workers", 0) >= prepared):
+            return
         time.sleep(0.02)
 
 
@@ -95,11 +103,13 @@ def run_latency(args, work: str) -> dict:
     from vmm import workloads
     state, mem = make_hello_snapshot(work, args.mem_mib)
     rows, steps = [], {}
-    with DaemonProcess(os.path.join(work, "state"), "--pool-size", str(args.pool_size)) as daemon:
+    prepared = args.pool_size if args.prepared is None else args.prepared
+    with DaemonProcess(os.path.join(work, "state"), "--pool-size", str(args.pool_size),
+                       prepared=prepared) as daemon:
         client = daemon.client
         image = client.register_image(state, mem)["id"]
-        wait_pool(client, args.pool_size)
-        e2e, two_step, server, worker = [], [], [], []
+        wait_pool(client, args.pool_size, prepared=prepared)
+        e2e, two_step, server, worker, prepared_hits = [], [], [], [], 0
         for i in range(args.n + args.warmup):
             request = workloads.hello_request(f"bench {i}")
             t0 = time.perf_counter()
@@ -109,6 +119,7 @@ def run_latency(args, work: str) -> dict:
             client.delete_clone(clone["id"])
             if i >= args.warmup:
                 e2e.append((t1 - t0) * 1e3)
+                prepared_hits += "prepare_us" in clone["timings_us"]
                 server.append(clone["restore_us"] / 1e3)
                 for key, value in clone["timings_us"].items():
                     steps.setdefault(key, []).append(value / 1e3)
@@ -129,7 +140,45 @@ def run_latency(args, work: str) -> dict:
         s = summary(samples)
         rows.append([name, s["p50"], s["p90"], s["p99"], s["mean"], s["min"]])
     print(table(["what", "p50", "p90", "p99", "mean", "min"], rows))
+    print(f"one-request restores served by a prepared worker: {prepared_hits}/{len(e2e)}")
     return {"e2e": summary(e2e), "two_step": summary(two_step)}
+
+
+def run_latency_ab(args, work: str) -> None:
+    """Two daemons side by side, one without prepared workers (A) and one with (B), requests alternating
+    between them: a ratio from one run on a shared, noisy machine."""
+    from vmm import workloads
+    state, mem = make_hello_snapshot(work, args.mem_mib)
+    prepared = args.pool_size if args.prepared is None else args.prepared
+    samples = {"A": [], "B": []}
+    with DaemonProcess(os.path.join(work, "a"), "--pool-size", str(args.pool_size), prepared=0) as a, \
+            DaemonProcess(os.path.join(work, "b"), "--pool-size", str(args.pool_size), prepared=prepared) as b:
+        daemons = {"A": (a.client, a.client.register_image(state, mem)["id"]),
+                   "B": (b.client, b.client.register_image(state, mem)["id"])}
+        wait_pool(a.client, args.pool_size)
+        wait_pool(b.client, args.pool_size, prepared=prepared)
+        for i in range(args.n + args.warmup):
+            for name in ("A", "B") if i % 2 else ("B", "A"):
+                client, image = daemons[name]
+                request = workloads.hello_request(f"bench {i}")
+                t0 = time.perf_counter()
+                clone = client.create_clones(image, payload=request)[0]
+                t1 = time.perf_counter()
+                workloads.verify_hello(request, clone["result"], 1)
+                client.delete_clone(clone["id"])
+                if i >= args.warmup:
+                    samples[name].append(((t1 - t0) * 1e3, clone["restore_us"] / 1e3))
+                time.sleep(args.gap_ms / 1e3)
+    rows = []
+    for name, label in (("A", "no prepared workers"), ("B", f"{prepared} prepared workers")):
+        for k, what in ((0, "e2e one request"), (1, "daemon: request to reply")):
+            s = summary([x[k] for x in samples[name]])
+            rows.append([f"{label}: {what} (ms)", s["p50"], s["p90"], s["p99"], s["mean"], s["min"]])
+    for k, what in ((0, "e2e"), (1, "daemon")):
+        sa, sb = summary([x[k] for x in samples["A"]]), summary([x[k] for x in samples["B"]])
+        rows.append([f"ratio B/A {what}", sb["p50"] / sa["p50"], sb["p90"] / sa["p90"], sb["p99"] / sa["p99"],
+                     sb["mean"] / sa["mean"], sb["min"] / sa["min"]])
+    print(table(["what", "p50", "p90", "p99", "mean", "min"], rows))
 
 
 def worker_rollups(client) -> list[dict]:
@@ -143,7 +192,7 @@ def run_memory(args, work: str) -> None:
     counts = [int(c) for c in args.counts.split(",")]
     rows = []
     with DaemonProcess(os.path.join(work, "state"), "--pool-size", str(args.pool_size), "--max-spawning", "2",
-                       "--max-clones", str(max(counts)), "--max-count", "64") as daemon:
+                       "--max-clones", str(max(counts)), "--max-count", "64", prepared=args.prepared) as daemon:
         client = daemon.client
         image = client.register_image(state, mem)["id"]
         live = 0
@@ -176,10 +225,11 @@ def run_memory(args, work: str) -> None:
 
 def run_rate(args, work: str) -> None:
     state, mem = make_hello_snapshot(work, args.mem_mib)
+    prepared = args.pool_size if args.prepared is None else args.prepared
     with DaemonProcess(os.path.join(work, "state"), "--pool-size", str(args.pool_size),
-                       "--max-spawning", str(args.max_spawning)) as daemon:
+                       "--max-spawning", str(args.max_spawning), prepared=prepared) as daemon:
         image = daemon.client.register_image(state, mem)["id"]
-        wait_pool(daemon.client, args.pool_size)
+        wait_pool(daemon.client, args.pool_size, prepared=prepared)
         from snapd.client import SnapdClient
         done, errors = [0] * args.clients, []
         stop = time.monotonic() + args.seconds
@@ -209,7 +259,7 @@ def run_rate(args, work: str) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.clones", description=__doc__.split("\n\n")[0])
-    p.add_argument("what", choices=("latency", "memory", "rate"))
+    p.add_argument("what", choices=("latency", "latency-ab", "memory", "rate"))
     p.add_argument("--mem-mib", type=int, default=None)
     p.add_argument("--n", type=int, default=200)
     p.add_argument("--warmup", type=int, default=10)
@@ -219,12 +269,14 @@ def main(argv=None) -> int:
     p.add_argument("--counts", default="1,10,100,1000")
     p.add_argument("--seconds", type=float, default=10.0)
     p.add_argument("--clients", type=int, default=4)
+    p.add_argument("--prepared", type=int, default=None,
+                   help="workers the daemon restores ahead per image (SNAPD_PREPARED; default: --pool-size; 0: off)")
     args = p.parse_args(argv)
     if args.mem_mib is None:
         args.mem_mib = 256 if args.what == "memory" else 512
     print(machine_line(), f"guest {args.mem_mib} MiB", flush=True)
     with tempfile.TemporaryDirectory(prefix="bench-clones-") as work:
-        {"latency": run_latency, "memory": run_memory, "rate": run_rate}[args.what](args, work)
+        {"latency": run_latency, "latency-ab": run_latency_ab, "memory": run_memory, "rate": run_rate}[args.what](args, work)
     return 0
 
 

@@ -12,6 +12,20 @@ Modes (one kv or scan guest snapshot per case, one base image, 512 KiB lz4 chunk
 - eager: page server installs the whole image before ready.
 Time to first reply = load_snapshot_* call + resume + first invoke; the reply is verified (not timed).
 The page server and image (packs in the page cache) are set up before the clock starts, as a daemon holds them.
+
+Shared-clone variant (the daemon's restore path, in-process as snapd/pool/worker.py does it): the image is
+a shared memfd (add_image(shared=True)); a clone is a PrebuiltVm (built before the clock) whose memory is the
+memfd mapped MAP_PRIVATE and registered MISSING with the page server; timed = PrebuiltVm.restore + uffd
+handshake + resume + first reply. A fresh image (empty memfd) per restore, except where said:
+- shared_resident: the memfd fully populated before the clock (every chunk pre-filled);
+- shared_lazy: empty memfd, every chunk faulted by the clone;
+- shared_prefill: the loading set pre-filled into the memfd before the clock (Image.prefill, as the daemon
+  does when an image is registered with a loading set);
+- shared_prefill_populate: shared_prefill, and the clone maps the set's pages into its page tables before
+  resuming (populate_loading_set: MADV_POPULATE_READ, timed), as a warm worker could do ahead of a request;
+- shared_prefill_race: the pre-fill started at the same moment as the restore (racing the clone's faults);
+- shared_eager: the page server fills the whole image into the memfd before ready (timed).
+The shared loading set is recorded on the memfd of one earlier lazy clone (Image.recorded_loading_set).
 """
 from __future__ import annotations
 
@@ -23,13 +37,17 @@ import time
 
 from bench.common import machine_line, table
 from snapd.image.builder import build_image
-from snapd.pageserver import ChunkTable, PageServer
+from snapd.loadset import LoadingSet
+from snapd.pageserver import ChunkTable, PageServer, populate_loading_set
 from snapd.uffd import ffi as uffd_ffi
 from snapd.uffd import lib as uffd_lib
 from vmm import workloads
 from vmm.config import MachineConfig
 from vmm.machine import Microvm
-from vmm.snapshot import create_snapshot, load_snapshot_file_backed, load_snapshot_uffd_backed, resume_restored
+from vmm.prebuilt import PrebuiltVm, VmShape
+from vmm.snapshot import (create_snapshot, load_snapshot_file_backed, load_snapshot_uffd_backed, read_snapshot,
+                          resume_restored)
+from vmm.uffd_backend import UffdBackend
 
 QUIET = lambda data: None  # noqa: E731
 CHUNK = 512 << 10
@@ -138,6 +156,74 @@ def measure_case(server: PageServer, d: str, workload: str, mib: int, reps: int)
             **med}
 
 
+SHARED_MODES = ("shared_resident", "shared_lazy", "shared_prefill", "shared_prefill_populate", "shared_prefill_race",
+                "shared_eager")
+
+
+def clone_first_reply(state, shape: VmShape, image, sock_path: str, workload: str, mib: int, seed: int,
+                      before=None, populate: LoadingSet | None = None) -> float:
+    """One clone of a shared image, as a warm worker restores it: ms from restore to the verified first reply.
+    before(): called right before the clock starts (e.g. start a pre-fill)."""
+    prebuilt = PrebuiltVm(shape, serial_sink=QUIET)  # built before the clock, as the warm pool does
+    request = request_for(workload, mib, seed)
+    backend = []
+    try:
+        if before is not None:
+            before()
+        t0 = time.perf_counter()
+        machine = prebuilt.restore(state, image.memfd, shared=False,
+                                   before_state=lambda m: backend.append(UffdBackend(m.memory, sock_path)),
+                                   resume=False)
+        if populate is not None:  # map the pre-filled set into the clone's page tables (timed)
+            for r in machine.memory.regions:
+                populate_loading_set(r.host_addr, r.size, populate, r.layout.file_offset)
+        resume_restored(machine)
+        reply = machine.invoke(request, timeout=60)
+        t = time.perf_counter() - t0
+        verify(workload, mib, request, reply)
+    finally:
+        prebuilt.close()
+        for b in backend:
+            b.close()
+    return t * 1e3
+
+
+def measure_shared(d: str, workload: str, mib: int, reps: int) -> dict:
+    state = read_snapshot(f"{d}/vm.state")
+    shape = VmShape(state.config.vcpu_count, state.config.mem_size_mib)
+    table_ = ChunkTable.from_base_image(f"{d}/vm.img")
+    table_.loading_set = ""  # no automatic pre-fill from IMAGE.loadset here: each mode decides
+    everything = LoadingSet(table_.identity, table_.chunk_size, table_.mem_size, tuple(range(len(table_.chunks))))
+    times: dict[str, list[float]] = {k: [] for k in SHARED_MODES}
+    faults: dict[str, list[int]] = {k: [] for k in SHARED_MODES}
+    with PageServer() as server:
+        # Record on the memfd of one lazy clone (another request than the timed ones).
+        image = server.add_image(table_, shared=True)
+        rec = server.serve(f"{d}/shrec.sock", image, "lazy")
+        clone_first_reply(state, shape, image, rec.sock_path, workload, mib, 1)
+        loading_set = image.recorded_loading_set()
+    for rep in range(reps):
+        seed = 100 + rep
+        for mode in SHARED_MODES:
+            with PageServer() as server:  # a fresh memfd per restore; freed with the server
+                image = server.add_image(table_, shared=True)
+                before = None
+                if mode == "shared_resident":
+                    image.prefill(everything, wait=True)
+                elif mode in ("shared_prefill", "shared_prefill_populate"):
+                    image.prefill(loading_set, wait=True)
+                elif mode == "shared_prefill_race":
+                    before = lambda: image.prefill(loading_set)  # noqa: E731
+                listener = server.serve(f"{d}/{mode}.sock", image, "eager" if mode == "shared_eager" else "lazy")
+                times[mode].append(clone_first_reply(
+                    state, shape, image, listener.sock_path, workload, mib, seed, before,
+                    loading_set if mode == "shared_prefill_populate" else None))
+                faults[mode].append(server.stats(listener.wait_for_vms(1)[0]).faults)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return {"loadset_chunks": len(loading_set.chunks), "loadset_mib": loading_set.bytes_covered() / (1 << 20),
+            **med, **{f"{k}_faults": statistics.median(v) for k, v in faults.items()}}
+
+
 def measure_diff(workdir: str, mem_mib: int, dirty_fraction: float) -> dict:
     """Full vs Diff snapshot of a guest with `dirty_fraction` of its memory dirtied since the last one."""
     d = os.path.join(workdir, f"diff-{mem_mib}")
@@ -174,23 +260,42 @@ def main(argv=None) -> int:
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--chunk-kib", type=int, action="append", help="image chunk size(s) in KiB (default 512)")
     p.add_argument("--no-diff", action="store_true", help="skip the Diff snapshot measurement")
+    p.add_argument("--no-single", action="store_true", help="skip the single-VM (private memory) modes")
+    p.add_argument("--no-shared", action="store_true", help="skip the shared-clone modes")
     args = p.parse_args(argv)
     cases = ([("kv", 8, 256), ("scan", 8, 256)] if args.quick else
              [("kv", 8, 256), ("kv", 64, 1024), ("scan", 16, 512), ("scan", 64, 1024)])
-    rows = []
+    rows, shared_rows = [], []
     with tempfile.TemporaryDirectory(prefix="bench-prefetch-", dir=os.environ.get("BENCH_TMP")) as workdir, \
             PageServer() as server:
         for (workload, mib, mem_mib), chunk_kib in [(c, k) for c in cases for k in (args.chunk_kib or [512])]:
             d = prepare(workdir, workload, mib, mem_mib, chunk_kib << 10)
-            r = measure_case(server, d, workload, mib, args.reps)
-            rows.append([workload, f"{mib} MiB / {mem_mib} MiB", chunk_kib, r["loadset_chunks"], round(r["loadset_mib"], 1),
-                         r["resident"], r["resident_anon"], r["lazy"], r["prefetch"], r["eager"],
-                         r["prefetch"] / r["resident_anon"], r["lazy"] / r["prefetch"]])
-            print(rows[-1], flush=True)
+            case = [workload, f"{mib} MiB / {mem_mib} MiB", chunk_kib]
+            if not args.no_single:
+                r = measure_case(server, d, workload, mib, args.reps)
+                rows.append([*case, r["loadset_chunks"], round(r["loadset_mib"], 1),
+                             r["resident"], r["resident_anon"], r["lazy"], r["prefetch"], r["eager"],
+                             r["prefetch"] / r["resident_anon"], r["lazy"] / r["prefetch"]])
+                print(rows[-1], flush=True)
+            if not args.no_shared:
+                r = measure_shared(d, workload, mib, args.reps)
+                shared_rows.append([*case, r["loadset_chunks"], round(r["loadset_mib"], 1),
+                                    *(r[m] for m in SHARED_MODES),
+                                    r["shared_prefill"] / r["shared_resident"], r["shared_lazy"] / r["shared_prefill"],
+                                    r["shared_lazy"] / r["shared_prefill_populate"],
+                                    r["shared_lazy"] / r["shared_prefill_race"],
+                                    "/".join(str(int(r[f"{m}_faults"])) for m in SHARED_MODES)])
+                print(shared_rows[-1], flush=True)
         print(f"\n{machine_line()}; median of {args.reps}; ms to the first verified reply\n")
-        print(table(["workload", "working set / guest", "chunk KiB", "loadset chunks", "loadset MiB", "resident_file_ms",
-                     "resident_anon_ms", "lazy_ms", "prefetch_ms", "eager_ms", "prefetch/resident_anon",
-                     "lazy/prefetch"], rows))
+        if rows:
+            print(table(["workload", "working set / guest", "chunk KiB", "loadset chunks", "loadset MiB",
+                         "resident_file_ms", "resident_anon_ms", "lazy_ms", "prefetch_ms", "eager_ms",
+                         "prefetch/resident_anon", "lazy/prefetch"], rows))
+            print()
+        if shared_rows:
+            print(table(["workload", "working set / guest", "chunk KiB", "loadset chunks", "loadset MiB",
+                         *(f"{m}_ms" for m in SHARED_MODES), "prefill/resident", "lazy/prefill",
+                         "lazy/prefill_populate", "lazy/prefill_race", "uffd faults (same order)"], shared_rows))
         if args.no_diff:
             return 0
         diff = measure_diff(workdir, 256 if args.quick else 1024, 0.01)

@@ -56,6 +56,7 @@ int snapd_uffd_create(int flags);
 int snapd_ioctl(int fd, unsigned long request, void *arg);
 uint64_t snapd_touch(uint64_t addr, uint64_t len, uint64_t stride, int write, uint64_t *ns_out);
 uint64_t snapd_now_ns(void);
+int snapd_populate_read(const uint64_t *addrs, const uint64_t *lens, uint32_t n);
 
 /* chunk_source.h */
 #define SNAPD_CODEC_ZERO ...
@@ -69,6 +70,16 @@ int snapd_image_add_pack(struct snapd_image *img, const char *path);
 int snapd_image_set_chunks(struct snapd_image *img, const struct snapd_chunk *chunks, uint32_t n);
 int snapd_image_enable_shared(struct snapd_image *img);
 void snapd_image_free(struct snapd_image *img);
+struct snapd_prefill_stats {
+    int32_t running; int32_t cancelled; uint32_t total; uint32_t done;
+    uint64_t filled; uint64_t skipped; uint64_t busy; uint64_t fault_waits; uint64_t zero_chunks; uint64_t bytes; uint64_t errors;
+    uint64_t ns; uint64_t t0;
+};
+int snapd_image_prefill(struct snapd_image *img, const uint32_t *chunks, uint32_t n);
+void snapd_image_prefill_cancel(struct snapd_image *img);
+int snapd_image_prefill_stats(struct snapd_image *img, struct snapd_prefill_stats *out, char *err, size_t errlen);
+int64_t snapd_image_fill_log(struct snapd_image *img, uint32_t *out, uint32_t cap);
+int64_t snapd_image_present_chunks(struct snapd_image *img);
 
 /* pageserver.h */
 #define SNAPD_MAX_VMS ...

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field, fields
 from typing import Callable, NamedTuple, Sequence
 
 from snapd import uffd_handshake as hs
-from snapd.loadset import LoadingSet, LoadingSetError
+from snapd.loadset import LoadingSet, LoadingSetError, default_path
 from snapd.uffd import check, ffi, lib
 
 log = logging.getLogger("snapd.pageserver")
@@ -54,6 +54,9 @@ class ChunkTable:
     mem_size: int
     chunks: list[ChunkRef]
     identity: bytes = b""  # the image's content id: loading sets recorded on it carry it (b"": unknown)
+    # The loading set kept beside the image (IMAGE.loadset) when there is one: add_image(shared=True)
+    # pre-fills the image's memfd from it. "" for none.
+    loading_set: str = ""
 
     @classmethod
     def from_base_image(cls, path: str, store: str | None = None) -> "ChunkTable":
@@ -61,19 +64,84 @@ class ChunkTable:
         from snapd.image.reader import BaseImage  # the colleague's format; imported only when used
         img = BaseImage.open(path, store)
         try:
+            ls = default_path(path)
             return cls(os.path.basename(path), img.chunk_size, img.mem_size,
-                       [ChunkRef(*c) for c in img.chunk_table()], img.header.content_id)
+                       [ChunkRef(*c) for c in img.chunk_table()], img.header.content_id,
+                       ls if os.path.exists(ls) else "")
         finally:
             img.close()
 
     def to_json(self) -> dict:
         return {"name": self.name, "chunk_size": self.chunk_size, "mem_size": self.mem_size,
-                "chunks": [list(c) for c in self.chunks], "identity": self.identity.hex()}
+                "chunks": [list(c) for c in self.chunks], "identity": self.identity.hex(),
+                "loading_set": self.loading_set}
 
     @classmethod
     def from_json(cls, d: dict) -> "ChunkTable":
         return cls(d["name"], d["chunk_size"], d["mem_size"], [ChunkRef(*c) for c in d["chunks"]],
-                   bytes.fromhex(d.get("identity", "")))
+                   bytes.fromhex(d.get("identity", "")), d.get("loading_set", ""))
+
+
+@dataclass
+class PrefillStats:
+    """Progress of a shared image's pre-fill (Image.prefill); chunk counts are image chunks."""
+    running: bool
+    cancelled: bool
+    total: int          # chunks in the loading set
+    done: int           # dealt with so far, in the set's order
+    filled: int         # written into the memfd by the pre-fill
+    skipped: int        # already present (a clone's fault or an earlier fill got there first)
+    busy: int           # a clone's fault was writing it at that moment (left to it)
+    fault_waits: int    # clone faults that found their chunk being pre-filled and waited for it
+    zero_chunks: int    # of filled: all-zero chunks
+    bytes: int          # bytes the pre-fill wrote
+    errors: int         # chunks that could not be loaded (left missing: a clone faulting there gets the error)
+    ns: int             # start to end, or to now while running
+    error: str          # the first chunk error, "" if none
+    present_chunks: int  # chunks in the memfd now, from any source
+    loading_set: str = ""  # the set's file ("" for one given in memory)
+
+    def to_json(self) -> dict:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+
+class Prefill:
+    """A running (or finished) pre-fill of a shared image; returned by Image.prefill."""
+
+    def __init__(self, image: "Image", loading_set: LoadingSet):
+        self.image, self.loading_set = image, loading_set
+        chunks = list(loading_set.chunks)
+        self._chunks = ffi.new("uint32_t[]", chunks) if chunks else ffi.NULL
+        self._n = len(chunks)
+        self.rc: int | None = None
+        self._thread = threading.Thread(target=self._run, name=f"snapd-prefill:{image.name}", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        self.rc = lib.snapd_image_prefill(self.image._ptr, self._chunks, self._n)  # GIL released
+        if self.rc < 0:
+            log.warning("pre-fill of %s from %s failed: %s", self.image.name, self.loading_set.name,
+                        os.strerror(-self.rc))
+
+    @property
+    def finished(self) -> bool:
+        return not self._thread.is_alive()
+
+    def wait(self, timeout: float | None = None) -> PrefillStats:
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            raise TimeoutError(f"pre-fill of {self.image.name} still running after {timeout} s")
+        if self.rc is not None and self.rc < 0:
+            check(self.rc, "snapd_image_prefill")
+        return self.stats()
+
+    def stats(self) -> PrefillStats:
+        return self.image.prefill_stats()
+
+    def cancel(self, wait: bool = True) -> None:
+        lib.snapd_image_prefill_cancel(self.image._ptr)
+        if wait:
+            self._thread.join()
 
 
 class Image:
@@ -101,10 +169,83 @@ class Image:
                 e.pack = packs[c.pack_path]
         check(lib.snapd_image_set_chunks(ptr, entries, self.nchunks), "snapd_image_set_chunks")
         self.memfd = check(lib.snapd_image_enable_shared(ptr), "memfd_create") if shared else -1
+        self._prefill: Prefill | None = None
+        self._prefill_lock = threading.Lock()  # one pre-fill at a time (two API calls may race)
+        self.prefill_error: LoadingSetError | None = None  # the last loading set refused for a pre-fill
 
     @property
     def shared(self) -> bool:
         return self.memfd >= 0
+
+    # -- pre-fill of the shared memfd (REAP/FaaSnap before any restore) -----------------------------
+    def prefill(self, loading_set: "LoadingSet | str | os.PathLike", wait: bool = False,
+                timeout: float | None = None) -> Prefill:
+        """Write the loading set's chunks into the shared memfd, first touch first, in a background
+        thread (C, GIL released), before or while clones run: a clone then finds those pages in the page
+        cache and takes no userfaultfd fault for them. Consistent with the fault loop per chunk (one
+        writer per chunk; a fault on a chunk being pre-filled waits for it). Chunks already present are
+        skipped. A running pre-fill is cancelled first.
+
+        Raises LoadingSetError (LoadingSetCorrupt/Stale/OutOfRange, naming the file) when the set cannot
+        be used: nothing is written and the image stays served by plain lazy paging."""
+        if not self.shared:
+            raise ValueError(f"image {self.name}: pre-fill needs a shared image (add_image(shared=True)); "
+                             "private VMs prefetch per VM (serve(mode='prefetch'))")
+        try:
+            ls = loading_set if isinstance(loading_set, LoadingSet) else LoadingSet.load(loading_set)
+            ls.check_image(self)
+        except LoadingSetError as exc:
+            self.prefill_error = exc
+            raise
+        self.prefill_error = None
+        with self._prefill_lock:
+            self.cancel_prefill()
+            self._prefill = prefill = Prefill(self, ls)
+        if wait:
+            prefill.wait(timeout)
+        return prefill
+
+    def cancel_prefill(self) -> None:
+        if self._prefill is not None:
+            self._prefill.cancel(wait=True)
+
+    def prefill_stats(self) -> PrefillStats:
+        if not self.shared:
+            raise ValueError(f"image {self.name} is not shared")
+        st = ffi.new("struct snapd_prefill_stats *")
+        err = ffi.new("char[]", 512)
+        check(lib.snapd_image_prefill_stats(self._ptr, st, err, 512), "snapd_image_prefill_stats")
+        return PrefillStats(bool(st.running), bool(st.cancelled), st.total, st.done, st.filled, st.skipped,
+                            st.busy, st.fault_waits, st.zero_chunks, st.bytes, st.errors, st.ns, ffi.string(err).decode(errors="replace"),
+                            self.present_chunks(),
+                            self._prefill.loading_set.path if self._prefill is not None else "")
+
+    def present_chunks(self) -> int:
+        """Chunks written into the shared memfd so far (by faults or pre-fills)."""
+        return check(lib.snapd_image_present_chunks(self._ptr), "snapd_image_present_chunks")
+
+    def fill_order(self, include_prefilled: bool = True) -> list[int]:
+        """The chunks in the order they were written into the shared memfd (faults and pre-fills)."""
+        if not self.shared:
+            raise ValueError(f"image {self.name} is not shared")
+        n = 0
+        while True:
+            buf = ffi.new("uint32_t[]", max(n, 1))
+            total = check(lib.snapd_image_fill_log(self._ptr, buf, n), "snapd_image_fill_log")
+            if total <= n:
+                break
+            n = total + 64
+        return [e & 0x7FFFFFFF for e in buf[0:total] if include_prefilled or not e & 0x80000000]
+
+    def recorded_loading_set(self, include_prefilled: bool = True) -> LoadingSet:
+        """A loading set recorded on the shared memfd: every chunk any VM of this image faulted in (plus
+        pre-filled ones, unless include_prefilled=False), first fill first. After one clone's first reply
+        on a fresh memfd, that is the clone's working set in first-touch order."""
+        return LoadingSet(self.identity, self.chunk_size, self.mem_size, tuple(self.fill_order(include_prefilled)))
+
+    def close(self) -> None:
+        """Stop a running pre-fill (the C image is freed with this object)."""
+        self.cancel_prefill()
 
 
 @dataclass
@@ -140,6 +281,31 @@ class VmStats:
 
     def percentile_ns(self, p: float) -> float:
         return histogram_percentile(self.histogram, p)
+
+
+def populate_loading_set(host_addr: int, size: int, loading_set: LoadingSet, offset: int = 0) -> int:
+    """In a clone (VMM side): map the loading set's pages of a guest-memory mapping of a pre-filled shared
+    image (host_addr..+size showing image bytes from offset on) into the page tables, read-only and shared
+    (MADV_POPULATE_READ; writes still copy on write). Under nested KVM a guest's first touch of a page cache
+    page costs a host page fault, several times a touch of a mapped page. Adjacent chunks are merged into one
+    call. Only for chunks present in the memfd: a missing one would fault to the page server (served, but
+    slowly). Returns the bytes populated."""
+    cs = loading_set.chunk_size
+    ranges: list[list[int]] = []
+    for c in sorted(loading_set.chunks):
+        s, e = max(c * cs, offset), min((c + 1) * cs, loading_set.mem_size, offset + size)
+        if s >= e:
+            continue
+        if ranges and ranges[-1][1] == s:
+            ranges[-1][1] = e
+        else:
+            ranges.append([s, e])
+    if not ranges:
+        return 0
+    addrs = ffi.new("uint64_t[]", [host_addr + s - offset for s, _ in ranges])
+    lens = ffi.new("uint64_t[]", [e - s for s, e in ranges])
+    check(lib.snapd_populate_read(addrs, lens, len(ranges)), "madvise(MADV_POPULATE_READ)")
+    return sum(e - s for s, e in ranges)
 
 
 def _bucket_bounds(b: int) -> tuple[int, int]:
@@ -243,9 +409,25 @@ class PageServer:
     def _run(self) -> None:
         self._loop_rc = lib.snapd_server_run(self._ptr)  # cffi releases the GIL for the call
 
-    def add_image(self, table: ChunkTable, shared: bool = False) -> Image:
+    def add_image(self, table: ChunkTable, shared: bool = False,
+                  prefill: "LoadingSet | str | os.PathLike | bool | None" = None) -> Image:
+        """prefill (shared images only): a loading set (or its path) to pre-fill the memfd from in the
+        background (Image.prefill); None: the table's loading set (IMAGE.loadset beside a base image),
+        if any; False: none. A set that cannot be used is refused with a LoadingSetWarning naming the
+        file and why (image.prefill_error keeps it): the image is then served by plain lazy paging."""
         img = Image(table, shared)
         self._images.append(img)
+        if prefill is None or prefill is True:
+            source = table.loading_set or None
+        else:
+            source = prefill or None
+        if shared and source is not None:
+            try:
+                img.prefill(source)
+            except LoadingSetError as exc:
+                message = f"{exc}; serving {img.name} by plain lazy paging, without pre-fill"
+                log.warning("%s", message)
+                warnings.warn(message, LoadingSetWarning, stacklevel=2)
         return img
 
     def attach(self, image: Image, uffd_fd: int, conn: socket.socket | None,
@@ -374,6 +556,8 @@ class PageServer:
             self._thread.join()
         lib.snapd_server_free(self._ptr)
         self._ptr = None
+        for image in self._images:
+            image.close()
         self._images.clear()
 
     stop = close

@@ -55,6 +55,11 @@ def test_every_operation_answers_as_documented(doc, running, snapshot, tmp_path)
     clone = api("POST", "/v1/clones", body={"image": image, "payload": payload}, expect=201)["clones"][0]
     api("GET", "/v1/clones", expect=200)
     api("GET", f"/v1/clones/{clone['id']}", "/v1/clones/{clone_id}", expect=200)
+    # Loading set: recorded from the memfd the first clone faulted into, kept beside the image, pre-filled.
+    ls_path = "/v1/images/{image_id}/loading-set"
+    assert api("GET", f"/v1/images/{image}/loading-set", ls_path, expect=200)["chunks"] == 0
+    recorded = api("POST", f"/v1/images/{image}/loading-set", ls_path, body={}, expect=200)
+    assert recorded["chunks"] > 0 and recorded["path"].endswith(".img.loadset") and not recorded["error"]
     api("POST", f"/v1/clones/{clone['id']}/invoke", "/v1/clones/{clone_id}/invoke",
         body={"payload": payload, "timeout_ms": 10000}, expect=200)
     api("DELETE", f"/v1/images/{image}", "/v1/images/{image_id}", expect=409)
@@ -64,7 +69,9 @@ def test_every_operation_answers_as_documented(doc, running, snapshot, tmp_path)
     api("POST", f"/v1/clones/{clone['id']}/invoke", "/v1/clones/{clone_id}/invoke", body={"payload": payload},
         expect=404)
     # The clone's snapshot is an image of its own: its clones continue from the clone's state (count 2).
-    second = api("POST", "/v1/images", body=files, expect=201)["id"]
+    second = api("POST", "/v1/images", body=dict(files, loading_set=recorded["path"]), expect=201)
+    assert "re-record" in second["loading_set"]["error"]  # recorded on another image: refused, served lazily
+    second = second["id"]
     (child,) = running.client.create_clones(second, payload=b"again")
     workloads.verify_hello(b"again", child["result"], 3)
     running.client.delete_clone(child["id"])
@@ -123,9 +130,10 @@ def test_200_concurrent_restores_all_answer_and_leak_nothing(running, snapshot):
         running.client.delete_clone(clone["id"])
     daemon = running.daemon
     shard = daemon.images[image].shards[0]
-    wait_until(lambda: not daemon.pool.spawning)
+    pool = daemon.pool
+    wait_until(pool.settled)
     fds_before, shared_before = fd_targets(), shard.memfd_bytes()
-    pool_before = len(daemon.pool.idle_workers())
+    idle_before, prepared_before = len(pool.idle_workers()), len(pool.prepared_workers())
     results, errors = [], []
 
     def restore(i: int) -> None:
@@ -154,21 +162,25 @@ def test_200_concurrent_restores_all_answer_and_leak_nothing(running, snapshot):
         running.client.delete_clone(clone_id)
     assert running.client.clones() == []
     # Nothing left: the workers are gone (the zygote's only children are the pool's), the page server freed
-    # their slots, the daemon holds the same descriptors and memfds, and the shared copy did not grow.
-    deadline_ok = wait_until(lambda: shard.server.live_vms() == 0)
-    assert deadline_ok, f"{shard.server.live_vms()} page-server VM slots still live"
-    pool = daemon.pool
-    assert wait_until(lambda: not pool.spawning
-                      and zygote_children(daemon.zygote.pid) == {w.pid for w in pool.idle_workers()})
+    # their slots (only the workers prepared for this image hold one), the daemon holds the same descriptors and
+    # memfds, and the shared copy did not grow.
+    assert wait_until(pool.settled)
+    deadline_ok = wait_until(lambda: pool.settled()
+                             and shard.server.live_vms() == len(pool.prepared_workers(image)) == shard.clones)
+    assert deadline_ok, (f"{shard.server.live_vms()} page-server VM slots still live, "
+                         f"{len(pool.prepared_workers(image))} prepared workers, shard count {shard.clones}")
+    assert wait_until(lambda: pool.settled()
+                      and zygote_children(daemon.zygote.pid) == {w.pid for w in pool.warm_workers()})
     fds_after = fd_targets()
     assert sorted(t for t in fds_after if "memfd" in t) == sorted(t for t in fds_before if "memfd" in t)
-    # One channel per idle worker: a burst can leave the pool above its target (they are reused, not leaked).
-    grown = len(pool.idle_workers()) - pool_before
+    # One channel per idle worker, and a uffd and a page-server connection more per prepared one: a burst can
+    # leave the pool above its target (they are reused, not leaked).
+    grown = (len(pool.idle_workers()) - idle_before) + 3 * (len(pool.prepared_workers()) - prepared_before)
     assert wait_until(lambda: len(fd_targets()) <= len(fds_before) + grown), \
         fd_kinds(fd_targets()) - fd_kinds(fds_before)
     assert shard.memfd_bytes() == shared_before
     recorded = {int(name.split(".")[0]) for name in os.listdir(os.path.join(daemon.run_dir, "procs"))}
-    assert recorded == {daemon.zygote.pid} | {w.pid for w in pool.idle_workers()}
+    assert recorded == {daemon.zygote.pid} | {w.pid for w in pool.warm_workers()}
 
 
 def fd_kinds(targets: list[str]):

@@ -8,7 +8,7 @@ from snapd.image.builder import build_image
 from snapd.loadset import LoadingSet, default_path
 from snapd.pageserver import ChunkTable, LoadingSetWarning, PageServer
 from tests.conftest import requires_kvm
-from tests.test_lazy_restore import QUIET, guest_memory_bytes
+from tests.vm_helpers import QUIET, guest_memory_bytes
 from vmm import workloads
 from vmm.config import MachineConfig
 from vmm.devices.fnport import OFF_GENERATION

@@ -81,10 +81,17 @@ int snapd_image_enable_shared(struct snapd_image *img)
 		return -e;
 	}
 	img->present = calloc(img->nchunks ? img->nchunks : 1, 1);
-	if (!img->present) {
+	img->fill_log = calloc(img->nchunks ? img->nchunks : 1, sizeof(uint32_t));
+	if (!img->present || !img->fill_log) {
+		free(img->present);
+		free(img->fill_log);
+		img->present = NULL;
+		img->fill_log = NULL;
 		close(fd);
 		return -ENOMEM;
 	}
+	pthread_mutex_init(&img->fill_lock, NULL);
+	pthread_cond_init(&img->fill_cond, NULL);
 	img->memfd = fd;
 	return fd;
 }
@@ -98,8 +105,12 @@ void snapd_image_free(struct snapd_image *img)
 			close(img->pack_fd[i]);
 		free(img->pack_path[i]);
 	}
-	if (img->memfd >= 0)
+	if (img->memfd >= 0) {
 		close(img->memfd);
+		pthread_mutex_destroy(&img->fill_lock);
+		pthread_cond_destroy(&img->fill_cond);
+	}
+	free(img->fill_log);
 	free(img->pack_fd);
 	free(img->pack_errno);
 	free(img->pack_path);
@@ -211,4 +222,73 @@ int snapd_chunk_load(struct snapd_image *img, uint32_t c, struct snapd_scratch *
 	}
 	snprintf(err, errlen, "unknown codec %u", ch->codec);
 	return -1;
+}
+
+/* ---------- shared mode: one memfd filled once for every VM ---------- */
+
+static int write_chunk(struct snapd_image *img, uint32_t c, int kind, const uint8_t *data)
+{
+	uint64_t fs = (uint64_t)c * img->chunk_size, clen = snapd_chunk_len(img, c);
+	if (kind == 1) /* a hole in shmem still faults; fallocate puts zero pages in the cache */
+		return fallocate(img->memfd, 0, (off_t)fs, (off_t)clen) < 0 ? -errno : 0;
+	/* pwrite, never a store through a mapping: shmem keeps each page locked
+	 * until its bytes are all copied, so a VM faulting on it meanwhile waits
+	 * and then maps complete data (a page is never visible half written). */
+	for (uint64_t w = 0; w < clen;) {
+		ssize_t n = pwrite(img->memfd, data + w, clen - w, (off_t)(fs + w));
+		if (n < 0 && errno == EINTR)
+			continue;
+		if (n <= 0)
+			return n < 0 ? -errno : -EIO;
+		w += (uint64_t)n;
+	}
+	return 0;
+}
+
+static void fill_settle(struct snapd_image *img, uint32_t c, uint8_t state, int by_prefill)
+{
+	pthread_mutex_lock(&img->fill_lock);
+	__atomic_store_n(&img->present[c], state, __ATOMIC_RELEASE);
+	if (state == SNAPD_SHARED_PRESENT && img->nfill < img->nchunks)
+		img->fill_log[img->nfill++] = c | (by_prefill ? 0x80000000u : 0);
+	pthread_cond_broadcast(&img->fill_cond);
+	pthread_mutex_unlock(&img->fill_lock);
+}
+
+int snapd_shared_fill(struct snapd_image *img, uint32_t c, struct snapd_scratch *s, int block, int by_prefill,
+		      int *zero, char *err, size_t errlen)
+{
+	*zero = 0;
+	for (;;) {
+		uint8_t st = __atomic_load_n(&img->present[c], __ATOMIC_ACQUIRE);
+		if (st == SNAPD_SHARED_PRESENT)
+			return SNAPD_FILL_PRESENT;
+		if (st == SNAPD_SHARED_FILLING) {
+			if (!block)
+				return SNAPD_FILL_BUSY;
+			pthread_mutex_lock(&img->fill_lock);
+			if (!by_prefill)
+				img->pf.fault_waits++;
+			while (__atomic_load_n(&img->present[c], __ATOMIC_ACQUIRE) == SNAPD_SHARED_FILLING)
+				pthread_cond_wait(&img->fill_cond, &img->fill_lock);
+			pthread_mutex_unlock(&img->fill_lock);
+			continue; /* PRESENT, or MISSING again if the writer failed: then try ourselves */
+		}
+		uint8_t expect = SNAPD_SHARED_MISSING;
+		if (__atomic_compare_exchange_n(&img->present[c], &expect, SNAPD_SHARED_FILLING, 0, __ATOMIC_ACQ_REL,
+						__ATOMIC_ACQUIRE))
+			break;
+	}
+	const uint8_t *data = NULL;
+	int kind = snapd_chunk_load(img, c, s, &data, err, errlen);
+	int rc = kind < 0 ? -1 : write_chunk(img, c, kind, data);
+	if (rc < 0) {
+		if (kind >= 0)
+			snprintf(err, errlen, "filling the shared memfd failed: %s", strerror(-rc));
+		fill_settle(img, c, SNAPD_SHARED_MISSING, by_prefill);
+		return -1;
+	}
+	fill_settle(img, c, SNAPD_SHARED_PRESENT, by_prefill);
+	*zero = kind == 1;
+	return SNAPD_FILL_DONE;
 }

@@ -219,33 +219,15 @@ static int fill_shared(struct snapd_server *srv, struct vm *vm, uint64_t c, uint
 		       enum install_why why, char *err, size_t errlen)
 {
 	struct snapd_image *img = vm->img;
-	if (!__atomic_load_n(&img->present[c], __ATOMIC_ACQUIRE)) {
-		const uint8_t *data = NULL;
-		uint64_t fs = c * img->chunk_size, clen = snapd_chunk_len(img, c);
-		int kind = snapd_chunk_load(img, (uint32_t)c, &srv->scratch, &data, err, errlen);
-		if (kind < 0)
-			return 1;
-		int rc = 0;
-		if (kind == 1) /* a hole in shmem still faults; fallocate puts zero pages in the cache */
-			rc = fallocate(img->memfd, 0, (off_t)fs, (off_t)clen) < 0 ? -errno : 0;
-		for (uint64_t w = 0; kind == 0 && w < clen;) {
-			ssize_t n = pwrite(img->memfd, data + w, clen - w, (off_t)(fs + w));
-			if (n < 0 && errno == EINTR)
-				continue;
-			if (n <= 0) {
-				rc = n < 0 ? -errno : -EIO;
-				break;
-			}
-			w += (uint64_t)n;
-		}
-		if (rc < 0) {
-			snprintf(err, errlen, "filling the shared memfd failed: %s", strerror(-rc));
-			return 1;
-		}
-		__atomic_store_n(&img->present[c], 1, __ATOMIC_RELEASE);
+	int zero = 0;
+	/* Blocks while another thread (a pre-fill) writes this chunk: at most one chunk's copy. */
+	int rc = snapd_shared_fill(img, (uint32_t)c, &srv->scratch, 1, 0, &zero, err, errlen);
+	if (rc < 0)
+		return 1;
+	if (rc == SNAPD_FILL_DONE) {
 		vm->st.shared_fills++;
-		vm->st.bytes_installed += clen;
-		if (kind == 1)
+		vm->st.bytes_installed += snapd_chunk_len(img, (uint32_t)c);
+		if (zero)
 			vm->st.zero_chunks++;
 	} else {
 		vm->st.shared_wakes++;

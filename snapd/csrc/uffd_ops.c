@@ -1,6 +1,7 @@
 #define _GNU_SOURCE
 #include <errno.h>
 #include <sys/ioctl.h>
+#include <sys/mman.h>
 #include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
@@ -40,4 +41,21 @@ uint64_t snapd_touch(uint64_t addr, uint64_t len, uint64_t stride, int write, ui
 			ns_out[i] = snapd_now_ns() - t0;
 	}
 	return sum;
+}
+
+#ifndef MADV_POPULATE_READ
+#define MADV_POPULATE_READ 22
+#endif
+
+int snapd_populate_read(const uint64_t *addrs, const uint64_t *lens, uint32_t n)
+{
+	for (uint32_t i = 0; i < n; i++) {
+		int rc;
+		do
+			rc = madvise((void *)(uintptr_t)addrs[i], lens[i], MADV_POPULATE_READ);
+		while (rc < 0 && errno == EINTR);
+		if (rc < 0)
+			return -errno;
+	}
+	return 0;
 }

@@ -37,6 +37,7 @@ class DaemonConfig:
     max_clones: int = 1024         # live clones, all images
     max_count: int = 64            # clones per POST /v1/clones
     restore_timeout: float = 30.0  # waiting for a warm worker plus its restore
+    prepared: int | None = None    # workers kept restored ahead per image (None: pool_size)
     chunk_size: int | None = None  # base image chunk size (default: snapd.image's)
 
 
@@ -144,8 +145,11 @@ class Daemon:
         self.counters = {"restores": 0, "restore_failures": 0, "clones_failed": 0}
         self.zygote = Zygote()
         self.records.add(self.zygote.pid, self.zygote.start_time, "zygote")
+        prepared = config.prepared
+        if prepared is None:  # SNAPD_PREPARED: an operator's (and bench/clones.py's) override without a flag
+            prepared = int(os.environ.get("SNAPD_PREPARED", config.pool_size))
         self.pool = WarmPool(self.zygote, config.pool_size, config.max_spawning, on_ready=self._worker_ready,
-                             on_gone=self._worker_gone)
+                             on_gone=self._worker_gone, prepare=self._prepare_worker, prepared_target=prepared)
         self.epoll = select.epoll()
         self.watched: dict[int, Clone] = {}
         self.closed = False
@@ -165,6 +169,29 @@ class Daemon:
     def _worker_gone(self, worker: WorkerHandle) -> None:
         if worker.pid:
             self.records.remove(worker.pid)
+        with self.lock:
+            shard, worker.shard = worker.shard, None
+            if shard is not None:  # a prepared worker that never became a clone: its page-server slot is free
+                shard.clones -= 1
+
+    def _prepare_worker(self, worker: WorkerHandle, image_id: str) -> bool:
+        """Restore ``image_id`` into an idle worker ahead of any request (the pool's refill thread calls this):
+        it registers with a shard's page server now, so that shard's slot is counted from now on."""
+        with self.lock:
+            runtime = self.images.get(image_id)
+            if runtime is None or runtime.deleting or self.closed:
+                return False
+            shard = runtime.shard_for_new_clone()
+            shard.clones += 1
+            worker.shard = shard
+        try:
+            worker.request({"op": "prepare", "image": image_id, "state_path": runtime.record.state_path,
+                            "page_server": shard.sock_path, "timeout": 10.0}, b"", [shard.image.memfd], timeout=30.0)
+        except (WorkerFailed, WorkerError) as exc:
+            log.warning("could not prepare a worker for %s: %s", image_id, exc)
+            return False  # the pool retires it (which frees the shard slot)
+        worker.image = image_id
+        return True
 
     def _monitor(self) -> None:
         """Notices a clone's worker dying (its channel hung up) and marks the clone failed."""
@@ -202,6 +229,7 @@ class Daemon:
             if worker.shape == record.shape:
                 worker.send_quietly({"op": "preload", "image": record.id, "state_path": record.state_path})
         self.pool.add_shape(record.shape)
+        self.pool.add_image(record.id, record.shape)
         return runtime
 
     def register_image(self, body: dict) -> dict:
@@ -240,6 +268,7 @@ class Daemon:
                 raise Conflict(f"image {image_id} is used by {runtime.clones} clone(s): delete them first")
             runtime.deleting = True
             del self.images[image_id]
+        self.pool.remove_image(image_id)
         self.pool.remove_shape(runtime.record.shape)
         self.zygote.forget(image_id)
         runtime.close()
@@ -274,26 +303,35 @@ class Daemon:
             if len(self.clones) >= self.config.max_clones:
                 raise Conflict(f"the daemon runs {len(self.clones)} clones, its limit (max_clones) "
                                f"is {self.config.max_clones}")
-            shard = runtime.shard_for_new_clone()
-            shard.clones += 1
             runtime.clones += 1
             clone_id = "c-" + secrets.token_hex(6)
             self.clones[clone_id] = None  # reserves the slot against the limit
-        header = {"op": "restore", "image": image_id, "state_path": runtime.record.state_path,
-                  "page_server": shard.sock_path, "invoke": payload is not None, "timeout": invoke_timeout}
         deadline = time.monotonic() + self.config.restore_timeout
         try:
             for attempt in range(3):  # an idle worker may have died since it was ready: take another
                 try:
-                    worker = self.pool.take(runtime.record.shape, max(0.0, deadline - time.monotonic()))
+                    worker = self.pool.take(runtime.record.shape, max(0.0, deadline - time.monotonic()), image_id)
                 except PoolError as exc:
                     raise Unavailable(f"clones: {exc}") from None
+                if worker.image == image_id:  # prepared: memory mapped, page server attached, state written
+                    header = {"op": "restore", "prepared": True, "image": image_id, "invoke": payload is not None,
+                              "timeout": invoke_timeout}
+                    fds = ()
+                else:
+                    with self.lock:
+                        shard = runtime.shard_for_new_clone()
+                        shard.clones += 1
+                        worker.shard = shard
+                    header = {"op": "restore", "image": image_id, "state_path": runtime.record.state_path,
+                              "page_server": shard.sock_path, "invoke": payload is not None,
+                              "timeout": invoke_timeout}
+                    fds = (shard.image.memfd,)
                 try:
-                    reply, result = worker.request(header, payload or b"", [shard.image.memfd],
+                    reply, result = worker.request(header, payload or b"", fds,
                                                    timeout=max(1.0, deadline - time.monotonic()) + invoke_timeout)
                     break
                 except WorkerFailed as exc:
-                    self._retire(worker)
+                    self._retire(worker)  # frees its shard slot
                     if attempt == 2 or time.monotonic() > deadline:
                         raise CloneFailed(f"clones: restore of {image_id} failed: {exc}") from None
                 except WorkerError as exc:
@@ -305,10 +343,11 @@ class Daemon:
         except BaseException:
             with self.lock:
                 self.clones.pop(clone_id, None)
-                shard.clones -= 1
                 runtime.clones -= 1
             self.counters["restore_failures"] += 1
             raise
+        with self.lock:
+            shard, worker.shard = worker.shard, None  # the slot is the clone's now (freed by delete_clone)
         elapsed = time.perf_counter() - t0
         self.latency.observe(elapsed)
         self.counters["restores"] += 1
@@ -426,6 +465,9 @@ class Daemon:
                                 [({}, self.counters["restore_failures"])])
         lines += metrics.family("snapd_pool_idle_workers", "gauge", "Warm workers ready for a restore",
                                 [({}, self.pool.idle_count())])
+        lines += metrics.family("snapd_pool_prepared_workers", "gauge",
+                                "Workers restored ahead for an image, waiting for a request",
+                                [({}, self.pool.prepared_count())])
         lines += metrics.family("snapd_stale_vmms_stopped", "gauge",
                                 "VMM processes of a previous daemon stopped at start-up", [({}, len(self.stale_stopped))])
         faults, shared = [], []

@@ -13,6 +13,7 @@ import traceback
 from dataclasses import dataclass
 from typing import Callable
 
+from snapd.daemon import images as image_routes
 from snapd.daemon.core import Daemon
 from snapd.daemon.errors import ApiError, MethodNotAllowed, NotFound
 from vmm.api.fields import Field, ObjectSpec, parse_body
@@ -26,7 +27,9 @@ IMAGE_REGISTER = ObjectSpec("images", {
     "mem_path": Field("string", required=True),
     "chunk_size": Field("integer", minimum=4096),
     "codec": Field("string", enum=("lz4", "zstd", "raw")),
+    "loading_set": Field("string"),  # a loading-set file: pre-filled into the shared memfd (snapd.daemon.images)
 })
+LOADING_SET = ObjectSpec("loading_set", {"path": Field("string")})  # {}: record from the clones' faults
 CLONES_CREATE = ObjectSpec("clones", {
     "image": Field("string", required=True),
     "count": Field("integer", minimum=1),
@@ -64,9 +67,11 @@ class Route:
 # The tests check this table against docs/api/snapd-openapi.json (paths, methods, request schemas).
 ROUTES = [
     Route("GET", "/v1/images", Daemon.list_images),
-    Route("POST", "/v1/images", Daemon.register_image, IMAGE_REGISTER, 201),
+    Route("POST", "/v1/images", image_routes.register_image, IMAGE_REGISTER, 201),
     Route("GET", "/v1/images/{image_id}", Daemon.get_image),
     Route("DELETE", "/v1/images/{image_id}", Daemon.delete_image),
+    Route("GET", "/v1/images/{image_id}/loading-set", image_routes.get_loading_set),
+    Route("POST", "/v1/images/{image_id}/loading-set", image_routes.set_loading_set, LOADING_SET),
     Route("GET", "/v1/clones", Daemon.list_clones),
     Route("POST", "/v1/clones", Daemon.create_clones, CLONES_CREATE, 201),
     Route("GET", "/v1/clones/{clone_id}", Daemon.get_clone),

@@ -4,7 +4,15 @@ Layout under the state directory:
     images/ID.json   the record (below), written last and atomically: an image exists once its record does
     images/ID.state  a copy of the snapshot's state file (the caller may delete the original)
     images/ID.img    the base image index (docs/image-format.md)
+    images/ID.img.loadset  the image's loading set, when it has one (snapd.loadset; docs/page-server.md)
     store/           the content-addressed chunk store shared by every image (equal chunks stored once)
+
+Loading sets (REAP/FaaSnap before any restore): an image registered with a loading set, or given one later
+(POST /v1/images/{id}/loading-set, a file or recorded from the clones' faults), has it pre-filled into its
+shared memfd(s) in the background, first touch first: a clone then finds its working set in the page cache.
+The set is kept beside the image, so a new shard or a restarted daemon pre-fills from it too
+(PageServer.add_image reads ChunkTable.loading_set). The route functions at the end of this module are
+called by snapd.daemon.http with the Daemon (duck-typed: its images, lock, register_image).
 """
 from __future__ import annotations
 
@@ -13,13 +21,19 @@ import json
 import os
 import secrets
 import shutil
+import logging
 import time
 
 from snapd.atomic import atomic_write
+from snapd.daemon.errors import BadRequest, Conflict, NotFound
 from snapd.image import DEFAULT_CHUNK_SIZE, ImageError, build_image
 from snapd.image.codecs import CodecError
+from snapd.loadset import LoadingSet, LoadingSetError, default_path
 from vmm.prebuilt import VmShape
 from vmm.snapshot import SnapshotError, open_memory_file, read_snapshot, refuse_diff
+
+
+log = logging.getLogger("snapd")
 
 
 class ImageRegistrationError(ValueError):
@@ -91,8 +105,105 @@ class ImageRegistry:
         self._remove_files(record.id)
 
     def _remove_files(self, image_id: str) -> None:
-        for suffix in (".state", ".img"):
+        for suffix in (".state", ".img", ".img.loadset"):
             try:
                 os.unlink(os.path.join(self.dir, image_id + suffix))
             except FileNotFoundError:
                 pass
+
+
+# -- loading sets and pre-fill (routes: POST /v1/images, GET|POST /v1/images/{image_id}/loading-set) ----------
+
+def _runtime(daemon, image_id: str):
+    runtime = daemon.images.get(image_id)
+    if runtime is None or runtime.deleting:
+        raise NotFound(f"no image {image_id!r} (GET /v1/images lists them)")
+    return runtime
+
+
+def _shard_images(daemon, runtime) -> list:
+    with daemon.lock:
+        return [shard.image for shard in runtime.shards]
+
+
+def loading_set_json(daemon, image_id: str, error: str = "") -> dict:
+    """The image's loading set and the pre-fill progress of each of its shards' memfds."""
+    runtime = _runtime(daemon, image_id)
+    path = default_path(runtime.record.image_path)
+    chunks = nbytes = 0
+    if os.path.exists(path):
+        try:
+            ls = LoadingSet.load(path)
+            chunks, nbytes = len(ls.chunks), ls.bytes_covered()
+        except LoadingSetError as exc:
+            error = error or str(exc)
+    else:
+        path = ""
+    prefill = []
+    for image in _shard_images(daemon, runtime):
+        st = image.prefill_stats()
+        prefill.append({"running": st.running, "total": st.total, "done": st.done, "filled": st.filled,
+                        "skipped": st.skipped, "errors": st.errors, "bytes": st.bytes, "ms": round(st.ns / 1e6, 3),
+                        "present_chunks": st.present_chunks, "error": st.error})
+    return {"image": image_id, "path": path, "chunks": chunks, "bytes": nbytes, "error": error, "prefill": prefill}
+
+
+def _install(daemon, runtime, ls: LoadingSet) -> None:
+    """Check ls against the image, keep it beside the image, and pre-fill every shard (background)."""
+    images = _shard_images(daemon, runtime)
+    for image in images:
+        ls.check_image(image)  # LoadingSetError: nothing changed
+    path = default_path(runtime.record.image_path)
+    LoadingSet(ls.identity, ls.chunk_size, ls.mem_size, ls.chunks).save(path)
+    runtime.table.loading_set = path  # shards made later pre-fill from it (PageServer.add_image)
+    for image in images:
+        image.prefill(path)
+
+
+def register_image(daemon, body: dict) -> dict:
+    """POST /v1/images: Daemon.register_image, then, with "loading_set", its pre-fill starts in the background
+    (the reply does not wait for it). An unreadable loading-set file is refused (400) before anything is built;
+    one recorded on another image is refused in the reply's loading_set.error and the image is served by plain
+    lazy paging."""
+    ls = None
+    if "loading_set" in body:
+        try:
+            ls = LoadingSet.load(body["loading_set"])
+        except LoadingSetError as exc:
+            raise BadRequest(f"images.loading_set: {exc}") from None
+    reply = daemon.register_image({k: v for k, v in body.items() if k != "loading_set"})
+    if ls is not None:
+        error = ""
+        try:
+            _install(daemon, _runtime(daemon, reply["id"]), ls)
+        except LoadingSetError as exc:
+            error = f"{exc}; image {reply['id']} is served by plain lazy paging, without pre-fill"
+            log.warning("%s", error)
+        reply["loading_set"] = loading_set_json(daemon, reply["id"], error)
+    return reply
+
+
+def get_loading_set(daemon, image_id: str) -> dict:
+    """GET /v1/images/{image_id}/loading-set"""
+    return loading_set_json(daemon, image_id)
+
+
+def set_loading_set(daemon, body: dict, image_id: str) -> dict:
+    """POST /v1/images/{image_id}/loading-set: {"path": FILE} uses that loading set; {} records one from the
+    image's first shared memfd (every chunk its clones faulted in, first fill first: after one clone's first
+    reply, that clone's working set). Either way it is kept beside the image and pre-filled into every shard."""
+    runtime = _runtime(daemon, image_id)
+    if "path" in body:
+        try:
+            ls = LoadingSet.load(body["path"])
+            _install(daemon, runtime, ls)
+        except LoadingSetError as exc:
+            raise BadRequest(f"loading_set: {exc}; image {image_id} is unchanged") from None
+        return loading_set_json(daemon, image_id)
+    images = _shard_images(daemon, runtime)
+    ls = images[0].recorded_loading_set() if images else None
+    if ls is None or not ls.chunks:
+        raise Conflict(f"loading_set: nothing to record: no clone of image {image_id} has faulted memory in yet "
+                       "(create one with a payload first, then record)")
+    _install(daemon, runtime, ls)
+    return loading_set_json(daemon, image_id)

@@ -28,6 +28,16 @@ QUIET_S = 0.003
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+def readable(fd, timeout: float) -> bool:
+    """Whether ``fd`` (or an object with fileno()) becomes readable within ``timeout`` seconds. poll, not select:
+    select() cannot watch a descriptor numbered 1024 or above (FD_SETSIZE), and the daemon holds several per
+    clone (a worker channel, a uffd and a page-server connection), so past ~320 clones select() raised and new
+    workers were never seen to become ready."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(max(0.0, timeout) * 1e3))
+
+
 class PoolError(RuntimeError):
     """No worker could be had (the zygote died, every fork failed, or none came in time)."""
 
@@ -69,6 +79,8 @@ class WorkerHandle:
         self.dead = False
         self.failure = ""  # the worker's own report (a page-server failure), or why it died
         self.on_event: Callable[["WorkerHandle", dict], None] | None = None
+        self.image = ""     # the image this worker was prepared for ("" : not prepared)
+        self.shard = None   # the daemon's page-server shard a prepared worker is registered with
 
     def fileno(self) -> int:
         return self.channel.fileno()
@@ -84,7 +96,7 @@ class WorkerHandle:
                 deadline = time.monotonic() + timeout
                 while True:
                     left = deadline - time.monotonic()
-                    if left <= 0 or not select.select([self.channel], [], [], left)[0]:
+                    if left <= 0 or not readable(self.channel, left):
                         self._mark_dead(f"no reply to {header['op']} within {timeout:.1f} s")
                         self.kill()
                         raise WorkerFailed(f"worker {self.pid} did not answer {header['op']} within {timeout:.1f} s")
@@ -128,7 +140,7 @@ class WorkerHandle:
         if not self.lock.acquire(blocking=False):
             return True  # a request is reading the channel: it will see the news
         try:
-            while not self.dead and select.select([self.channel], [], [], 0)[0]:
+            while not self.dead and readable(self.channel, 0):
                 try:
                     reply, _, extra = protocol.recv(self.channel)
                 except (protocol.ProtocolError, OSError) as exc:
@@ -177,7 +189,7 @@ class Zygote:
                                             pass_fds=[theirs.fileno()], env=env, stdin=subprocess.DEVNULL)
         finally:
             theirs.close()
-        if not select.select([ours], [], [], start_timeout)[0]:
+        if not readable(ours, start_timeout):
             self.close()
             raise PoolError(f"the zygote did not start within {start_timeout} s")
         try:
@@ -226,9 +238,17 @@ class WarmPool:
 
     def __init__(self, zygote: Zygote, target: int = 2, max_spawning: int = 4,
                  on_ready: Callable[[WorkerHandle], None] | None = None,
-                 on_gone: Callable[[WorkerHandle], None] | None = None):
+                 on_gone: Callable[[WorkerHandle], None] | None = None,
+                 prepare: Callable[[WorkerHandle, str], bool] | None = None, prepared_target: int = 0):
         self.zygote = zygote
         self.target = target
+        # Prepared workers: restored ahead for one image, guest held in FN_NEXT (worker.py _prepare). The daemon's
+        # ``prepare(worker, image)`` does it (on the refill thread, outside restores); ``take`` prefers them.
+        self.prepare = prepare
+        self.prepared_target = prepared_target if prepare is not None else 0
+        self.images: dict[str, VmShape] = {}
+        self.prepared: dict[str, collections.deque[WorkerHandle]] = collections.defaultdict(collections.deque)
+        self.preparing: dict[str, int] = collections.defaultdict(int)
         self.max_spawning = max_spawning
         self.on_ready = on_ready or (lambda worker: None)
         self.on_gone = on_gone or (lambda worker: None)
@@ -263,6 +283,37 @@ class WarmPool:
         for worker in idle:
             self._retire(worker)
 
+    def add_image(self, image: str, shape: VmShape) -> None:
+        with self.cond:
+            self.images[image] = shape
+        self._wake()
+
+    def remove_image(self, image: str) -> list[WorkerHandle]:
+        """Stop preparing for ``image``; its prepared workers are retired (they hold its page server)."""
+        with self.cond:
+            self.images.pop(image, None)
+            prepared = list(self.prepared.pop(image, ()))
+        for worker in prepared:
+            self._retire(worker)
+        return prepared
+
+    def prepared_workers(self, image: str | None = None) -> list[WorkerHandle]:
+        with self.cond:
+            return [w for name, queue in self.prepared.items() if image in (None, name) for w in queue]
+
+    def warm_workers(self) -> list[WorkerHandle]:
+        """Every worker the pool holds ready: plain idle ones and prepared ones."""
+        return self.idle_workers() + self.prepared_workers()
+
+    def settled(self) -> bool:
+        """No fork and no prepare in flight."""
+        with self.cond:
+            return not self.spawning and not any(self.preparing.values())
+
+    def prepared_count(self) -> int:
+        with self.cond:
+            return sum(len(q) for q in self.prepared.values())
+
     def idle_workers(self) -> list[WorkerHandle]:
         with self.cond:
             return [w for queue in self.idle.values() for w in queue]
@@ -272,29 +323,42 @@ class WarmPool:
             return sum(len(q) for q in self.idle.values())
 
     # -- taking a worker
-    def take(self, shape: VmShape, timeout: float) -> WorkerHandle:
+    def take(self, shape: VmShape, timeout: float, image: str = "") -> WorkerHandle:
+        """A worker prepared for ``image`` if one is ready, else a plain warm worker of ``shape``
+        (``worker.image`` tells which)."""
         deadline = time.monotonic() + timeout
         with self.cond:
             if shape not in self.shapes:
                 raise PoolError(f"no image of shape {shape} is registered")
-            queue = self.idle[shape]
-            if queue:
-                worker = queue.popleft()
-                self._wake_locked()
+            worker = self._pop_locked(shape, image)
+            if worker is not None:
                 return worker
             self.waiting[shape] += 1
             self._wake_locked()
             try:
-                while not queue:
+                while True:
+                    worker = self._pop_locked(shape, image)
+                    if worker is not None:
+                        return worker
                     left = deadline - time.monotonic()
                     if self.closed or left <= 0:
                         raise PoolError(f"no warm {shape.vcpu_count}-vCPU/{shape.mem_size_mib} MiB worker within "
                                         f"{timeout:.1f} s" + (f" (last failure: {self.last_error})"
                                                               if self.last_error else ""))
                     self.cond.wait(left)
-                return queue.popleft()
             finally:
                 self.waiting[shape] -= 1
+
+    def _pop_locked(self, shape: VmShape, image: str) -> WorkerHandle | None:
+        prepared = self.prepared.get(image) if image else None
+        if prepared:
+            worker = prepared.popleft()
+        elif self.idle[shape]:
+            worker = self.idle[shape].popleft()
+        else:
+            return None
+        self._wake_locked()
+        return worker
 
     def restore_started(self) -> None:
         with self.cond:
@@ -328,11 +392,48 @@ class WarmPool:
             busy = self.restoring or time.monotonic() < self.quiet_until
             if busy and self.idle[shape] and not self.waiting[shape]:
                 continue  # a fork and a VM build now would compete with the restore for the CPU
-            deficit = self.target + self.waiting[shape] - len(self.idle[shape]) - in_flight[shape]
+            deficit = (self.target + self.waiting[shape] + self._prepare_deficit(shape)
+                       - len(self.idle[shape]) - in_flight[shape])
             for _ in range(max(0, min(deficit, budget))):
                 wanted.append(shape)
                 budget -= 1
         return wanted
+
+    def _prepare_deficit(self, shape: VmShape) -> int:
+        return sum(max(0, self.prepared_target - len(self.prepared[image]) - self.preparing[image])
+                   for image, image_shape in self.images.items() if image_shape == shape)
+
+    def _prepare_some(self) -> None:
+        """Turn idle workers into prepared ones while no restore runs (called on the refill thread)."""
+        while True:
+            with self.cond:
+                if self.closed or self.restoring or time.monotonic() < self.quiet_until:
+                    return
+                choice = None
+                for image, shape in self.images.items():
+                    if (self.idle[shape] and not self.waiting[shape]
+                            and len(self.prepared[image]) + self.preparing[image] < self.prepared_target):
+                        choice = image, self.idle[shape].popleft()
+                        break
+                if choice is None:
+                    return
+                image, worker = choice
+                self.preparing[image] += 1
+            try:
+                ok = self.prepare(worker, image)
+            except Exception as exc:  # the daemon's bookkeeping failed: do not lose the refill thread
+                self._note_failure(f"prepare for {image} failed: {exc}")
+                ok = False
+            with self.cond:
+                self.preparing[image] -= 1
+                keep = ok and not self.closed and image in self.images
+                if keep:
+                    self.prepared[image].append(worker)
+                    self.cond.notify_all()
+            if not keep:
+                self._retire(worker)
+                if not ok:
+                    return  # a failing prepare must not spin: the next wake-up tries again
 
     def _refill_loop(self) -> None:
         backoff = 0.0
@@ -354,19 +455,24 @@ class WarmPool:
             wait = 0.5 if not self.restoring else 0.05
             if self.quiet_until > time.monotonic():
                 wait = min(wait, self.quiet_until - time.monotonic())
+            poller = select.poll()
+            for fd in watched:
+                poller.register(fd, select.POLLIN)
             try:
-                readable, _, _ = select.select(watched, [], [], wait)
-            except (OSError, ValueError):
-                readable = []
-            if self.wake_read in readable:
+                ready = [fd for fd, _ in poller.poll(wait * 1e3)]
+            except OSError:
+                ready = []
+            if self.wake_read in ready:
                 try:
                     while os.read(self.wake_read, 4096):
                         pass
                 except BlockingIOError:
                     pass
-            for fd in readable:
+            for fd in ready:
                 if fd != self.wake_read and fd in self.spawning:
                     self._spawned(self.spawning[fd])
+            if self.prepared_target:
+                self._prepare_some()
 
     def _spawned(self, worker: WorkerHandle) -> None:
         try:
@@ -409,7 +515,9 @@ class WarmPool:
         with self.cond:
             self.closed = True
             idle = [w for queue in self.idle.values() for w in queue]
+            idle += [w for queue in self.prepared.values() for w in queue]
             self.idle.clear()
+            self.prepared.clear()
             self.cond.notify_all()
         self._wake()
         self.thread.join(10)

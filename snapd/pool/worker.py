@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import sys
 import time
 
 from snapd.pool import protocol
@@ -42,6 +43,8 @@ class Worker:
         self.machine = None
         self.backend: UffdBackend | None = None
         self.image = ""
+        self.prepared = None  # a machine restored ahead of a request for self.image, its guest held in FN_NEXT
+        self.prepare_timings: dict = {}
         for state in list(states.values()):
             self._rehearse(state)
 
@@ -73,14 +76,18 @@ class Worker:
     def _dispatch(self, header: dict, data: bytes, fds: list[int]) -> None:
         op = header.get("op")
         try:
-            if op == "restore":
+            if op == "restore" and header.get("prepared"):
+                reply, out = self._restore_prepared(header, data)
+            elif op == "restore":
                 reply, out = self._restore(header, data, fds)
+            elif op == "prepare":
+                reply, out = self._prepare(header, fds), b""
             elif op == "invoke":
                 reply, out = self._invoke(data, header.get("timeout", 10.0))
             elif op == "snapshot":
                 reply, out = self._snapshot(header), b""
             elif op == "preload":
-                if self.machine is None:
+                if self.machine is None and self.prepared is None:
                     self._rehearse(self._state(header["image"], header["state_path"]))
                 return  # no reply: sent to idle workers in the background
             elif op == "read_memory":
@@ -109,9 +116,75 @@ class Worker:
             state = self.states[image] = read_snapshot(state_path)
         return state
 
+    def _prepare(self, header: dict, fds: list[int]) -> dict:
+        """Everything of a restore that does not make the clone unique, done before any request: map the image's
+        memfd, register it with the page server, write the snapshot's VM/vCPU/device state, and let the guest run
+        up to its FN_NEXT, where the function port holds it (the guest only reads the mailbox's generation after
+        FN_NEXT answers, docs/function-port.md). The restore request then writes a fresh generation and entropy
+        and hands over the invocation. The vCPU's first KVM_RUN after the restore, kvmclock and the faults of
+        the guest's way back to FN_NEXT are off the request's path too."""
+        t0 = time.perf_counter()
+        if self.machine is not None or self.prepared is not None:
+            return {"ok": False, "error": "this worker is already in use", "kind": "protocol"}
+        if len(fds) != 1:
+            return {"ok": False, "error": f"prepare needs the image memfd, got {len(fds)} fds", "kind": "protocol"}
+        machine = self._restore_paused(header, fds[0], {})
+        machine.fnport.ready.clear()
+        resume_restored(machine)
+        held = machine.fnport.ready.wait(header.get("timeout", 10.0))  # set when the guest reaches FN_NEXT
+        if not held or machine.state == STOPPED or (self.backend is not None and self.backend.failures):
+            why = machine.fault or machine.stop_reason or (self.backend.failures[0] if self.backend and
+                                                          self.backend.failures else "no FN_NEXT in time")
+            return {"ok": False, "error": f"prepared guest did not reach FN_NEXT: {why}", "kind": "vmm"}
+        self.prepared = machine
+        self.prepare_timings = {"prepare_us": (time.perf_counter() - t0) * 1e6}
+        return {"ok": True, "pid": os.getpid()}
+
+    def _restore_prepared(self, header: dict, payload: bytes) -> tuple[dict, bytes]:
+        t0 = time.perf_counter()
+        machine = self.prepared
+        if machine is None or header.get("image") != self.image:
+            return {"ok": False, "error": f"this worker is not prepared for {header.get('image')}",
+                    "kind": "protocol"}, b""
+        if machine.state == STOPPED or (self.backend is not None and self.backend.failures):
+            return {"ok": False, "error": f"the prepared clone failed: {machine.fault or machine.stop_reason}",
+                    "kind": "vmm"}, b""
+        self.prepared = None
+        self.machine = machine
+        # The guest waits in FN_NEXT (its vCPU thread in the function port, not running guest code): a new
+        # generation and entropy now are what it sees with its first invocation.
+        machine.fnport.new_generation()
+        t1 = time.perf_counter()
+        timings = dict(self.prepare_timings, new_generation_us=(t1 - t0) * 1e6)
+        reply = {"ok": True, "pid": os.getpid(), "timings": timings, "prepared": True,
+                 "regions": [[r.guest_phys_addr, r.size, r.host_addr] for r in machine.memory.regions],
+                 "mailbox_gpa": machine.fnport.mailbox_gpa, "generation": machine.fnport.generation}
+        result = b""
+        if header.get("invoke"):
+            reply["invoke"], result = self._invoke(payload, header.get("timeout", 10.0))
+        reply["total_us"] = (time.perf_counter() - t0) * 1e6
+        return reply, result
+
+    def _restore_paused(self, header: dict, memfd: int, marks: dict):
+        """Remap, register with the page server, write the state; the vCPUs stay parked."""
+        self.image = header["image"]
+        state = self._state(self.image, header["state_path"])
+
+        def register_with_page_server(machine) -> None:
+            marks["remap"] = time.perf_counter()
+            # Lazy mode: the server sends "ready" at once and serves faults as they come; a fault raised before
+            # it has attached simply waits in the uffd, so the restore does not wait for that round trip.
+            self.backend = UffdBackend(machine.memory, header["page_server"])
+            self.backend.set_failure_handler(lambda error: self._page_server_failed(machine, error))
+            marks["uffd"] = time.perf_counter()
+
+        marks["start"] = time.perf_counter()
+        return self.prebuilt.restore(state, memfd, shared=False, before_state=register_with_page_server,
+                                     resume=False)
+
     def _restore(self, header: dict, payload: bytes, fds: list[int]) -> tuple[dict, bytes]:
         t0 = time.perf_counter()
-        if self.machine is not None:
+        if self.machine is not None or self.prepared is not None:
             return {"ok": False, "error": "this worker already runs a clone", "kind": "protocol"}, b""
         if len(fds) != 1:
             return {"ok": False, "error": f"restore needs the image memfd, got {len(fds)} fds", "kind": "protocol"}, b""
@@ -198,6 +271,9 @@ class Worker:
 def run_worker(channel: socket.socket, shape: VmShape, states: dict) -> None:
     """A forked worker's whole life: build the VM shell, serve the daemon until its channel closes, exit.
     Never returns (the zygote's stack must not unwind in the child)."""
+    # The main thread hands each invocation to a vCPU thread and waits for it: with the default 5 ms switch
+    # interval a thread that wants the GIL back can wait that long (as the daemon, snapd/serve.py).
+    sys.setswitchinterval(0.0002)
     try:
         worker = Worker(channel, shape, states)
     except (VmmError, OSError) as exc:
