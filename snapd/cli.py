@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import sys
 
 COMMAND_MODULES = ("snapd.image.commands", "snapd.serve", "snapd.loadset_commands")
@@ -28,6 +29,16 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str):
         self.exit(EXIT_USAGE, f"snapd: error: {message} (see '{self.prog} --help')\n")
+
+
+def print_info(info: dict, as_json: bool) -> None:
+    """A command's findings: one JSON document, or aligned ``key  value`` lines."""
+    if as_json:
+        print(json.dumps(info, indent=2))
+        return
+    width = max(map(len, info))
+    for key, value in info.items():
+        print(f"{key:<{width}}  {value}")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -2,9 +2,8 @@
 PageServer.serve(record=True) / stop_recording and docs/page-server.md."""
 from __future__ import annotations
 
-import json
 
-from snapd.cli import EXIT_FAILED, CliError
+from snapd.cli import EXIT_FAILED, CliError, print_info
 
 
 def register(subparsers) -> None:
@@ -54,12 +53,7 @@ def _inspect(args) -> int:
             raise CliError(str(exc), EXIT_FAILED) from None
         finally:
             img.close()
-    if args.json:
-        print(json.dumps(info, indent=2))
-    else:
-        width = max(map(len, info))
-        for k, v in info.items():
-            print(f"{k:<{width}}  {v}")
+    print_info(info, args.json)
     return 0
 
 

@@ -18,11 +18,12 @@ import signal
 import socket
 import threading
 import warnings
-from dataclasses import dataclass, field, fields
-from typing import Callable, NamedTuple, Sequence
+from dataclasses import dataclass, fields
+from typing import Callable, Sequence
 
 from snapd import uffd_handshake as hs
 from snapd.loadset import LoadingSet, LoadingSetError, default_path
+from snapd.image.reader import ChunkRef  # one chunk as BaseImage.chunk_table() describes it
 from snapd.uffd import check, ffi, lib
 
 log = logging.getLogger("snapd.pageserver")
@@ -36,15 +37,6 @@ MODES = ("lazy", "eager", "prefetch")
 
 class LoadingSetWarning(UserWarning):
     """A loading set was refused; the VM is served by plain lazy paging instead (never wrong memory)."""
-
-
-class ChunkRef(NamedTuple):
-    """One chunk as snapd.image's BaseImage.chunk_table() describes it."""
-    pack_path: str
-    offset: int
-    stored_len: int
-    codec: int
-    checksum: int
 
 
 @dataclass
@@ -61,7 +53,7 @@ class ChunkTable:
     @classmethod
     def from_base_image(cls, path: str, store: str | None = None) -> "ChunkTable":
         """A base image or a diff layer; a layer's table is the composition of its chain (top wins)."""
-        from snapd.image.reader import BaseImage  # the colleague's format; imported only when used
+        from snapd.image.reader import BaseImage
         img = BaseImage.open(path, store)
         try:
             ls = default_path(path)

@@ -108,27 +108,45 @@ def _chunks_with_data(fd: int, mem_size: int, chunk_size: int, n: int) -> bytear
     return has_data
 
 
+class StoreBatch:
+    """New chunk contents waiting for one store append, and the index entries that wait for their location.
+    Appending in batches keeps fsyncs few; ``entries[i]`` is filled in once chunk i's bytes are in a pack."""
+
+    def __init__(self, store, entries: list, hashes: list):
+        self.store, self.entries, self.hashes = store, entries, hashes
+        self.pending: dict[bytes, NewChunk] = {}
+        self.waiting: list[int] = []
+        self.pending_raw = self.new = self.new_bytes = 0
+
+    def add(self, i: int, chunk: NewChunk | None, raw_size: int) -> None:
+        """Chunk i has content hash ``hashes[i]``; ``chunk`` is its new encoding, or None if already stored."""
+        if chunk is not None:
+            self.pending[chunk.hash] = chunk
+            self.pending_raw += raw_size
+        self.waiting.append(i)
+        if self.pending_raw >= BATCH_BYTES:
+            self.flush()
+
+    def flush(self) -> None:
+        where, added, added_bytes = self.store.add(self.pending.values())
+        self.new += added
+        self.new_bytes += added_bytes
+        for i in self.waiting:
+            h = self.hashes[i]
+            s = where.get(h) or self.store.lookup(h)
+            self.entries[i] = Entry(h, s.codec, s.pack_id, s.offset, s.stored_len, s.checksum)
+        self.pending.clear()
+        self.waiting.clear()
+        self.pending_raw = 0
+
+
 def _build(view, mem_size, n, chunk_size, codec, level, store, progress, workers, has_data=None):
     entries: list[Entry | None] = [None] * n
     hashes: list[bytes | None] = [None] * n
-    pending: dict[bytes, NewChunk] = {}   # new content waiting for the next store append
-    waiting: list[int] = []               # chunk indexes whose location comes from that append
+    batch = StoreBatch(store, entries, hashes)
     seen: set[bytes] = set()
-    zero = dup = new = new_bytes = 0
-    pending_raw = done = 0
+    zero = dup = done = 0
     job = _chunk_job(view, mem_size, chunk_size, codec, level, lambda h: h in store or h in seen)
-
-    def flush():
-        nonlocal new, new_bytes, pending_raw
-        where, added, added_bytes = store.add(pending.values())
-        new += added
-        new_bytes += added_bytes
-        for i in waiting:
-            s = where.get(hashes[i]) or store.lookup(hashes[i])
-            entries[i] = Entry(hashes[i], s.codec, s.pack_id, s.offset, s.stored_len, s.checksum)
-        pending.clear()
-        waiting.clear()
-        pending_raw = 0
 
     workers = workers or os.cpu_count() or 1
     # Enough in flight that workers keep compressing while this thread appends and fsyncs a batch.
@@ -152,16 +170,11 @@ def _build(view, mem_size, n, chunk_size, codec, level, store, progress, workers
                 entries[i] = Entry(_ZERO_HASH, codecs.ZERO, 0, 0, 0, 0)
             else:
                 hashes[i] = h
-                if h in seen or chunk is None:  # earlier in this image, or already in the store
-                    dup += 1
-                else:
-                    pending[h] = chunk
-                    pending_raw += size
+                duplicate = h in seen or chunk is None  # earlier in this image, or already in the store
+                dup += duplicate
                 seen.add(h)
-                waiting.append(i)
-                if pending_raw >= BATCH_BYTES:
-                    flush()
+                batch.add(i, None if duplicate else chunk, size)
             if progress is not None:
                 progress(done, mem_size)
-    flush()
-    return entries, zero, dup, new, new_bytes
+    batch.flush()
+    return entries, zero, dup, batch.new, batch.new_bytes

@@ -2,10 +2,9 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 
-from snapd.cli import EXIT_FAILED, EXIT_USAGE, CliError
+from snapd.cli import EXIT_FAILED, EXIT_USAGE, CliError, print_info
 
 _UNITS = {"k": 1 << 10, "m": 1 << 20}
 
@@ -110,12 +109,7 @@ def _inspect(args) -> int:
         info["parent"] = img.parent.path
         info["parent_content_id"] = h.parent_id.hex()
         info["layers"] = len(img.chain())
-    if args.json:
-        print(json.dumps(info, indent=2))
-    else:
-        width = max(map(len, info))
-        for k, v in info.items():
-            print(f"{k:<{width}}  {v}")
+    print_info(info, args.json)
     return 0
 
 

@@ -16,14 +16,13 @@ from typing import Iterable
 import xxhash
 
 from snapd.image import codecs
-from snapd.image.builder import DEFAULT_CODEC, _ZERO_HASH
+from snapd.image.builder import DEFAULT_CODEC, _ZERO_HASH, StoreBatch
 from snapd.image.chunkstore import ChunkStore, NewChunk
 from snapd.image.errors import ImageError, LayerParentMismatch
 from snapd.image.index import (CODEC_PARENT, VERSION, Entry, Header, content_id, write_index)
 from snapd.image.reader import BaseImage
 
 PAGE = 4096
-BATCH_BYTES = 64 << 20
 
 
 @dataclass(frozen=True)
@@ -80,21 +79,8 @@ def build_layer(parent_path: str | os.PathLike, diff_mem_path: str | os.PathLike
             # id is that of the composed memory (equal to a whole image of the same memory).
             hashes = [parent.owner(i)[1].hash for i in range(parent.nchunks)]
             entries = [Entry(h, CODEC_PARENT, 0, 0, 0, 0) for h in hashes]
-            pending: dict[bytes, NewChunk] = {}
-            waiting: list[int] = []
-            stored = new = new_bytes = pending_raw = 0
-
-            def flush():
-                nonlocal new, new_bytes, pending_raw
-                where, added, added_bytes = store.add(pending.values())
-                new += added
-                new_bytes += added_bytes
-                for i in waiting:
-                    s = where.get(hashes[i]) or store.lookup(hashes[i])
-                    entries[i] = Entry(hashes[i], s.codec, s.pack_id, s.offset, s.stored_len, s.checksum)
-                pending.clear()
-                waiting.clear()
-                pending_raw = 0
+            batch = StoreBatch(store, entries, hashes)
+            stored = 0
 
             for c in sorted(pieces):
                 buf = bytearray(parent.read_chunk(c))  # read-modify-write: correctness first
@@ -115,21 +101,19 @@ def build_layer(parent_path: str | os.PathLike, diff_mem_path: str | os.PathLike
                 if h == _ZERO_HASH:
                     entries[c] = Entry(_ZERO_HASH, codecs.ZERO, 0, 0, 0, 0)
                     continue
-                if h not in store and h not in pending:
+                new_chunk = None
+                if h not in store and h not in batch.pending:
                     used, data = codecs.encode(bytes(buf), cid, level)
-                    pending[h] = NewChunk(h, used, data, len(buf), xxhash.xxh3_64_intdigest(data))
-                    pending_raw += len(buf)
-                waiting.append(c)
-                if pending_raw >= BATCH_BYTES:
-                    flush()
-            flush()
+                    new_chunk = NewChunk(h, used, data, len(buf), xxhash.xxh3_64_intdigest(data))
+                batch.add(c, new_chunk, len(buf))
+            batch.flush()
             rel_store = os.path.relpath(store.root, os.path.dirname(image_path))
             rel_parent = os.path.relpath(os.path.abspath(parent.path), os.path.dirname(image_path))
             hdr = Header(parent.chunk_size, cid, level, parent.mem_size, parent.nchunks,
                          content_id(parent.chunk_size, parent.mem_size, hashes), source_id, rel_store,
                          parent_id=ph.content_id, parent_path=rel_parent)
             write_index(image_path, hdr, entries)
-        return LayerResult(image_path, parent.nchunks, len(pieces), stored, new, new_bytes)
+        return LayerResult(image_path, parent.nchunks, len(pieces), stored, batch.new, batch.new_bytes)
     finally:
         parent.close()
 
@@ -154,20 +138,9 @@ def squash_image(top_path: str | os.PathLike, image_path: str | os.PathLike,
         target = os.fspath(store_dir) if store_dir is not None else top.store_dir
         with ChunkStore(target) as store:
             entries: list[Entry | None] = [None] * top.nchunks
-            pending: dict[bytes, NewChunk] = {}
-            waiting: list[int] = []
-            copied = pending_raw = 0
-
-            def flush():
-                nonlocal pending_raw
-                where, _, _ = store.add(pending.values())
-                for i in waiting:
-                    h = entries[i].hash
-                    s = where.get(h) or store.lookup(h)
-                    entries[i] = Entry(h, s.codec, s.pack_id, s.offset, s.stored_len, s.checksum)
-                pending.clear()
-                waiting.clear()
-                pending_raw = 0
+            hashes: list[bytes | None] = [None] * top.nchunks
+            batch = StoreBatch(store, entries, hashes)
+            copied = 0
 
             for i in range(top.nchunks):
                 owner, e = top.owner(i)
@@ -178,16 +151,14 @@ def squash_image(top_path: str | os.PathLike, image_path: str | os.PathLike,
                 if s is not None:
                     entries[i] = Entry(e.hash, s.codec, s.pack_id, s.offset, s.stored_len, s.checksum)
                     continue
-                entries[i] = e  # placeholder holding the hash until the flush locates it
-                if e.hash not in pending:
+                hashes[i] = e.hash
+                new_chunk = None
+                if e.hash not in batch.pending:
                     _, data = owner.read_stored(i)  # checksum-checked
-                    pending[e.hash] = NewChunk(e.hash, e.codec, data, top.raw_len(i), e.checksum)
-                    pending_raw += top.raw_len(i)
+                    new_chunk = NewChunk(e.hash, e.codec, data, top.raw_len(i), e.checksum)
                     copied += 1
-                waiting.append(i)
-                if pending_raw >= BATCH_BYTES:
-                    flush()
-            flush()
+                batch.add(i, new_chunk, top.raw_len(i))
+            batch.flush()
             th = top.header
             cid = content_id(th.chunk_size, th.mem_size, (e.hash for e in entries))
             if cid != th.content_id:
