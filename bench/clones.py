@@ -4,6 +4,7 @@
     PYTHONPATH=. .venv/bin/python -m bench.clones latency-ab [--n 100]   (no prepared workers vs prepared, alternating)
     PYTHONPATH=. .venv/bin/python -m bench.clones memory  [--mem-mib 256] [--counts 1,10,100,1000]
     PYTHONPATH=. .venv/bin/python -m bench.clones rate    [--mem-mib 512] [--seconds 10] [--clients 4]
+    (SNAPD_REUSE=0 in the environment: deleted clones' workers exit instead of being reused)
 
 The daemon runs as `snapd serve` in its own process (as a scheduler would see it); this process is the client.
 Latency is one API request, POST /v1/clones with a hello payload, to the guest's first hello reply (verified),
@@ -109,7 +110,7 @@ def run_latency(args, work: str) -> dict:
         client = daemon.client
         image = client.register_image(state, mem)["id"]
         wait_pool(client, args.pool_size, prepared=prepared)
-        e2e, two_step, server, worker, prepared_hits = [], [], [], [], 0
+        e2e, two_step, server, worker, prepared_hits, reused = [], [], [], [], 0, 0
         for i in range(args.n + args.warmup):
             request = workloads.hello_request(f"bench {i}")
             t0 = time.perf_counter()
@@ -121,8 +122,10 @@ def run_latency(args, work: str) -> dict:
                 e2e.append((t1 - t0) * 1e3)
                 prepared_hits += "prepare_us" in clone["timings_us"]
                 server.append(clone["restore_us"] / 1e3)
+                reused += clone["timings_us"].get("reuses", 0) > 0
                 for key, value in clone["timings_us"].items():
-                    steps.setdefault(key, []).append(value / 1e3)
+                    if key != "reuses":  # a count, not a time
+                        steps.setdefault(key, []).append(value / 1e3)
                 steps.setdefault("first_invoke_us", []).append(clone["invoke_latency_us"] / 1e3)
             time.sleep(args.gap_ms / 1e3)
             # The same, as two requests: restore, then the first invocation.
@@ -140,7 +143,8 @@ def run_latency(args, work: str) -> dict:
         s = summary(samples)
         rows.append([name, s["p50"], s["p90"], s["p99"], s["mean"], s["min"]])
     print(table(["what", "p50", "p90", "p99", "mean", "min"], rows))
-    print(f"one-request restores served by a prepared worker: {prepared_hits}/{len(e2e)}")
+    print(f"one-request restores served by a prepared worker: {prepared_hits}/{len(e2e)}, "
+          f"by a reused (recycled) one: {reused}/{len(e2e)}")
     return {"e2e": summary(e2e), "two_step": summary(two_step)}
 
 

@@ -128,3 +128,62 @@ def test_the_zygote_is_single_threaded_and_workers_are_its_children(running):
             assert int(f.read().rsplit(")", 1)[1].split()[1]) == zygote
     finally:
         daemon.client.delete_clone(clone["id"])
+
+
+def test_a_reused_worker_starts_from_the_snapshot_with_a_new_generation(running):
+    """A deleted clone's worker is prepared again for the image (no fork): its next clone must see the
+    snapshot's memory page for page (not the pages the old clone wrote), and a generation and entropy of its own."""
+    daemon, image, state_path, mem_path = running
+    expected = snapshot_memory(mem_path)
+    mailbox_gpa = read_snapshot(state_path).devices.fnport.mailbox_pfn << 12
+    pool = daemon.daemon.pool
+    request = workloads.hello_request("reuse")
+    wait_settled(pool)
+    pool.restore_started()  # holds the refill (as a restore in flight does): the deleted clone's worker is wanted
+    try:
+        old, other = daemon.client.create_clones(image, count=2, payload=request)
+        first = workloads.verify_hello(request, old["result"], 1)
+        daemon.client.invoke(old["id"], b"write more")
+        worker = daemon.daemon.clones[old["id"]]
+        clone_memory(daemon, old["id"])  # every page faulted in (a write to a missing page fails with EIO)
+        for gpa in range(0, MEM_MIB << 20, 1 << 20):  # dirty the old clone all over its memory
+            write_process_memory(old["pid"], worker.regions[0][2] + gpa, b"\xee" * PAGE)
+        daemon.client.delete_clone(old["id"])
+        daemon.client.delete_clone(other["id"])
+        wait_settled(pool)
+        assert old["pid"] in {w.pid for w in pool.prepared_workers(image)}, pool.last_error
+    finally:
+        pool.restore_finished()
+    taken = daemon.client.create_clones(image, count=len(pool.prepared_workers(image)))
+    try:
+        reused = next(c for c in taken if c["pid"] == old["pid"])
+        assert reused["timings_us"]["reuses"] >= 1
+        assert_equals_snapshot(clone_memory(daemon, reused["id"]), expected, mailbox_gpa)
+        again = workloads.verify_hello(request, daemon.client.invoke(reused["id"], request), 1)
+        assert again.generation != first.generation and again.random != first.random
+    finally:
+        for clone in taken:
+            daemon.client.delete_clone(clone["id"])
+
+
+def test_a_failed_clones_worker_is_not_reused(running):
+    daemon, image, _, _ = running
+    (clone,) = daemon.client.create_clones(image)
+    os.kill(clone["pid"], signal.SIGSTOP)  # alive but failing: the daemon must not take it back
+    try:
+        daemon.daemon._mark_failed(daemon.daemon.clones[clone["id"]], "marked failed by the test")
+        daemon.client.delete_clone(clone["id"])
+        wait_settled(daemon.daemon.pool)
+        assert clone["pid"] not in {w.pid for w in daemon.daemon.pool.warm_workers()}
+    finally:
+        try:
+            os.kill(clone["pid"], signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def wait_settled(pool, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not pool.settled():
+        assert time.monotonic() < deadline, "the pool did not settle"
+        time.sleep(0.02)

@@ -38,6 +38,8 @@ class DaemonConfig:
     max_count: int = 64            # clones per POST /v1/clones
     restore_timeout: float = 30.0  # waiting for a warm worker plus its restore
     prepared: int | None = None    # workers kept restored ahead per image (None: pool_size)
+    reuse_workers: bool | None = None  # a deleted clone's worker is prepared again for its image (None: on,
+                                       # unless SNAPD_REUSE=0); needs prepared > 0
     chunk_size: int | None = None  # base image chunk size (default: snapd.image's)
 
 
@@ -148,6 +150,10 @@ class Daemon:
         prepared = config.prepared
         if prepared is None:  # SNAPD_PREPARED: an operator's (and bench/clones.py's) override without a flag
             prepared = int(os.environ.get("SNAPD_PREPARED", config.pool_size))
+        reuse = config.reuse_workers
+        if reuse is None:
+            reuse = os.environ.get("SNAPD_REUSE", "1") != "0"
+        self.reuse_workers = bool(reuse) and prepared > 0
         self.pool = WarmPool(self.zygote, config.pool_size, config.max_spawning, on_ready=self._worker_ready,
                              on_gone=self._worker_gone, prepare=self._prepare_worker, prepared_target=prepared)
         self.epoll = select.epoll()
@@ -440,7 +446,26 @@ class Daemon:
                     pass
             clone.shard.clones -= 1
             clone.image.clones -= 1
-        self._retire(clone.worker)
+        worker = clone.worker
+        if (self.reuse_workers and clone.state == "running" and not worker.failure and not worker.dead
+                and not clone.image.deleting and not self.closed
+                and self.pool.recycle(worker, clone.image.record.id, lambda w: self._send_recycle(w, clone.image))):
+            return  # the worker is prepared again for the image (no fork, VM build or teardown)
+        self._retire(worker)
+
+    def _send_recycle(self, worker: WorkerHandle, runtime: "ImageRuntime") -> int:
+        """Ask the worker of a deleted clone to drop it and prepare ``runtime``'s image again on the same VM
+        (worker.py ``_recycle``); it takes a page-server slot of a shard as a prepared worker does."""
+        with self.lock:
+            if runtime.deleting or self.closed:
+                raise WorkerFailed("the image is being deleted")
+            shard = runtime.shard_for_new_clone()
+            shard.clones += 1
+            worker.shard = shard
+        worker.image = ""  # not takeable as prepared until the pool has its reply
+        return worker.send_request({"op": "recycle", "image": runtime.record.id,
+                                    "state_path": runtime.record.state_path, "page_server": shard.sock_path,
+                                    "timeout": 10.0}, b"", [shard.image.memfd])
 
     # -- metrics
     def metrics_text(self) -> str:

@@ -116,6 +116,44 @@ class WorkerHandle:
             raise WorkerError(reply.get("error", "unknown error"), reply.get("kind", "vmm"))
         return reply, out
 
+    def send_request(self, header: dict, data: bytes = b"", fds=()) -> int:
+        """Send a request whose reply another thread collects (``read_reply``); returns its id."""
+        header = dict(header, id=next(self._ids))
+        with self.lock:
+            if self.dead:
+                raise WorkerFailed(f"worker {self.pid} is gone: {self.failure or 'it exited'}")
+            try:
+                protocol.send(self.channel, header, data, fds)
+            except OSError as exc:
+                self._mark_dead(f"{type(exc).__name__}: {exc}")
+                raise WorkerFailed(f"worker {self.pid} failed during {header['op']}: {self.failure}") from None
+        return header["id"]
+
+    def read_reply(self, request_id: int) -> dict | None:
+        """The reply to ``send_request``'s request if it has come (None: not yet; call again when readable);
+        raises WorkerFailed (dead) or WorkerError (refused)."""
+        with self.lock:
+            while not self.dead and readable(self.channel, 0):
+                try:
+                    reply, _, extra = protocol.recv(self.channel)
+                except (protocol.ProtocolError, OSError) as exc:
+                    self._mark_dead("the worker process exited" if isinstance(exc, protocol.PeerGone)
+                                    else f"{type(exc).__name__}: {exc}")
+                    break
+                for fd in extra:
+                    os.close(fd)
+                if "event" in reply:
+                    self._event(reply)
+                    continue
+                if reply.get("id") != request_id:
+                    continue
+                if not reply.get("ok"):
+                    raise WorkerError(reply.get("error", "unknown error"), reply.get("kind", "vmm"))
+                return reply
+            if self.dead:
+                raise WorkerFailed(f"worker {self.pid} is gone: {self.failure or 'it exited'}")
+        return None
+
     def send_quietly(self, header: dict) -> None:
         """A message that takes no reply (preload); a dead worker is simply skipped."""
         with self.lock:
@@ -249,6 +287,10 @@ class WarmPool:
         self.images: dict[str, VmShape] = {}
         self.prepared: dict[str, collections.deque[WorkerHandle]] = collections.defaultdict(collections.deque)
         self.preparing: dict[str, int] = collections.defaultdict(int)
+        # Workers whose clone was deleted, being prepared again for the same image (``recycle``):
+        # channel fd -> (worker, image, request id, deadline); counted in ``preparing``.
+        self.recycling: dict[int, tuple[WorkerHandle, str, int, float]] = {}
+        self.recycled = 0
         self.max_spawning = max_spawning
         self.on_ready = on_ready or (lambda worker: None)
         self.on_gone = on_gone or (lambda worker: None)
@@ -306,7 +348,7 @@ class WarmPool:
         return self.idle_workers() + self.prepared_workers()
 
     def settled(self) -> bool:
-        """No fork and no prepare in flight."""
+        """No fork and no prepare (nor recycle) in flight."""
         with self.cond:
             return not self.spawning and not any(self.preparing.values())
 
@@ -359,6 +401,60 @@ class WarmPool:
             return None
         self._wake_locked()
         return worker
+
+    # -- reusing a worker after its clone is deleted
+    def recycle(self, worker: WorkerHandle, image: str, send: Callable[[WorkerHandle], int],
+                timeout: float = 30.0) -> bool:
+        """Take back the worker of a deleted clone of ``image`` to be prepared again for it, if the image wants
+        another prepared worker (prepared + in preparation below its target plus waiting requests). ``send``
+        sends the worker its "recycle" request and returns the request id; the refill thread collects the reply.
+        False: not wanted (or the request could not be sent): the caller retires the worker."""
+        with self.cond:
+            shape = self.images.get(image)
+            if (self.closed or shape is None or shape != worker.shape or len(self.prepared[image])
+                    + self.preparing[image] >= self.prepared_target + self.waiting[shape]):
+                return False
+            self.preparing[image] += 1
+        try:
+            request_id = send(worker)
+        except Exception:  # noqa: BLE001 (the worker is retired by the caller, its failure logged there)
+            with self.cond:
+                self.preparing[image] -= 1
+            return False
+        with self.cond:
+            self.recycling[worker.fileno()] = (worker, image, request_id, time.monotonic() + timeout)
+            self._wake_locked()
+        return True
+
+    def _recycled(self, fd: int, expired: bool = False) -> None:
+        """The refill thread: a recycling worker answered (or ran out of time)."""
+        with self.cond:
+            entry = self.recycling.get(fd)
+        if entry is None:
+            return
+        worker, image, request_id, _ = entry
+        ok, reply = False, None
+        if expired:
+            worker._mark_dead("no reply to recycle in time")
+        else:
+            try:
+                reply = worker.read_reply(request_id)
+                if reply is None:
+                    return  # an event only: the reply is still to come
+                ok = True
+            except (WorkerFailed, WorkerError) as exc:
+                self._note_failure(f"recycling worker {worker.pid} for {image} failed: {exc}")
+        with self.cond:
+            self.recycling.pop(fd, None)
+            self.preparing[image] -= 1
+            keep = ok and not self.closed and image in self.images
+            if keep:
+                worker.image = image
+                self.prepared[image].append(worker)
+                self.recycled += 1
+                self.cond.notify_all()
+        if not keep:
+            self._retire(worker)
 
     def restore_started(self) -> None:
         with self.cond:
@@ -451,7 +547,13 @@ class WarmPool:
                     break
                 with self.cond:
                     self.spawning[worker.fileno()] = worker
-            watched = [self.wake_read, *self.spawning]
+            with self.cond:
+                recycling = list(self.recycling.items())
+            now = time.monotonic()
+            for fd, entry in recycling:
+                if entry[3] < now:
+                    self._recycled(fd, expired=True)
+            watched = [self.wake_read, *self.spawning, *(fd for fd, e in recycling if e[3] >= now)]
             wait = 0.5 if not self.restoring else 0.05
             if self.quiet_until > time.monotonic():
                 wait = min(wait, self.quiet_until - time.monotonic())
@@ -471,6 +573,8 @@ class WarmPool:
             for fd in ready:
                 if fd != self.wake_read and fd in self.spawning:
                     self._spawned(self.spawning[fd])
+                elif fd != self.wake_read and fd in self.recycling:
+                    self._recycled(fd)
             if self.prepared_target:
                 self._prepare_some()
 
@@ -516,8 +620,10 @@ class WarmPool:
             self.closed = True
             idle = [w for queue in self.idle.values() for w in queue]
             idle += [w for queue in self.prepared.values() for w in queue]
+            idle += [entry[0] for entry in self.recycling.values()]
             self.idle.clear()
             self.prepared.clear()
+            self.recycling.clear()
             self.cond.notify_all()
         self._wake()
         self.thread.join(10)
