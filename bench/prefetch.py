@@ -8,7 +8,11 @@ Modes (one kv or scan guest snapshot per case, one base image, 512 KiB lz4 chunk
 - resident_anon: anonymous memory fully installed (an eager restore, not timed); only resume + first reply
   are timed: the lower bound;
 - lazy: page server, faults only;
-- prefetch: page server with the loading set recorded on one earlier lazy restore (another request);
+- prefetch: page server with the loading set recorded on one earlier lazy restore (another request),
+  streamed per VM (decompressed on the loop as the VM runs: serve(..., stage=False));
+- staged: the same loading set staged ahead of the restore (serve(mode="prefetch", loading_set=...) decompresses
+  it into a staging buffer when the image is served; the staging finishes before the clock, as it does when a
+  scheduler registers the image ahead of requests) and installed from the buffer with large UFFDIO_COPY batches;
 - eager: page server installs the whole image before ready.
 Time to first reply = load_snapshot_* call + resume + first invoke; the reply is verified (not timed).
 The page server and image (packs in the page cache) are set up before the clock starts, as a daemon holds them.
@@ -111,8 +115,10 @@ def measure_case(server: PageServer, d: str, workload: str, mib: int, reps: int)
     loading_set = server.stop_recording(rec.wait_for_vms(1)[0])
     loading_set.save(f"{d}/vm.img.loadset")
     sockets = {mode: server.serve(f"{d}/{mode}.sock", image, mode,
-                                  loading_set=f"{d}/vm.img.loadset" if mode == "prefetch" else None)
+                                  loading_set=f"{d}/vm.img.loadset" if mode == "prefetch" else None, stage=False)
                for mode in ("lazy", "prefetch", "eager")}
+    sockets["staged"] = server.serve(f"{d}/staged.sock", image, "prefetch", loading_set=f"{d}/vm.img.loadset")
+    stage = sockets["staged"].stage.wait(120)  # ahead of the restore
 
     def resident():
         fd_mem = f"{d}/vm.mem"
@@ -123,7 +129,9 @@ def measure_case(server: PageServer, d: str, workload: str, mib: int, reps: int)
         prefault(m)
         return m
 
-    times: dict[str, list[float]] = {k: [] for k in ("resident", "resident_anon", "lazy", "prefetch", "eager")}
+    times: dict[str, list[float]] = {k: [] for k in ("resident", "resident_anon", "lazy", "prefetch", "staged",
+                                                     "eager")}
+    staged_stats = []
     for rep in range(reps):
         seed = 100 + rep
         # resident_anon: anonymous memory fully installed (eager) before the clock; resume + first reply only
@@ -149,10 +157,18 @@ def measure_case(server: PageServer, d: str, workload: str, mib: int, reps: int)
         finally:
             m.close()
         for mode, listener in sockets.items():
+            n_before = len(listener.vm_ids)
             times[mode].append(first_reply(
                 lambda: load_snapshot_uffd_backed(state, listener.sock_path, serial_sink=QUIET), workload, mib, seed))
+            if mode == "staged":
+                staged_stats.append(server.stats(listener.wait_for_vms(n_before + 1)[-1]))
+    for listener in sockets.values():
+        listener.close()  # frees the staging buffer
     med = {k: statistics.median(v) for k, v in times.items()}
     return {"loadset_chunks": len(loading_set.chunks), "loadset_mib": loading_set.bytes_covered() / (1 << 20),
+            "stage_ms": stage.ns / 1e6,
+            "stage_faults": statistics.median(s.stage_faults for s in staged_stats),
+            "stage_ioctls": statistics.median(s.stage_ioctls for s in staged_stats),
             **med}
 
 
@@ -274,8 +290,10 @@ def main(argv=None) -> int:
             if not args.no_single:
                 r = measure_case(server, d, workload, mib, args.reps)
                 rows.append([*case, r["loadset_chunks"], round(r["loadset_mib"], 1),
-                             r["resident"], r["resident_anon"], r["lazy"], r["prefetch"], r["eager"],
-                             r["prefetch"] / r["resident_anon"], r["lazy"] / r["prefetch"]])
+                             r["resident"], r["resident_anon"], r["lazy"], r["prefetch"], r["staged"], r["eager"],
+                             r["prefetch"] / r["resident_anon"], r["staged"] / r["resident_anon"],
+                             r["lazy"] / r["prefetch"], r["lazy"] / r["staged"],
+                             r["stage_ms"], f'{int(r["stage_ioctls"])}/{int(r["stage_faults"])}'])
                 print(rows[-1], flush=True)
             if not args.no_shared:
                 r = measure_shared(d, workload, mib, args.reps)
@@ -289,8 +307,9 @@ def main(argv=None) -> int:
         print(f"\n{machine_line()}; median of {args.reps}; ms to the first verified reply\n")
         if rows:
             print(table(["workload", "working set / guest", "chunk KiB", "loadset chunks", "loadset MiB",
-                         "resident_file_ms", "resident_anon_ms", "lazy_ms", "prefetch_ms", "eager_ms",
-                         "prefetch/resident_anon", "lazy/prefetch"], rows))
+                         "resident_file_ms", "resident_anon_ms", "lazy_ms", "prefetch_ms", "staged_ms", "eager_ms",
+                         "prefetch/resident_anon", "staged/resident_anon", "lazy/prefetch", "lazy/staged",
+                         "staging_ms (untimed)", "staged ioctls/faults"], rows))
             print()
         if shared_rows:
             print(table(["workload", "working set / guest", "chunk KiB", "loadset chunks", "loadset MiB",

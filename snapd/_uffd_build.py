@@ -101,7 +101,23 @@ struct snapd_vm_stats {
     uint64_t errors; uint64_t eager_bytes; uint64_t eager_ns;
     uint64_t prefetch_pending; uint64_t prefetch_chunks; uint64_t prefetch_bytes; uint64_t prefetch_ns;
     uint64_t prefetch_faults; uint64_t recorded;
+    uint64_t stage_chunks; uint64_t stage_faults; uint64_t stage_fallbacks; uint64_t stage_ioctls;
 };
+struct snapd_stage;
+struct snapd_stage_stats {
+    int32_t running; int32_t cancelled; uint32_t total; uint32_t done;
+    uint64_t staged; uint64_t zero_chunks; uint64_t bytes; uint64_t capacity; uint64_t over_limit; uint64_t errors;
+    uint64_t ns; uint64_t t0;
+};
+struct snapd_stage *snapd_stage_new(struct snapd_image *img, const uint32_t *chunks, uint32_t n, uint64_t limit,
+                                    int *err);
+int snapd_stage_run(struct snapd_stage *st);
+void snapd_stage_cancel(struct snapd_stage *st);
+int snapd_stage_stats(struct snapd_stage *st, struct snapd_stage_stats *out, char *err, size_t errlen);
+void snapd_stage_put(struct snapd_stage *st);
+int snapd_server_attach_staged(struct snapd_server *srv, struct snapd_image *img, int uffd, int sock,
+                               const struct snapd_region_spec *regions, int nregions, int flags,
+                               const uint32_t *prefetch, uint32_t nprefetch, struct snapd_stage *stage);
 struct snapd_server;
 struct snapd_server *snapd_server_new(void);
 int snapd_server_run(struct snapd_server *srv);

@@ -136,6 +136,87 @@ class Prefill:
             self._thread.join()
 
 
+DEFAULT_STAGE_LIMIT = 512 << 20  # staging buffer bytes at most per served loading set
+
+
+@dataclass
+class StageStats:
+    """Progress of a loading set's staging (Stage): chunks are image chunks."""
+    running: bool
+    cancelled: bool
+    total: int        # chunks in the loading set
+    done: int         # dealt with so far, in the set's order
+    staged: int       # chunks whose verified, decompressed bytes are in the buffer
+    zero_chunks: int  # all-zero chunks (nothing stored; installed with UFFDIO_ZEROPAGE)
+    bytes: int        # bytes in the buffer
+    capacity: int     # buffer size (at most the limit)
+    over_limit: int   # chunks left out by the size limit (served by the normal path)
+    errors: int       # chunks that failed to load or verify (left to the normal path, which reports them)
+    ns: int           # staging time, or to now while running
+    error: str        # the first chunk error, "" if none
+
+    @property
+    def complete(self) -> bool:
+        return not self.running and self.done == self.total
+
+    def to_json(self) -> dict:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+
+class Stage:
+    """A loading set decompressed ahead of the restore into one staging buffer (C, background thread, GIL
+    released): serve(mode="prefetch", loading_set=...) makes one per served set (private images). VMs attached
+    with it get the set installed with large UFFDIO_COPY batches straight from the buffer, and their faults on
+    staged chunks are served from it. Chunks not staged (yet, over the limit, or bad) take the normal path.
+    close() stops the staging and drops the buffer (VMs still attached keep it until they close)."""
+
+    def __init__(self, image: "Image", loading_set: LoadingSet, limit: int = DEFAULT_STAGE_LIMIT):
+        if image.shared:
+            raise ValueError(f"image {image.name}: shared images pre-fill their memfd instead (Image.prefill)")
+        self.image, self.loading_set, self.limit = image, loading_set, limit
+        chunks = list(loading_set.chunks)
+        buf = ffi.new("uint32_t[]", chunks) if chunks else ffi.NULL
+        err = ffi.new("int *")
+        ptr = lib.snapd_stage_new(image._ptr, buf, len(chunks), max(0, limit), err)
+        if ptr == ffi.NULL:
+            check(err[0] or -12, "snapd_stage_new")
+        self._ptr = ptr
+        self.rc: int | None = None
+        self._thread = threading.Thread(target=self._run, name=f"snapd-stage:{image.name}", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        self.rc = lib.snapd_stage_run(self._ptr)  # GIL released
+
+    @property
+    def finished(self) -> bool:
+        return not self._thread.is_alive()
+
+    def wait(self, timeout: float | None = None) -> StageStats:
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            raise TimeoutError(f"staging of {self.image.name} still running after {timeout} s")
+        return self.stats()
+
+    def stats(self) -> StageStats:
+        if self._ptr is None:
+            raise ValueError("stage closed")
+        st = ffi.new("struct snapd_stage_stats *")
+        err = ffi.new("char[]", 512)
+        lib.snapd_stage_stats(self._ptr, st, err, 512)
+        return StageStats(bool(st.running), bool(st.cancelled), st.total, st.done, st.staged, st.zero_chunks,
+                          st.bytes, st.capacity, st.over_limit, st.errors, st.ns,
+                          ffi.string(err).decode(errors="replace"))
+
+    def close(self) -> None:
+        if self._ptr is None:
+            return
+        lib.snapd_stage_cancel(self._ptr)
+        self._thread.join()
+        lib.snapd_stage_put(self._ptr)
+        self._ptr = None
+
+
 class Image:
     """A chunk table loaded into C (packs opened once); owned by the PageServer that made it."""
 
@@ -270,6 +351,10 @@ class VmStats:
     prefetch_ns: int = 0       # attach to the end of the prefetch
     prefetch_faults: int = 0   # faults taken while the prefetch was still running
     recorded: int = 0          # chunks in the working-set recording so far
+    stage_chunks: int = 0      # staged prefetch: chunks the stream installed from the staging buffer
+    stage_faults: int = 0      # faults served from the staging buffer (no decompress)
+    stage_fallbacks: int = 0   # set chunks the stream found not staged (installed by the normal path)
+    stage_ioctls: int = 0      # UFFDIO_COPY/ZEROPAGE calls of the staged stream (runs of adjacent chunks)
 
     def percentile_ns(self, p: float) -> float:
         return histogram_percentile(self.histogram, p)
@@ -326,9 +411,10 @@ class Listener:
 
     def __init__(self, server: "PageServer", sock_path: str, image: Image, mode: str, minor: bool = False,
                  on_error: Callable[[Exception], None] | None = None, loading_set: LoadingSet | None = None,
-                 record: bool = False):
+                 record: bool = False, stage: "Stage | None" = None):
         self.server, self.sock_path, self.image, self.mode, self.minor = server, sock_path, image, mode, minor
         self.loading_set, self.record = loading_set, record
+        self.stage = stage  # the loading set staged ahead of the restore (owned: closed with the listener)
         self.loading_set_error: LoadingSetError | None = None  # set when a loading set was refused
         self.vm_ids: list[int] = []
         self._attached = threading.Condition()
@@ -348,7 +434,7 @@ class Listener:
             try:
                 uffd_fd, regions = hs.recv_handshake(conn)
                 vm_id = self.server.attach(self.image, uffd_fd, conn, regions, self.mode, self.minor,
-                                           loading_set=self.loading_set, record=self.record)
+                                           loading_set=self.loading_set, record=self.record, stage=self.stage)
                 with self._attached:
                     self.vm_ids.append(vm_id)
                     self._attached.notify_all()
@@ -373,6 +459,8 @@ class Listener:
             pass
         self._sock.close()
         self._thread.join(timeout=5)
+        if self.stage is not None and not self._thread.is_alive():
+            self.stage.close()  # VMs attached with it keep the buffer until they close
         try:
             os.unlink(self.sock_path)
         except FileNotFoundError:
@@ -424,7 +512,8 @@ class PageServer:
 
     def attach(self, image: Image, uffd_fd: int, conn: socket.socket | None,
                regions: Sequence[hs.Region | tuple[int, int, int]], mode: str = "lazy",
-               minor: bool = False, loading_set: LoadingSet | None = None, record: bool = False) -> int:
+               minor: bool = False, loading_set: LoadingSet | None = None, record: bool = False,
+               stage: Stage | None = None) -> int:
         """Serve a VM: the server takes ownership of uffd_fd and conn (closed on failure too).
 
         Returns the VM id for stats(). mode: "lazy" (on fault; ready sent at once), "eager"
@@ -433,6 +522,8 @@ class PageServer:
         A loading set given with mode "lazy" also prefetches. A loading set that does not fit the
         image raises LoadingSetError here (serve() instead warns and falls back to lazy).
         record=True logs the chunks this VM faults on from its first fault (stop_recording).
+        stage: a Stage of this image (and of loading_set): the set is installed from its buffer in large
+        UFFDIO_COPY batches and faults on staged chunks are served from it (private images only).
         For a shared image the VM maps image.memfd MAP_PRIVATE; minor=True maps each filled chunk
         with UFFDIO_CONTINUE (register "missing+minor") instead of waking the faulting thread.
         """
@@ -463,8 +554,10 @@ class PageServer:
         flags = ((lib.SNAPD_ATTACH_EAGER if mode == "eager" else 0) | (lib.SNAPD_ATTACH_SHARED if image.shared else 0)
                  | (lib.SNAPD_ATTACH_CONTINUE if minor else 0) | (lib.SNAPD_ATTACH_RECORD if record else 0))
         sock_fd = conn.fileno() if conn is not None else -1
-        rc = lib.snapd_server_attach_ex(self._ptr, image._ptr, uffd_fd, sock_fd, specs, len(regions), flags,
-                                        prefetch, nprefetch)
+        if stage is not None and (stage._ptr is None or stage.image is not image or image.shared or loading_set is None):
+            stage = None  # closed, another image's, or nothing to stream: plain path
+        rc = lib.snapd_server_attach_staged(self._ptr, image._ptr, uffd_fd, sock_fd, specs, len(regions), flags,
+                                            prefetch, nprefetch, stage._ptr if stage is not None else ffi.NULL)
         if rc < 0:
             os.close(uffd_fd)
             if conn is not None:
@@ -476,14 +569,20 @@ class PageServer:
         return rc
 
     def serve(self, sock_path: str, image: Image, mode: str = "lazy", minor: bool = False,
-              loading_set: "LoadingSet | str | os.PathLike | None" = None, record: bool = False) -> Listener:
+              loading_set: "LoadingSet | str | os.PathLike | None" = None, record: bool = False,
+              stage: bool = True, stage_limit: int = DEFAULT_STAGE_LIMIT) -> Listener:
         """Listen on sock_path; every VMM that connects is served from image (see attach).
 
         loading_set: a LoadingSet or the path of a loading-set file; with it (mode "prefetch", or
         "lazy") each VM gets the set prefetched. A loading set that cannot be read or does not fit
         the image (stale, truncated, chunks absent from the image) is refused with a
         LoadingSetWarning naming the file and why, and VMs are served by plain lazy paging
-        (listener.loading_set_error keeps the error). record=True: see attach."""
+        (listener.loading_set_error keeps the error). record=True: see attach.
+
+        stage (private images, a usable loading set): decompress and verify the set's chunks now, once, in
+        the background, into a staging buffer of at most stage_limit bytes (listener.stage; freed when the
+        listener closes), before any VM connects; each VM then gets the set installed from the buffer with
+        large UFFDIO_COPY batches. stage=False: the set is streamed (decompressed per VM) as before."""
         if mode == "prefetch" and loading_set is None:
             raise ValueError("mode 'prefetch' needs a loading_set")
         ls, error = None, None
@@ -496,8 +595,15 @@ class PageServer:
                 message = f"{exc}; serving {image.name} by plain lazy paging, without prefetch"
                 log.warning("%s", message)
                 warnings.warn(message, LoadingSetWarning, stacklevel=2)
-        listener = Listener(self, sock_path, image, "lazy" if mode == "prefetch" and ls is None else mode, minor,
-                            loading_set=ls, record=record)
+        staged = (Stage(image, ls, stage_limit)
+                  if ls is not None and stage and not image.shared and mode in ("lazy", "prefetch") else None)
+        try:
+            listener = Listener(self, sock_path, image, "lazy" if mode == "prefetch" and ls is None else mode, minor,
+                                loading_set=ls, record=record, stage=staged)
+        except BaseException:
+            if staged is not None:
+                staged.close()
+            raise
         listener.loading_set_error = error
         self._listeners.append(listener)
         return listener
@@ -571,6 +677,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mode", choices=MODES, default="lazy")
     p.add_argument("--shared", action="store_true", help="fill one memfd shared by all VMs")
     p.add_argument("--loading-set", default=None, help="prefetch this loading set into every VM (mode prefetch)")
+    p.add_argument("--no-stage", action="store_true",
+                   help="stream the loading set per VM instead of staging it decompressed ahead of the restore")
+    p.add_argument("--stage-limit-mib", type=int, default=DEFAULT_STAGE_LIMIT >> 20,
+                   help="staging buffer size limit (default %(default)s MiB)")
     args = p.parse_args(argv)
     if args.image:
         table = ChunkTable.from_base_image(args.image)
@@ -582,7 +692,8 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(sig, lambda *_: stop.set())
     with PageServer() as server:
         mode = "prefetch" if args.loading_set and args.mode == "lazy" else args.mode
-        server.serve(args.socket, server.add_image(table, shared=args.shared), mode, loading_set=args.loading_set)
+        server.serve(args.socket, server.add_image(table, shared=args.shared), mode, loading_set=args.loading_set,
+                     stage=not args.no_stage, stage_limit=args.stage_limit_mib << 20)
         print(f"serving {table.name} on {args.socket} ({args.mode})", flush=True)
         stop.wait()
     return 0

@@ -1,5 +1,6 @@
-"""Record a working set on a lazy KVM restore, then restore with prefetch: every guest page equals the
-snapshot's and the guest's reply is verified; an unusable loading set falls back to lazy paging."""
+"""Record a working set on a lazy KVM restore, then restore with prefetch (the set staged ahead of the restore,
+or streamed per VM): every guest page equals the snapshot's and the guest's reply is verified; an unusable
+loading set falls back to lazy paging."""
 import time
 
 import pytest
@@ -8,7 +9,7 @@ from snapd.image.builder import build_image
 from snapd.loadset import LoadingSet, default_path
 from snapd.pageserver import ChunkTable, LoadingSetWarning, PageServer
 from tests.conftest import requires_kvm
-from tests.vm_helpers import QUIET, guest_memory_bytes
+from tests.vm_helpers import QUIET, assert_memory_equals_snapshot, guest_memory_bytes
 from vmm import workloads
 from vmm.config import MachineConfig
 from vmm.devices.fnport import OFF_GENERATION
@@ -112,6 +113,102 @@ def test_prefetch_restore_is_byte_identical_and_answers(recorded):
             machine.close()
 
 
+def wait_stream(server, vm):
+    deadline = time.monotonic() + 10
+    while server.stats(vm).prefetch_pending:  # let the stream finish, then read every page
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    return server.stats(vm)
+
+
+def test_staged_prefetch_is_byte_identical_and_answers(recorded):
+    """The set is decompressed into the staging buffer when served, before any VM connects; the VM gets it
+    from the buffer in UFFDIO_COPY runs, then every page equals the snapshot's and the guest answers."""
+    tmp, loading_set, _ = recorded
+    with PageServer() as server:
+        image = server.add_image(ChunkTable.from_base_image(str(tmp / "vm.img")))
+        listener = server.serve(str(tmp / "st.sock"), image, "prefetch", loading_set=default_path(tmp / "vm.img"))
+        staged = listener.stage.wait(10)  # staged ahead of the restore
+        assert staged.complete and staged.errors == 0 and staged.over_limit == 0
+        assert staged.staged + staged.zero_chunks == len(loading_set.chunks)
+        assert 0 < staged.bytes <= staged.capacity
+        machine = load_snapshot_uffd_backed(str(tmp / "vm.state"), listener.sock_path, resume=False,
+                                            serial_sink=QUIET)
+        try:
+            vm = listener.wait_for_vms(1)[0]
+            st = wait_stream(server, vm)
+            assert st.prefetch_chunks == len(loading_set.chunks)
+            assert st.stage_chunks == len(loading_set.chunks) and st.stage_fallbacks == 0
+            assert 0 < st.stage_ioctls <= st.stage_chunks  # adjacent chunks share one UFFDIO_COPY
+            assert_memory_equals_snapshot(machine, str(tmp / "vm.mem"))
+            machine.resume()
+            request = workloads.kv_request(1000, 78)  # another invocation than the recorded one
+            workloads.verify_kv(1, KV_MIB, request, machine.invoke(request))
+            st = server.stats(vm)
+            assert st.errors == 0 and st.state == "active"
+        finally:
+            machine.close()
+        listener.close()
+        assert listener.stage._ptr is None  # buffer released with the listener
+
+
+def test_staged_prefetch_concurrent_with_the_guest_answers(recorded):
+    """Resumed at once, racing the staged stream: faults on staged chunks are served from the buffer."""
+    tmp, loading_set, _ = recorded
+    with PageServer() as server:
+        image = server.add_image(ChunkTable.from_base_image(str(tmp / "vm.img")))
+        listener = server.serve(str(tmp / "stc.sock"), image, "prefetch", loading_set=loading_set)
+        listener.stage.wait(10)
+        machine = load_snapshot_uffd_backed(str(tmp / "vm.state"), listener.sock_path, serial_sink=QUIET)
+        try:
+            for seed in (13, 14):
+                request = workloads.kv_request(1000, seed)
+                workloads.verify_kv(1, KV_MIB, request, machine.invoke(request))
+            st = wait_stream(server, listener.wait_for_vms(1)[0])
+            assert st.errors == 0 and st.stage_chunks + st.stage_faults > 0
+        finally:
+            machine.close()
+
+
+def test_staging_limit_and_unstaged_chunks_fall_back_to_the_normal_path(recorded):
+    """A limit smaller than the set: the rest is decompressed per VM as before; memory still identical."""
+    tmp, loading_set, _ = recorded
+    with PageServer() as server:
+        image = server.add_image(ChunkTable.from_base_image(str(tmp / "vm.img")))
+        listener = server.serve(str(tmp / "sl.sock"), image, "prefetch", loading_set=loading_set,
+                                stage_limit=16 * image.chunk_size)
+        staged = listener.stage.wait(10)
+        assert staged.over_limit > 0 and staged.bytes <= 16 * image.chunk_size
+        machine = load_snapshot_uffd_backed(str(tmp / "vm.state"), listener.sock_path, resume=False,
+                                            serial_sink=QUIET)
+        try:
+            st = wait_stream(server, listener.wait_for_vms(1)[0])
+            assert st.prefetch_chunks == len(loading_set.chunks)
+            assert st.stage_fallbacks >= staged.over_limit and st.stage_chunks > 0
+            assert_memory_equals_snapshot(machine, str(tmp / "vm.mem"))
+            machine.resume()
+            request = workloads.kv_request(1000, 79)
+            workloads.verify_kv(1, KV_MIB, request, machine.invoke(request))
+        finally:
+            machine.close()
+
+
+def test_streamed_prefetch_without_staging_is_byte_identical(recorded):
+    tmp, loading_set, _ = recorded
+    with PageServer() as server:
+        image = server.add_image(ChunkTable.from_base_image(str(tmp / "vm.img")))
+        listener = server.serve(str(tmp / "ns.sock"), image, "prefetch", loading_set=loading_set, stage=False)
+        assert listener.stage is None
+        machine = load_snapshot_uffd_backed(str(tmp / "vm.state"), listener.sock_path, resume=False,
+                                            serial_sink=QUIET)
+        try:
+            st = wait_stream(server, listener.wait_for_vms(1)[0])
+            assert st.prefetch_chunks == len(loading_set.chunks) and st.stage_chunks == 0
+            assert_memory_equals_snapshot(machine, str(tmp / "vm.mem"))
+        finally:
+            machine.close()
+
+
 def test_stale_loading_set_falls_back_to_lazy_with_a_warning(recorded, tmp_path):
     tmp, loading_set, _ = recorded
     stale = LoadingSet(bytes(32 * [1]), loading_set.chunk_size, loading_set.mem_size, loading_set.chunks)
@@ -121,6 +218,7 @@ def test_stale_loading_set_falls_back_to_lazy_with_a_warning(recorded, tmp_path)
         with pytest.warns(LoadingSetWarning, match="stale.loadset.*re-record"):
             listener = server.serve(str(tmp_path / "ps.sock"), image, "prefetch",
                                     loading_set=str(tmp_path / "stale.loadset"))
+        assert listener.stage is None  # nothing staged from a refused set
         machine = load_snapshot_uffd_backed(str(tmp / "vm.state"), listener.sock_path, resume=False,
                                             serial_sink=QUIET)
         try:
@@ -128,6 +226,7 @@ def test_stale_loading_set_falls_back_to_lazy_with_a_warning(recorded, tmp_path)
             machine.resume()
             request = workloads.kv_request(1000, 5)
             workloads.verify_kv(1, KV_MIB, request, machine.invoke(request))
-            assert server.stats(listener.wait_for_vms(1)[0]).prefetch_chunks == 0
+            st = server.stats(listener.wait_for_vms(1)[0])
+            assert st.prefetch_chunks == 0 and st.stage_chunks == 0 and st.stage_faults == 0
         finally:
             machine.close()

@@ -147,8 +147,6 @@ static void vm_regions_changed(struct vm *vm)
 
 /* ---------- installing one chunk ---------- */
 
-enum fill_op { FILL_COPY, FILL_ZERO, FILL_CONTINUE };
-
 /* One UFFDIO_COPY / ZEROPAGE / CONTINUE call; returns 0 or -errno, *progress the bytes done
  * (or -errno) as the kernel reports it. */
 static int fill_ioctl(struct vm *vm, enum fill_op op, uint64_t dst, const uint8_t *src, uint64_t len,
@@ -175,7 +173,7 @@ static int fill_ioctl(struct vm *vm, enum fill_op op, uint64_t dst, const uint8_
  * fault or eager install got there first) are skipped one by one; then the
  * range is woken, since a fault whose page was installed by someone else is
  * not woken by our failed call. */
-static int fill_range(struct vm *vm, enum fill_op op, uint64_t dst, const uint8_t *src, uint64_t len,
+int fill_range(struct vm *vm, enum fill_op op, uint64_t dst, const uint8_t *src, uint64_t len,
 		      uint64_t *installed)
 {
 	uint64_t done = 0;
@@ -242,6 +240,36 @@ static int fill_shared(struct snapd_server *srv, struct vm *vm, uint64_t c, uint
 	return snapd_ioctl(vm->uffd, UFFDIO_WAKE, &wake);
 }
 
+/* Chunk c's verified bytes: from the VM's staging buffer when staged there,
+ * else read and decompressed (snapd_chunk_load). Returns as snapd_chunk_load. */
+static int load_chunk(struct snapd_server *srv, struct vm *vm, uint64_t c, const uint8_t **data,
+		      enum install_why why, char *err, size_t errlen)
+{
+	int s = stage_lookup(vm->stage, c, data);
+	if (s != STAGE_NONE) {
+		if (why == WHY_FAULT)
+			vm->st.stage_faults++;
+		return s == STAGE_ZERO ? 1 : 0;
+	}
+	return snapd_chunk_load(vm->img, (uint32_t)c, &srv->scratch, data, err, errlen);
+}
+
+/* The region holding chunk c (the first of *count regions that overlap it). */
+struct region *vm_region_of_chunk(struct vm *vm, uint64_t c, int *count)
+{
+	struct region *found = NULL;
+	*count = 0;
+	for (int i = 0; i < vm->nregions; i++) {
+		struct region *r = &vm->regions[i];
+		if (c >= r->first_chunk && c - r->first_chunk < r->nchunks) {
+			if (!found)
+				found = r;
+			++*count;
+		}
+	}
+	return found;
+}
+
 /* Install image chunk c into region r. Returns 0 when installed, 1 when the
  * chunk is bad (VM marked failed and told; nothing installed), or -errno
  * (-EAGAIN: retry after the queued events, -ESRCH: the process is gone). */
@@ -262,7 +290,7 @@ int install_chunk(struct snapd_server *srv, struct vm *vm, struct region *r, uin
 	} else {
 		const uint8_t *data = NULL;
 		uint64_t installed = 0;
-		int kind = snapd_chunk_load(img, (uint32_t)c, &srv->scratch, &data, err, sizeof(err));
+		int kind = load_chunk(srv, vm, c, &data, why, err, sizeof(err));
 		if (kind < 0) {
 			rc = 1;
 		} else {
@@ -328,7 +356,7 @@ static int refault_page(struct snapd_server *srv, struct vm *vm, struct region *
 	uint64_t file_off = r->offset + (addr - r->addr), installed;
 	const uint8_t *data = NULL;
 	char err[512];
-	int kind = snapd_chunk_load(img, (uint32_t)c, &srv->scratch, &data, err, sizeof(err));
+	int kind = load_chunk(srv, vm, c, &data, WHY_FAULT, err, sizeof(err));
 	if (kind < 0) {
 		r->state[c - r->first_chunk] = CHUNK_MISSING;
 		return install_chunk(srv, vm, r, c, WHY_FAULT); /* reports the bad chunk */
@@ -373,7 +401,7 @@ static void serve_fault(struct snapd_server *srv, struct vm *vm, uint64_t addr, 
 
 static int attach_vm(struct snapd_server *srv, struct snapd_image *img, int uffd, int sock,
 		     const struct region *regions, int nregions, const struct snapd_region_spec *specs,
-		     int flags, int parent, const uint32_t *prefetch, uint32_t nprefetch);
+		     int flags, int parent, const uint32_t *prefetch, uint32_t nprefetch, struct snapd_stage *stage);
 
 /* UFFD_EVENT_FORK: the child gets its own uffd with the same registrations;
  * serve it like the parent (it inherits the parent's installed pages). */
@@ -381,7 +409,7 @@ static void handle_fork(struct snapd_server *srv, struct vm *vm, int child_uffd)
 {
 	vm->st.forks++;
 	int id = attach_vm(srv, vm->img, child_uffd, -1, vm->regions, vm->nregions, NULL,
-			   vm->flags & (SNAPD_ATTACH_SHARED | SNAPD_ATTACH_CONTINUE), vm->id, NULL, 0);
+			   vm->flags & (SNAPD_ATTACH_SHARED | SNAPD_ATTACH_CONTINUE), vm->id, NULL, 0, NULL);
 	if (id < 0)
 		close(child_uffd); /* released: the child's registrations are dropped */
 }
@@ -542,11 +570,15 @@ static void vm_release(struct snapd_server *srv, struct vm *vm)
 	vm->eager = 0;
 	vm->st.eager_pending = 0;
 	prefetch_free(vm);
+	struct snapd_stage *stage = vm->stage;
+	vm->stage = NULL;
 	vm->rec.on = 0;
 	vm->uffd = vm->sock = -1;
 	__atomic_store_n(&vm->state, SNAPD_VM_CLOSED, __ATOMIC_RELEASE);
 	srv->live--;
 	pthread_mutex_unlock(&srv->lock);
+	if (stage)
+		snapd_stage_put(stage); /* the last reference unmaps the buffer */
 	/* Forked children live as long as the VM they came from. */
 	for (int i = 0; i < SNAPD_MAX_VMS; i++)
 		if (srv->vms[i].parent == vm->id && vm_live(&srv->vms[i]))
@@ -557,7 +589,7 @@ static void vm_release(struct snapd_server *srv, struct vm *vm)
  * child, whose installed state is inherited). */
 static int attach_vm(struct snapd_server *srv, struct snapd_image *img, int uffd, int sock,
 		     const struct region *regions, int nregions, const struct snapd_region_spec *specs,
-		     int flags, int parent, const uint32_t *prefetch, uint32_t nprefetch)
+		     int flags, int parent, const uint32_t *prefetch, uint32_t nprefetch, struct snapd_stage *stage)
 {
 	if (flags & SNAPD_ATTACH_CONTINUE)
 		flags |= SNAPD_ATTACH_SHARED;
@@ -613,6 +645,10 @@ static int attach_vm(struct snapd_server *srv, struct snapd_image *img, int uffd
 			rc = -ENOMEM;
 		}
 	}
+	if (rc == 0 && stage) {
+		stage_get(stage);
+		vm->stage = stage;
+	}
 	if (rc == 0 && (flags & SNAPD_ATTACH_RECORD)) {
 		vm->rec.seen = calloc(img->nchunks ? img->nchunks : 1, 1);
 		vm->rec.on = vm->rec.seen != NULL;
@@ -639,6 +675,9 @@ static int attach_vm(struct snapd_server *srv, struct snapd_image *img, int uffd
 		vm->nregions = 0;
 		prefetch_free(vm);
 		recorder_free(&vm->rec);
+		if (vm->stage)
+			snapd_stage_put(vm->stage);
+		vm->stage = NULL;
 		return rc; /* the caller still owns uffd and sock */
 	}
 	if (!(flags & SNAPD_ATTACH_EAGER))
@@ -691,7 +730,16 @@ int snapd_server_attach_ex(struct snapd_server *srv, struct snapd_image *img, in
 			   const struct snapd_region_spec *regions, int nregions, int flags,
 			   const uint32_t *prefetch, uint32_t nprefetch)
 {
+	return snapd_server_attach_staged(srv, img, uffd, sock, regions, nregions, flags, prefetch, nprefetch, NULL);
+}
+
+int snapd_server_attach_staged(struct snapd_server *srv, struct snapd_image *img, int uffd, int sock,
+			       const struct snapd_region_spec *regions, int nregions, int flags,
+			       const uint32_t *prefetch, uint32_t nprefetch, struct snapd_stage *stage)
+{
 	if (nregions <= 0)
+		return -EINVAL;
+	if (stage && (stage->img != img || (flags & (SNAPD_ATTACH_SHARED | SNAPD_ATTACH_CONTINUE)) || img->memfd >= 0))
 		return -EINVAL;
 	for (int i = 0; i < nregions; i++) {
 		const struct snapd_region_spec *r = &regions[i];
@@ -702,7 +750,7 @@ int snapd_server_attach_ex(struct snapd_server *srv, struct snapd_image *img, in
 	for (uint32_t i = 0; i < nprefetch; i++)
 		if (prefetch[i] >= img->nchunks)
 			return -ERANGE; /* Python names the chunk; here it is only refused */
-	return attach_vm(srv, img, uffd, sock, NULL, nregions, regions, flags, -1, prefetch, nprefetch);
+	return attach_vm(srv, img, uffd, sock, NULL, nregions, regions, flags, -1, prefetch, nprefetch, stage);
 }
 
 static void handle_sock(struct snapd_server *srv, struct vm *vm, uint32_t events)

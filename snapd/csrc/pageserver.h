@@ -50,6 +50,11 @@ struct snapd_vm_stats {
 	uint64_t prefetch_ns;      /* attach to the end of the prefetch */
 	uint64_t prefetch_faults;  /* faults taken while the prefetch was still running */
 	uint64_t recorded;         /* chunks in the working-set recording */
+	/* staged prefetch (snapd_server_attach_staged) */
+	uint64_t stage_chunks;     /* chunks installed from the staging buffer by the stream */
+	uint64_t stage_faults;     /* faults served from the staging buffer (no decompress) */
+	uint64_t stage_fallbacks;  /* set chunks the stream found not staged: installed by the normal path */
+	uint64_t stage_ioctls;     /* UFFDIO_COPY/ZEROPAGE calls the staged stream made */
 };
 
 struct snapd_server;
@@ -70,6 +75,43 @@ int snapd_server_attach(struct snapd_server *srv, struct snapd_image *img, int u
 int snapd_server_attach_ex(struct snapd_server *srv, struct snapd_image *img, int uffd, int sock,
 			   const struct snapd_region_spec *regions, int nregions, int flags,
 			   const uint32_t *prefetch, uint32_t nprefetch);
+
+/* Staging of a loading set (REAP, ahead of the restore): the set's chunks
+ * are read, checksum-verified and decompressed once into one anonymous
+ * buffer, in set order, up to a byte limit, before any VM connects. A VM
+ * attached with the stage gets the set installed from the buffer with large
+ * UFFDIO_COPY batches (runs of adjacent chunks, one ioctl each), first-touch
+ * order first, and its faults on staged chunks are served from the buffer.
+ * Chunks not (yet) staged take the normal path. Reference counted: the
+ * creator holds one reference, each VM attached with it another. */
+struct snapd_stage;
+struct snapd_stage_stats {
+	int32_t running;     /* snapd_stage_run in progress */
+	int32_t cancelled;
+	uint32_t total;      /* chunks in the loading set */
+	uint32_t done;       /* dealt with so far, in set order */
+	uint64_t staged;     /* chunks whose bytes are in the buffer */
+	uint64_t zero_chunks; /* all-zero chunks (nothing stored: UFFDIO_ZEROPAGE) */
+	uint64_t bytes;      /* bytes in the buffer */
+	uint64_t capacity;   /* buffer size (<= limit) */
+	uint64_t over_limit; /* chunks left out by the size limit (normal path) */
+	uint64_t errors;     /* chunks that failed to load/verify (normal path reports them) */
+	uint64_t ns;         /* run time, or to now while running */
+	uint64_t t0;
+};
+/* Returns NULL with *err set (-ENOMEM, -ERANGE). limit: buffer bytes at most. */
+struct snapd_stage *snapd_stage_new(struct snapd_image *img, const uint32_t *chunks, uint32_t n, uint64_t limit,
+				    int *err);
+/* Fill the buffer; call in a thread of its own with the GIL released. 0, or -EBUSY if run twice. */
+int snapd_stage_run(struct snapd_stage *st);
+void snapd_stage_cancel(struct snapd_stage *st);
+int snapd_stage_stats(struct snapd_stage *st, struct snapd_stage_stats *out, char *err, size_t errlen);
+/* Drop a reference; the buffer is unmapped with the last. Never while snapd_stage_run runs. */
+void snapd_stage_put(struct snapd_stage *st);
+/* Like attach_ex, with a stage of the same image (private memory only: -EINVAL for shared). */
+int snapd_server_attach_staged(struct snapd_server *srv, struct snapd_image *img, int uffd, int sock,
+			       const struct snapd_region_spec *regions, int nregions, int flags,
+			       const uint32_t *prefetch, uint32_t nprefetch, struct snapd_stage *stage);
 
 /* Working-set recording: start (clearing any earlier log), stop, and copy the
  * log out. take copies up to cap chunk indices into out and returns how many

@@ -16,7 +16,40 @@ enum { CHUNK_MISSING = 0, CHUNK_INSTALLED = 1, CHUNK_BAD = 2 };
 /* Prefetch yields to pending faults after this many bytes: a fault waits for
  * at most one such batch (~0.2 ms at the ~3 GB/s decompress+copy rate). */
 #define PREFETCH_BUDGET (512ULL << 10)
+/* Staged prefetch: bytes installed per loop turn (memcpy speed, ~0.5 ms at
+ * 4 GB/s), so a fault waits for at most one such batch. */
+#define STAGE_BUDGET (2ULL << 20)
 #define EVFD_TAG UINT64_MAX
+
+enum { STAGE_NONE = 0, STAGE_DATA = 1, STAGE_ZERO = 2 };
+#define STAGE_NO_SLOT UINT64_MAX
+
+struct snapd_stage {
+	int refs;   /* atomic */
+	int cancel; /* atomic */
+	struct snapd_image *img; /* only used by snapd_stage_run */
+	uint32_t nchunks;        /* image chunks */
+	uint32_t *chunks, n;     /* the set */
+	uint64_t *off;   /* per image chunk: offset in buf, or STAGE_NO_SLOT */
+	uint8_t *state;  /* per image chunk: STAGE_*, stored with release after the bytes */
+	uint8_t *buf;
+	uint64_t cap;
+	pthread_mutex_t lock; /* st, err */
+	struct snapd_stage_stats st;
+	char err[512];
+};
+
+/* Loop side: STAGE_DATA with *data, STAGE_ZERO, or STAGE_NONE (not staged: normal path). */
+static inline int stage_lookup(struct snapd_stage *st, uint64_t c, const uint8_t **data)
+{
+	if (!st || c >= st->nchunks)
+		return STAGE_NONE;
+	int s = __atomic_load_n(&st->state[c], __ATOMIC_ACQUIRE);
+	if (s == STAGE_DATA)
+		*data = st->buf + st->off[c];
+	return s;
+}
+void stage_get(struct snapd_stage *st);
 
 /* One registered range of a VM's memory; state[] is per image chunk that the
  * range overlaps, so REMOVE can mark chunks for refill. */
@@ -57,6 +90,7 @@ struct vm {
 	uint32_t *prefetch;
 	uint32_t nprefetch, prefetch_pos;
 	uint64_t prefetch_t0;
+	struct snapd_stage *stage; /* a reference, or NULL */
 	struct recorder rec;
 	struct deferred_fault *deferred;
 	int ndeferred, cap_deferred;
@@ -72,6 +106,9 @@ struct snapd_server {
 };
 
 /* pageserver.c */
+struct region *vm_region_of_chunk(struct vm *vm, uint64_t c, int *count);
+enum fill_op { FILL_COPY, FILL_ZERO, FILL_CONTINUE };
+int fill_range(struct vm *vm, enum fill_op op, uint64_t dst, const uint8_t *src, uint64_t len, uint64_t *installed);
 int install_chunk(struct snapd_server *srv, struct vm *vm, struct region *r, uint64_t c, enum install_why why);
 
 /* workingset.c */
