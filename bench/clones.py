@@ -59,12 +59,16 @@ class DaemonProcess:
         deadline = time.monotonic() + timeout
         while True:
             if os.path.exists(self.socket_path):
+                self.client = SnapdClient(self.socket_path)
                 try:
-                    self.client = SnapdClient(self.socket_path)
                     self.client.images()
                     break
                 except OSError:
-                    pass
+                    self.client.close()
+                except BaseException:  # the daemon answered, wrongly: do not leave it running
+                    self.client.close()
+                    self.stop()
+                    raise
             if self.process.poll() is not None or time.monotonic() > deadline:
                 self.stop()
                 raise RuntimeError(f"snapd serve did not come up (status {self.process.poll()})")

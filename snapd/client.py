@@ -6,14 +6,20 @@
         reply = snapd.invoke(clone["id"], b"hello")
         snapd.delete_clone(clone["id"])
 
-One kept-alive HTTP/1.1 connection per client (use one client per thread). Errors raise SnapdError with the
-status and the daemon's fault_message.
+One kept-alive HTTP/1.1 connection per client (use one client per thread), spoken with snapd.http_wire on a raw
+socket (http.client's email-based reply parsing was ~0.3 ms a request). Errors raise SnapdError with the status
+and the daemon's fault_message.
 """
 from __future__ import annotations
 
 import base64
+import json
+import socket
 
-from vmm.api.client import ApiClient, ApiClientError, ApiResponse
+from snapd import http_wire
+from vmm.api.client import ApiClientError, ApiResponse
+
+JSON_HEADERS = {"Accept": "application/json", "Content-Type": "application/json"}
 
 
 class SnapdError(ApiClientError):
@@ -22,10 +28,15 @@ class SnapdError(ApiClientError):
 
 class SnapdClient:
     def __init__(self, socket_path: str, timeout: float | None = 120.0):
-        self.api = ApiClient(socket_path, timeout)
+        self.socket_path = socket_path
+        self.timeout = timeout
+        self.sock: socket.socket | None = None
+        self.stream: http_wire.Stream | None = None
 
     def close(self) -> None:
-        self.api.close()
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = self.stream = None
 
     def __enter__(self) -> "SnapdClient":
         return self
@@ -33,12 +44,41 @@ class SnapdClient:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    def _connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(self.socket_path)
+        except OSError:
+            sock.close()
+            raise
+        self.sock, self.stream = sock, http_wire.Stream(sock)
+
     def request(self, method: str, path: str, body=None, raw: bytes | None = None) -> ApiResponse:
-        """One request; never raises on an error status."""
-        return self.api.request(method, path, body, raw)
+        """One request (``body`` is JSON-encoded, ``raw`` sent as is); never raises on an error status."""
+        data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+        message = http_wire.request(method, path, data, JSON_HEADERS if data is not None else None)
+        for attempt in (0, 1):
+            fresh = self.sock is None
+            if fresh:
+                self._connect()
+            try:
+                self.sock.sendall(message)
+                status, headers, payload, keep_alive = self.stream.read_response(method)
+                break
+            except (BrokenPipeError, ConnectionResetError):
+                self.close()  # the daemon closed a kept-alive connection: one retry on a fresh one
+                if fresh or attempt:
+                    raise
+            except BaseException:
+                self.close()  # a timeout or a bad reply: the connection's state is unknown
+                raise
+        if not keep_alive:
+            self.close()
+        return ApiResponse(status, headers, payload)
 
     def call(self, method: str, path: str, body=None):
-        reply = self.api.request(method, path, body)
+        reply = self.request(method, path, body)
         if reply.status >= 300:
             try:
                 message = reply.json().get("fault_message", "")

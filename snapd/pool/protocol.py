@@ -13,6 +13,7 @@ import socket
 
 MAX_MESSAGE = 4 << 20  # an invocation payload the guest takes is far smaller (its mailbox caps it)
 MAX_FDS = 4
+_PEEK = bytearray(1)  # receives the peeked byte; never read
 
 
 class ProtocolError(RuntimeError):
@@ -51,7 +52,10 @@ def recv(sock: socket.socket) -> tuple[dict, bytes, list[int]]:
     """(header, data, fds); the caller owns the fds. Raises PeerGone on EOF."""
     fd_space = socket.CMSG_SPACE(MAX_FDS * array.array("i").itemsize)
     try:
-        message, ancillary, flags, _ = sock.recvmsg(MAX_MESSAGE, fd_space)
+        # The message's real length first (peeked, left queued with its fds): a MAX_MESSAGE buffer per call
+        # was an mmap + page fault + munmap (a TLB shoot-down in these multi-threaded processes), 10-100 us.
+        size = sock.recv_into(_PEEK, 1, socket.MSG_PEEK | socket.MSG_TRUNC)
+        message, ancillary, flags, _ = sock.recvmsg(min(max(size, 1), MAX_MESSAGE), fd_space)
     except ConnectionResetError:
         raise PeerGone("the peer closed the channel") from None
     fds: list[int] = []
