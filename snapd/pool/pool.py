@@ -134,18 +134,10 @@ class WorkerHandle:
         raises WorkerFailed (dead) or WorkerError (refused)."""
         with self.lock:
             while not self.dead and readable(self.channel, 0):
-                try:
-                    reply, _, extra = protocol.recv(self.channel)
-                except (protocol.ProtocolError, OSError) as exc:
-                    self._mark_dead("the worker process exited" if isinstance(exc, protocol.PeerGone)
-                                    else f"{type(exc).__name__}: {exc}")
+                reply = self._receive()
+                if reply is None:
                     break
-                for fd in extra:
-                    os.close(fd)
-                if "event" in reply:
-                    self._event(reply)
-                    continue
-                if reply.get("id") != request_id:
+                if "event" in reply or reply.get("id") != request_id:
                     continue
                 if not reply.get("ok"):
                     raise WorkerError(reply.get("error", "unknown error"), reply.get("kind", "vmm"))
@@ -163,6 +155,21 @@ class WorkerHandle:
                 except OSError:
                     pass
 
+    def _receive(self) -> dict | None:
+        """One message from the worker (None once it is gone): stray descriptors are closed, and an unasked
+        event is handled here and still returned, so callers skip it."""
+        try:
+            reply, _, extra = protocol.recv(self.channel)
+        except (protocol.ProtocolError, OSError) as exc:
+            self._mark_dead("the worker process exited" if isinstance(exc, protocol.PeerGone)
+                            else f"{type(exc).__name__}: {exc}")
+            return None
+        for fd in extra:
+            os.close(fd)
+        if "event" in reply:
+            self._event(reply)
+        return reply
+
     def _event(self, event: dict) -> None:
         if event.get("event") == "failed":
             self.failure = event.get("error", "failed")
@@ -179,16 +186,8 @@ class WorkerHandle:
             return True  # a request is reading the channel: it will see the news
         try:
             while not self.dead and readable(self.channel, 0):
-                try:
-                    reply, _, extra = protocol.recv(self.channel)
-                except (protocol.ProtocolError, OSError) as exc:
-                    self._mark_dead("the worker process exited" if isinstance(exc, protocol.PeerGone)
-                                    else f"{type(exc).__name__}: {exc}")
+                if self._receive() is None:
                     break
-                for fd in extra:
-                    os.close(fd)
-                if "event" in reply:
-                    self._event(reply)
             return not self.dead
         finally:
             self.lock.release()
