@@ -136,7 +136,11 @@ int snapd_server_live_vms(struct snapd_server *srv);
 """
 
 # The enum codec/state names are enum constants in C; cffi reads them as integer constants.
-SOURCES = ["uffd_ops.c", "chunk_source.c", "pageserver.c", "workingset.c"]
+SOURCES = [
+    "uffd_ops.c", "chunk_source.c",
+    "pageserver.c", "vm_slots.c", "vm_regions.c", "chunk_install.c", "faults.c", "uffd_events.c",
+    "workingset.c", "prefetch.c", "stage.c", "prefill.c",
+]
 
 ffibuilder = FFI()
 ffibuilder.cdef(CDEF)

@@ -1,5 +1,8 @@
-/* Internals of the page server shared by its C files (pageserver.c: the
- * fault loop and events; workingset.c: loading-set recording and prefetch).
+/* Internals of the page server shared by its C files: pageserver.c (the
+ * epoll loop), vm_slots.c (attach, release), vm_regions.c (region tables),
+ * chunk_install.c (installing chunks), faults.c (fault service),
+ * uffd_events.c (reading the uffd), workingset.c (recording), prefetch.c
+ * (the prefetch stream) and stage.c (the staging buffer).
  * Everything here runs on the loop thread unless it says otherwise. */
 #ifndef SNAPD_PAGESERVER_INT_H
 #define SNAPD_PAGESERVER_INT_H
@@ -49,7 +52,7 @@ static inline int stage_lookup(struct snapd_stage *st, uint64_t c, const uint8_t
 		*data = st->buf + st->off[c];
 	return s;
 }
-void stage_get(struct snapd_stage *st);
+void stage_get(struct snapd_stage *st); /* stage.c */
 
 /* One registered range of a VM's memory; state[] is per image chunk that the
  * range overlaps, so REMOVE can mark chunks for refill. */
@@ -105,15 +108,54 @@ struct snapd_server {
 	struct vm vms[SNAPD_MAX_VMS];
 };
 
+static inline uint64_t min_u64(uint64_t a, uint64_t b) { return a < b ? a : b; }
+static inline uint64_t max_u64(uint64_t a, uint64_t b) { return a > b ? a : b; }
+
+static inline int vm_live(const struct vm *vm)
+{
+	int s = __atomic_load_n(&vm->state, __ATOMIC_ACQUIRE);
+	return s == SNAPD_VM_ACTIVE || s == SNAPD_VM_FAILED;
+}
+
 /* pageserver.c */
+unsigned hist_bucket(uint64_t ns);
+
+/* vm_slots.c */
+void send_ready(struct vm *vm);
+void vm_fail(struct vm *vm, const char *what);
+void vm_release(struct snapd_server *srv, struct vm *vm);
+int attach_vm(struct snapd_server *srv, struct snapd_image *img, int uffd, int sock,
+	      const struct region *regions, int nregions, const struct snapd_region_spec *specs,
+	      int flags, int parent, const uint32_t *prefetch, uint32_t nprefetch, struct snapd_stage *stage);
+
+/* vm_regions.c */
+int region_init(struct region *r, const struct snapd_image *img, uint64_t addr, uint64_t size,
+		uint64_t offset);
+struct region *vm_find(struct vm *vm, uint64_t addr);
+int vm_split_at(struct vm *vm, uint64_t at);
+void vm_regions_changed(struct vm *vm);
 struct region *vm_region_of_chunk(struct vm *vm, uint64_t c, int *count);
+
+/* chunk_install.c */
 enum fill_op { FILL_COPY, FILL_ZERO, FILL_CONTINUE };
 int fill_range(struct vm *vm, enum fill_op op, uint64_t dst, const uint8_t *src, uint64_t len, uint64_t *installed);
+int load_chunk(struct snapd_server *srv, struct vm *vm, uint64_t c, const uint8_t **data,
+	       enum install_why why, char *err, size_t errlen);
 int install_chunk(struct snapd_server *srv, struct vm *vm, struct region *r, uint64_t c, enum install_why why);
+void eager_step(struct snapd_server *srv, struct vm *vm);
+
+/* faults.c */
+void serve_fault(struct snapd_server *srv, struct vm *vm, uint64_t addr, uint64_t t0, uint32_t tries);
+void vm_retry_deferred(struct snapd_server *srv, struct vm *vm);
+
+/* uffd_events.c */
+void vm_drain(struct snapd_server *srv, struct vm *vm);
 
 /* workingset.c */
 void record_fault(struct snapd_server *srv, struct vm *vm, uint64_t c);
 void recorder_free(struct recorder *rec);
+
+/* prefetch.c */
 /* Install the next batch of the VM's loading set; clears vm->prefetch when done. */
 void prefetch_step(struct snapd_server *srv, struct vm *vm);
 int prefetch_pending(const struct vm *vm);

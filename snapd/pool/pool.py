@@ -1,273 +1,30 @@
-"""The daemon's side of the pool: the zygote process, worker handles, and the warm pool per VM shape.
+"""The warm pool per VM shape: ready and prepared workers, the refill thread, reuse of a deleted clone's worker.
 
-A worker is asked for with one "fork" message to the zygote carrying one end of a new SEQPACKET pair; the
-worker reports "ready" on that pair once its VM shell is built. The pool keeps ``target`` ready workers per
-shape and refills in a background thread, so a restore takes a ready worker and never waits for a fork
-unless a burst outruns the refill.
+The pool keeps ``target`` ready workers per shape and refills in a background thread, so a restore takes a ready
+worker and never waits for a fork unless a burst outruns the refill. Workers are forked through the zygote
+(snapd.pool.zygote_handle) and driven through their handles (snapd.pool.worker_handle); the names of those two
+modules are re-exported here, where the daemon imports them from.
 """
 from __future__ import annotations
 
 import collections
-import itertools
 import os
 import select
-import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 from typing import Callable
 
 from snapd.pool import protocol
+from snapd.pool.worker_handle import WorkerError, WorkerFailed, WorkerHandle, process_start_time, readable
+from snapd.pool.zygote_handle import ROOT, PoolError, Zygote
 from vmm.prebuilt import VmShape
+
+__all__ = ["QUIET_S", "ROOT", "PoolError", "WarmPool", "WorkerError", "WorkerFailed", "WorkerHandle", "Zygote",
+           "process_start_time", "readable"]
 
 # After a restore, its HTTP reply still has to be written and read; forking and building a replacement worker
 # in that window would take the CPU from them on a 2-core host.
 QUIET_S = 0.003
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def readable(fd, timeout: float) -> bool:
-    """Whether ``fd`` (or an object with fileno()) becomes readable within ``timeout`` seconds. poll, not select:
-    select() cannot watch a descriptor numbered 1024 or above (FD_SETSIZE), and the daemon holds several per
-    clone (a worker channel, a uffd and a page-server connection), so past ~320 clones select() raised and new
-    workers were never seen to become ready."""
-    poller = select.poll()
-    poller.register(fd, select.POLLIN)
-    return bool(poller.poll(max(0.0, timeout) * 1e3))
-
-
-class PoolError(RuntimeError):
-    """No worker could be had (the zygote died, every fork failed, or none came in time)."""
-
-
-class WorkerFailed(RuntimeError):
-    """A worker died or broke the protocol during a request."""
-
-
-class WorkerError(RuntimeError):
-    """A worker answered a request with an error; ``kind`` is timeout, invocation, vmm or protocol."""
-
-    def __init__(self, message: str, kind: str):
-        super().__init__(message)
-        self.kind = kind
-
-
-def process_start_time(pid: int) -> int | None:
-    """Field 22 of /proc/PID/stat (clock ticks since boot): with the pid, it names one process for good."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            text = f.read()
-    except OSError:
-        return None
-    return int(text[text.rindex(b")") + 2:].split()[19])
-
-
-class WorkerHandle:
-    """One worker process, seen from the daemon. Requests are serialised by ``lock``; the requester reads the
-    reply itself (no hand-off to another thread on the restore path)."""
-
-    _ids = itertools.count(1)
-
-    def __init__(self, channel: socket.socket, shape: VmShape):
-        self.channel = channel
-        self.shape = shape
-        self.pid = 0
-        self.start_time: int | None = None
-        self.lock = threading.Lock()
-        self.dead = False
-        self.failure = ""  # the worker's own report (a page-server failure), or why it died
-        self.on_event: Callable[["WorkerHandle", dict], None] | None = None
-        self.image = ""     # the image this worker was prepared for ("" : not prepared)
-        self.shard = None   # the daemon's page-server shard a prepared worker is registered with
-
-    def fileno(self) -> int:
-        return self.channel.fileno()
-
-    def request(self, header: dict, data: bytes = b"", fds=(), timeout: float = 30.0) -> tuple[dict, bytes]:
-        """Send one request and wait for its reply; raises WorkerFailed (dead) or WorkerError (refused)."""
-        header = dict(header, id=next(self._ids))
-        with self.lock:
-            if self.dead:
-                raise WorkerFailed(f"worker {self.pid} is gone: {self.failure or 'it exited'}")
-            try:
-                protocol.send(self.channel, header, data, fds)
-                deadline = time.monotonic() + timeout
-                while True:
-                    left = deadline - time.monotonic()
-                    if left <= 0 or not readable(self.channel, left):
-                        self._mark_dead(f"no reply to {header['op']} within {timeout:.1f} s")
-                        self.kill()
-                        raise WorkerFailed(f"worker {self.pid} did not answer {header['op']} within {timeout:.1f} s")
-                    reply, out, extra = protocol.recv(self.channel)
-                    for fd in extra:
-                        os.close(fd)
-                    if "event" in reply:
-                        self._event(reply)
-                        continue
-                    if reply.get("id") != header["id"]:
-                        continue  # the late reply of a request that timed out: not ours
-                    break
-            except (protocol.ProtocolError, OSError) as exc:
-                self._mark_dead(f"{type(exc).__name__}: {exc}")
-                raise WorkerFailed(f"worker {self.pid} failed during {header['op']}: {self.failure}") from None
-        if not reply.get("ok"):
-            raise WorkerError(reply.get("error", "unknown error"), reply.get("kind", "vmm"))
-        return reply, out
-
-    def send_request(self, header: dict, data: bytes = b"", fds=()) -> int:
-        """Send a request whose reply another thread collects (``read_reply``); returns its id."""
-        header = dict(header, id=next(self._ids))
-        with self.lock:
-            if self.dead:
-                raise WorkerFailed(f"worker {self.pid} is gone: {self.failure or 'it exited'}")
-            try:
-                protocol.send(self.channel, header, data, fds)
-            except OSError as exc:
-                self._mark_dead(f"{type(exc).__name__}: {exc}")
-                raise WorkerFailed(f"worker {self.pid} failed during {header['op']}: {self.failure}") from None
-        return header["id"]
-
-    def read_reply(self, request_id: int) -> dict | None:
-        """The reply to ``send_request``'s request if it has come (None: not yet; call again when readable);
-        raises WorkerFailed (dead) or WorkerError (refused)."""
-        with self.lock:
-            while not self.dead and readable(self.channel, 0):
-                reply = self._receive()
-                if reply is None:
-                    break
-                if "event" in reply or reply.get("id") != request_id:
-                    continue
-                if not reply.get("ok"):
-                    raise WorkerError(reply.get("error", "unknown error"), reply.get("kind", "vmm"))
-                return reply
-            if self.dead:
-                raise WorkerFailed(f"worker {self.pid} is gone: {self.failure or 'it exited'}")
-        return None
-
-    def send_quietly(self, header: dict) -> None:
-        """A message that takes no reply (preload); a dead worker is simply skipped."""
-        with self.lock:
-            if not self.dead:
-                try:
-                    protocol.send(self.channel, header)
-                except OSError:
-                    pass
-
-    def _receive(self) -> dict | None:
-        """One message from the worker (None once it is gone): stray descriptors are closed, and an unasked
-        event is handled here and still returned, so callers skip it."""
-        try:
-            reply, _, extra = protocol.recv(self.channel)
-        except (protocol.ProtocolError, OSError) as exc:
-            self._mark_dead("the worker process exited" if isinstance(exc, protocol.PeerGone)
-                            else f"{type(exc).__name__}: {exc}")
-            return None
-        for fd in extra:
-            os.close(fd)
-        if "event" in reply:
-            self._event(reply)
-        return reply
-
-    def _event(self, event: dict) -> None:
-        if event.get("event") == "failed":
-            self.failure = event.get("error", "failed")
-        if self.on_event is not None:
-            self.on_event(self, event)
-
-    def _mark_dead(self, why: str) -> None:
-        self.dead = True
-        self.failure = self.failure or why
-
-    def poll_events(self) -> bool:
-        """Read what the worker sent unasked (without blocking); False once it is gone."""
-        if not self.lock.acquire(blocking=False):
-            return True  # a request is reading the channel: it will see the news
-        try:
-            while not self.dead and readable(self.channel, 0):
-                if self._receive() is None:
-                    break
-            return not self.dead
-        finally:
-            self.lock.release()
-
-    def kill(self) -> None:
-        """SIGKILL the worker if it is still the process we started (pid + start time)."""
-        if self.pid and self.start_time is not None and process_start_time(self.pid) == self.start_time:
-            try:
-                os.kill(self.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-
-    def stop(self) -> None:
-        """Ask the worker to exit, then make sure: its VM, uffd and memory go with the process."""
-        with self.lock:
-            if not self.dead:
-                try:
-                    protocol.send(self.channel, {"op": "stop"})
-                except OSError:
-                    pass
-            self.dead = True
-            self.kill()
-            self.channel.close()
-
-
-class Zygote:
-    """The zygote child process and its control channel."""
-
-    def __init__(self, python: str = sys.executable, start_timeout: float = 60.0):
-        ours, theirs = protocol.channel_pair()
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
-        self.control = ours
-        self.lock = threading.Lock()
-        try:
-            self.process = subprocess.Popen([python, "-m", "snapd.pool.zygote", "--control-fd", str(theirs.fileno())],
-                                            pass_fds=[theirs.fileno()], env=env, stdin=subprocess.DEVNULL)
-        finally:
-            theirs.close()
-        if not readable(ours, start_timeout):
-            self.close()
-            raise PoolError(f"the zygote did not start within {start_timeout} s")
-        try:
-            hello, _, _ = protocol.recv(ours)
-        except protocol.ProtocolError as exc:
-            self.close()
-            raise PoolError(f"the zygote failed to start: {exc}") from None
-        self.pid = hello["pid"]
-        self.start_time = process_start_time(self.pid)
-
-    def fork_worker(self, shape: VmShape) -> WorkerHandle:
-        ours, theirs = protocol.channel_pair()
-        try:
-            with self.lock:
-                protocol.send(self.control, {"op": "fork", "vcpu_count": shape.vcpu_count,
-                                             "mem_size_mib": shape.mem_size_mib}, fds=[theirs.fileno()])
-        except OSError as exc:
-            ours.close()
-            raise PoolError(f"the zygote is gone: {exc}") from None
-        finally:
-            theirs.close()
-        return WorkerHandle(ours, shape)
-
-    def preload(self, image: str, state_path: str) -> None:
-        with self.lock:
-            protocol.send(self.control, {"op": "preload", "image": image, "state_path": state_path})
-
-    def forget(self, image: str) -> None:
-        with self.lock:
-            protocol.send(self.control, {"op": "forget", "image": image})
-
-    def alive(self) -> bool:
-        return self.process.poll() is None
-
-    def close(self) -> None:
-        self.control.close()  # EOF: the zygote leaves its loop
-        try:
-            self.process.wait(10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
 
 
 class WarmPool:

@@ -1,0 +1,258 @@
+"""Clones: their records and lifecycle in the daemon (restore, invoke, snapshot, delete, failure).
+
+``Clone`` is the daemon's record of one clone; ``CloneOps``, a mixin of ``Daemon`` (snapd.daemon.core), holds
+the clone methods: a restore takes a warm (or prepared) worker from the pool and gives it a page-server slot of
+one of the image's shards; the monitor thread marks a clone failed when its worker dies; a deleted clone's worker
+is handed back to the pool to be prepared again for its image (worker reuse) or retired. The state used
+(``clones``, ``deleted``, ``watched``, ``epoll``, ``lock``, ``pool``, counters) is created by ``Daemon``.
+"""
+from __future__ import annotations
+
+import base64
+import dataclasses
+import logging
+import os
+import secrets
+import select
+import time
+
+from snapd.daemon.errors import BadRequest, CloneFailed, Conflict, GuestTimeout, NotFound, Unavailable
+from snapd.daemon.shards import ImageRuntime, Shard
+from snapd.pool.pool import PoolError, WorkerError, WorkerFailed, WorkerHandle
+from vmm.api.fields import decode_base64
+
+log = logging.getLogger("snapd")
+
+
+@dataclasses.dataclass
+class Clone:
+    id: str
+    image: ImageRuntime
+    shard: Shard
+    worker: WorkerHandle
+    created: float
+    restore_us: float
+    timings: dict
+    regions: list = dataclasses.field(default_factory=list)  # [guest_phys_addr, size, host_addr] in the worker
+    state: str = "running"  # running | failed
+    error: str = ""
+
+    def to_json(self, socket_path: str) -> dict:
+        return {"id": self.id, "image": self.image.record.id, "state": self.state, "error": self.error,
+                "pid": self.worker.pid, "created": self.created, "restore_us": round(self.restore_us, 1),
+                "timings_us": {k: round(v, 1) for k, v in self.timings.items()},
+                "endpoints": {"socket": socket_path, "invoke": f"/v1/clones/{self.id}/invoke",
+                              "snapshot": f"/v1/clones/{self.id}/snapshot"}}
+
+
+class CloneOps:
+    """The clone methods of ``Daemon`` (a mixin: the state is the daemon's)."""
+
+    # -- failure
+    def _monitor(self) -> None:
+        """Notices a clone's worker dying (its channel hung up) and marks the clone failed."""
+        while not self.closed:
+            try:
+                events = self.epoll.poll(0.5)
+            except (OSError, ValueError):
+                return
+            for fd, _ in events:
+                with self.lock:
+                    clone = self.watched.pop(fd, None)
+                    if clone is not None:
+                        try:
+                            self.epoll.unregister(fd)
+                        except (OSError, ValueError):
+                            pass
+                if clone is not None and clone.state == "running":
+                    clone.worker.poll_events()
+                    self._mark_failed(clone, clone.worker.failure or "the clone's VMM process exited")
+
+    def _mark_failed(self, clone: Clone, error: str) -> None:
+        if clone.state != "failed":
+            clone.state, clone.error = "failed", error
+            self.counters["clones_failed"] += 1
+            log.warning("clone %s failed: %s", clone.id, error)
+
+    # -- restore, use, delete
+    def create_clones(self, body: dict) -> dict:
+        count = body.get("count", 1)
+        if count > self.config.max_count:
+            raise BadRequest(f"clones.count {count} is above this daemon's limit of {self.config.max_count} "
+                             "per request")
+        payload = decode_base64(body["payload"], "clones.payload") if "payload" in body else None
+        timeout = body.get("timeout_ms", 10_000) / 1e3
+        image_id = body["image"]
+        created = []
+        self.pool.restore_started()
+        try:
+            for _ in range(count):
+                created.append(self._restore_one(image_id, payload, timeout))
+        except BaseException:
+            self.pool.restore_finished()
+            for clone_json in created:  # all or nothing: a scheduler asked for `count` clones
+                self.delete_clone(clone_json["id"])
+            raise
+        self.pool.restore_finished()
+        return {"clones": created}
+
+    def _restore_one(self, image_id: str, payload: bytes | None, invoke_timeout: float) -> dict:
+        t0 = time.perf_counter()
+        with self.lock:
+            runtime = self._image(image_id)
+            if len(self.clones) >= self.config.max_clones:
+                raise Conflict(f"the daemon runs {len(self.clones)} clones, its limit (max_clones) "
+                               f"is {self.config.max_clones}")
+            runtime.clones += 1
+            clone_id = "c-" + secrets.token_hex(6)
+            self.clones[clone_id] = None  # reserves the slot against the limit
+        deadline = time.monotonic() + self.config.restore_timeout
+        try:
+            for attempt in range(3):  # an idle worker may have died since it was ready: take another
+                try:
+                    worker = self.pool.take(runtime.record.shape, max(0.0, deadline - time.monotonic()), image_id)
+                except PoolError as exc:
+                    raise Unavailable(f"clones: {exc}") from None
+                if worker.image == image_id:  # prepared: memory mapped, page server attached, state written
+                    header = {"op": "restore", "prepared": True, "image": image_id, "invoke": payload is not None,
+                              "timeout": invoke_timeout}
+                    fds = ()
+                else:
+                    with self.lock:
+                        shard = runtime.shard_for_new_clone()
+                        shard.clones += 1
+                        worker.shard = shard
+                    header = {"op": "restore", "image": image_id, "state_path": runtime.record.state_path,
+                              "page_server": shard.sock_path, "invoke": payload is not None,
+                              "timeout": invoke_timeout}
+                    fds = (shard.image.memfd,)
+                try:
+                    reply, result = worker.request(header, payload or b"", fds,
+                                                   timeout=max(1.0, deadline - time.monotonic()) + invoke_timeout)
+                    break
+                except WorkerFailed as exc:
+                    self._retire(worker)  # frees its shard slot
+                    if attempt == 2 or time.monotonic() > deadline:
+                        raise CloneFailed(f"clones: restore of {image_id} failed: {exc}") from None
+                except WorkerError as exc:
+                    self._retire(worker)
+                    if exc.kind == "timeout":
+                        raise GuestTimeout(f"clones: the restored guest did not answer the first invocation "
+                                           f"within {invoke_timeout:.3f} s") from None
+                    raise CloneFailed(f"clones: restore of {image_id} failed: {exc}") from None
+        except BaseException:
+            with self.lock:
+                self.clones.pop(clone_id, None)
+                runtime.clones -= 1
+            self.counters["restore_failures"] += 1
+            raise
+        with self.lock:
+            shard, worker.shard = worker.shard, None  # the slot is the clone's now (freed by delete_clone)
+        elapsed = time.perf_counter() - t0
+        self.latency.observe(elapsed)
+        self.counters["restores"] += 1
+        clone = Clone(clone_id, runtime, shard, worker, time.time(), elapsed * 1e6, reply["timings"], reply["regions"])
+        with self.lock:
+            self.clones[clone_id] = clone
+            self.watched[worker.fileno()] = clone
+        self.epoll.register(worker.fileno(), select.EPOLLRDHUP | select.EPOLLHUP)
+        out = clone.to_json(self.socket_path)
+        if payload is not None:
+            out["result"] = base64.b64encode(result).decode()
+            out["invoke_latency_us"] = round(reply["invoke"]["latency_us"], 1)
+        return out
+
+    def _clone(self, clone_id: str) -> Clone:
+        clone = self.clones.get(clone_id)
+        if clone is None:
+            if clone_id in self.deleted:
+                raise NotFound(f"clone {clone_id} was deleted")
+            raise NotFound(f"no clone {clone_id!r} (GET /v1/clones lists them)")
+        return clone
+
+    def list_clones(self) -> dict:
+        with self.lock:
+            clones = [c for c in self.clones.values() if c is not None]
+        return {"clones": [c.to_json(self.socket_path) for c in clones]}
+
+    def get_clone(self, clone_id: str) -> dict:
+        clone = self._clone(clone_id)
+        if clone.state == "running" and not clone.worker.poll_events():
+            self._mark_failed(clone, clone.worker.failure or "the clone's VMM process exited")
+        elif clone.worker.failure and clone.state == "running":
+            self._mark_failed(clone, clone.worker.failure)
+        return clone.to_json(self.socket_path)
+
+    def _usable(self, clone_id: str) -> Clone:
+        clone = self._clone(clone_id)
+        if clone.worker.failure and clone.state == "running":
+            self._mark_failed(clone, clone.worker.failure)
+        if clone.state == "failed":
+            raise CloneFailed(f"clone {clone_id} failed: {clone.error}")
+        return clone
+
+    def invoke(self, body: dict, clone_id: str) -> dict:
+        payload = decode_base64(body["payload"], "invoke.payload")
+        timeout = body.get("timeout_ms", 10_000) / 1e3
+        clone = self._usable(clone_id)
+        try:
+            reply, result = clone.worker.request({"op": "invoke", "timeout": timeout}, payload, timeout=timeout + 10)
+        except WorkerFailed as exc:
+            self._mark_failed(clone, str(exc))
+            raise CloneFailed(f"clone {clone_id} failed: {exc}") from None
+        except WorkerError as exc:
+            if exc.kind == "timeout":
+                raise GuestTimeout(f"clone {clone_id}: {exc}") from None
+            if clone.worker.failure:
+                self._mark_failed(clone, clone.worker.failure)
+                raise CloneFailed(f"clone {clone_id} failed: {clone.worker.failure}") from None
+            raise BadRequest(f"clone {clone_id}: {exc}") from None
+        return {"result": base64.b64encode(result).decode(), "latency_us": round(reply["latency_us"], 1)}
+
+    def snapshot_clone(self, body: dict, clone_id: str) -> dict:
+        clone = self._usable(clone_id)
+        directory = os.path.join(self.state_dir, "snapshots")
+        stem = f"{clone_id}-{int(time.time() * 1000)}"
+        state_path = body.get("state_path") or os.path.join(directory, stem + ".state")
+        mem_path = body.get("mem_path") or os.path.join(directory, stem + ".mem")
+        try:
+            clone.worker.request({"op": "snapshot", "state_path": state_path, "mem_path": mem_path}, timeout=600)
+        except WorkerFailed as exc:
+            self._mark_failed(clone, str(exc))
+            raise CloneFailed(f"clone {clone_id} failed: {exc}") from None
+        except WorkerError as exc:
+            raise BadRequest(f"clone {clone_id}: snapshot failed: {exc}") from None
+        return {"state_path": state_path, "mem_path": mem_path}
+
+    def delete_clone(self, clone_id: str) -> None:
+        with self.lock:
+            clone = self._clone(clone_id)
+            del self.clones[clone_id]
+            self.deleted.add(clone_id)
+            if self.watched.pop(clone.worker.fileno(), None) is not None:
+                try:
+                    self.epoll.unregister(clone.worker.fileno())
+                except (OSError, ValueError):
+                    pass
+            clone.shard.clones -= 1
+            clone.image.clones -= 1
+        worker = clone.worker
+        if (self.reuse_workers and clone.state == "running" and not worker.failure and not worker.dead
+                and not clone.image.deleting and not self.closed
+                and self.pool.recycle(worker, clone.image.record.id, lambda w: self._send_recycle(w, clone.image))):
+            return  # the worker is prepared again for the image (no fork, VM build or teardown)
+        self._retire(worker)
+
+    def _send_recycle(self, worker: WorkerHandle, runtime: "ImageRuntime") -> int:
+        """Ask the worker of a deleted clone to drop it and prepare ``runtime``'s image again on the same VM
+        (worker.py ``_recycle``); it takes a page-server slot of a shard as a prepared worker does."""
+        with self.lock:
+            if runtime.deleting or self.closed:
+                raise WorkerFailed("the image is being deleted")
+            shard = runtime.shard_for_new_clone()
+            shard.clones += 1
+            worker.shard = shard
+        worker.image = ""  # not takeable as prepared until the pool has its reply
+        return worker.send_request({"op": "recycle", "image": runtime.record.id,
+                                    "state_path": runtime.record.state_path, "page_server": shard.sock_path,
+                                    "timeout": 10.0}, b"", [shard.image.memfd])

@@ -1,0 +1,71 @@
+"""The daemon's image methods: register, list, get and delete images, and bring one into service.
+
+A mixin of ``Daemon`` (snapd.daemon.core), which holds the state these methods use (``images``, ``lock``,
+``registry``, ``pool``, ``zygote``, ``config``, ``run_dir``). Bringing an image into service (``_activate``)
+starts its first page-server shard, has the zygote and idle workers preload its state, and tells the pool to
+keep workers of its shape (and prepared ones for it).
+"""
+from __future__ import annotations
+
+from snapd.daemon.errors import BadRequest, Conflict, NotFound
+from snapd.daemon.images import ImageRecord, ImageRegistrationError
+from snapd.daemon.shards import ImageRuntime
+
+
+class ImageOps:
+    """The image methods of ``Daemon`` (a mixin: the state is the daemon's)."""
+
+    def _activate(self, record: ImageRecord) -> ImageRuntime:
+        runtime = ImageRuntime(record, self.run_dir)
+        runtime.shard_for_new_clone()  # the page server and memfd exist before the first restore needs them
+        with self.lock:
+            self.images[record.id] = runtime
+        self.zygote.preload(record.id, record.state_path)
+        for worker in self.pool.idle_workers():
+            if worker.shape == record.shape:
+                worker.send_quietly({"op": "preload", "image": record.id, "state_path": record.state_path})
+        self.pool.add_shape(record.shape)
+        self.pool.add_image(record.id, record.shape)
+        return runtime
+
+    def register_image(self, body: dict) -> dict:
+        try:
+            record = self.registry.register(body["state_path"], body["mem_path"],
+                                            body.get("chunk_size", self.config.chunk_size), body.get("codec", "lz4"))
+        except ImageRegistrationError as exc:
+            raise BadRequest(f"images: {exc}") from None
+        self._activate(record)
+        return self._image_json(self.images[record.id])
+
+    def _image_json(self, runtime: ImageRuntime) -> dict:
+        r = runtime.record
+        return {"id": r.id, "vcpu_count": r.vcpu_count, "mem_size_mib": r.mem_size_mib, "chunk_size": r.chunk_size,
+                "codec": r.codec, "clones": runtime.clones, "state_path": r.state_path, "image_path": r.image_path,
+                "shared_bytes": sum(s.memfd_bytes() for s in runtime.shards), "created": r.created}
+
+    def list_images(self) -> dict:
+        with self.lock:
+            runtimes = list(self.images.values())
+        return {"images": [self._image_json(r) for r in runtimes]}
+
+    def get_image(self, image_id: str) -> dict:
+        return self._image_json(self._image(image_id))
+
+    def _image(self, image_id: str) -> ImageRuntime:
+        runtime = self.images.get(image_id)
+        if runtime is None or runtime.deleting:
+            raise NotFound(f"no image {image_id!r} (GET /v1/images lists them)")
+        return runtime
+
+    def delete_image(self, image_id: str) -> None:
+        with self.lock:
+            runtime = self._image(image_id)
+            if runtime.clones:
+                raise Conflict(f"image {image_id} is used by {runtime.clones} clone(s): delete them first")
+            runtime.deleting = True
+            del self.images[image_id]
+        self.pool.remove_image(image_id)
+        self.pool.remove_shape(runtime.record.shape)
+        self.zygote.forget(image_id)
+        runtime.close()
+        self.registry.remove(runtime.record)

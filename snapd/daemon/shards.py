@@ -1,0 +1,75 @@
+"""An image's runtime in the daemon: its page-server shards, each one C fault loop and one shared memfd.
+
+The C page server serves at most SNAPD_MAX_VMS VMs per instance, so an image gets another shard (another server
+and memfd) once its shards are full. ``ImageRuntime`` holds an image's record, chunk table and shards, and
+counts its clones; ``Shard`` counts the page-server slots taken on it and reports its faults and memfd size.
+"""
+from __future__ import annotations
+
+import os
+
+from snapd.daemon.images import ImageRecord
+from snapd.pageserver import ChunkTable, Image, Listener, PageServer
+from snapd.uffd import lib as uffd_lib
+
+# The C page server serves at most SNAPD_MAX_VMS VMs per instance; an image gets another shard (another
+# server and memfd) beyond that. Some slots stay spare: a deleted clone's slot is freed when its VMM is gone.
+VMS_PER_SHARD = uffd_lib.SNAPD_MAX_VMS - 16
+
+
+class Shard:
+    """One page server (its own C fault loop) and its copy of the image in one memfd."""
+
+    def __init__(self, record: ImageRecord, table: ChunkTable, sock_path: str):
+        self.server = PageServer().start()
+        try:
+            self.image: Image = self.server.add_image(table, shared=True)
+            self.listener: Listener = self.server.serve(sock_path, self.image, "lazy")
+        except BaseException:
+            self.server.close()
+            raise
+        self.sock_path = sock_path
+        self.clones = 0
+
+    def memfd_bytes(self) -> int:
+        return os.fstat(self.image.memfd).st_blocks * 512
+
+    def faults(self) -> dict[str, int]:
+        totals = {"faults": 0, "shared_fills": 0, "shared_wakes": 0, "errors": 0}
+        for vm_id in range(uffd_lib.SNAPD_MAX_VMS):
+            try:
+                stats = self.server.stats(vm_id)
+            except Exception:
+                continue
+            if stats.state != "free":
+                for key in totals:
+                    totals[key] += getattr(stats, key)
+        return totals
+
+    def close(self) -> None:
+        self.server.close()
+
+
+class ImageRuntime:
+    def __init__(self, record: ImageRecord, run_dir: str):
+        self.record = record
+        self.table = ChunkTable.from_base_image(record.image_path)
+        self.run_dir = run_dir
+        self.shards: list[Shard] = []
+        self.clones = 0
+        self.deleting = False
+
+    def shard_for_new_clone(self) -> Shard:
+        """Called with the daemon lock held."""
+        for shard in self.shards:
+            if shard.clones < VMS_PER_SHARD:
+                return shard
+        sock = os.path.join(self.run_dir, f"ps-{self.record.id}-{len(self.shards)}.sock")
+        shard = Shard(self.record, self.table, sock)
+        self.shards.append(shard)
+        return shard
+
+    def close(self) -> None:
+        for shard in self.shards:
+            shard.close()
+        self.shards.clear()

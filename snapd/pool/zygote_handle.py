@@ -1,0 +1,79 @@
+"""The daemon's handle on the zygote process: start it, ask it to fork workers, tell it what to preload.
+
+A worker is asked for with one "fork" message to the zygote (snapd.pool.zygote) carrying one end of a new
+SEQPACKET pair; the worker reports "ready" on that pair once its VM shell is built (the warm pool, snapd.pool.pool,
+reads that hello). ``PoolError`` (no worker could be had) is raised here and by the pool.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+
+from snapd.pool import protocol
+from snapd.pool.worker_handle import WorkerHandle, process_start_time, readable
+from vmm.prebuilt import VmShape
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+class PoolError(RuntimeError):
+    """No worker could be had (the zygote died, every fork failed, or none came in time)."""
+
+
+class Zygote:
+    """The zygote child process and its control channel."""
+
+    def __init__(self, python: str = sys.executable, start_timeout: float = 60.0):
+        ours, theirs = protocol.channel_pair()
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
+        self.control = ours
+        self.lock = threading.Lock()
+        try:
+            self.process = subprocess.Popen([python, "-m", "snapd.pool.zygote", "--control-fd", str(theirs.fileno())],
+                                            pass_fds=[theirs.fileno()], env=env, stdin=subprocess.DEVNULL)
+        finally:
+            theirs.close()
+        if not readable(ours, start_timeout):
+            self.close()
+            raise PoolError(f"the zygote did not start within {start_timeout} s")
+        try:
+            hello, _, _ = protocol.recv(ours)
+        except protocol.ProtocolError as exc:
+            self.close()
+            raise PoolError(f"the zygote failed to start: {exc}") from None
+        self.pid = hello["pid"]
+        self.start_time = process_start_time(self.pid)
+
+    def fork_worker(self, shape: VmShape) -> WorkerHandle:
+        ours, theirs = protocol.channel_pair()
+        try:
+            with self.lock:
+                protocol.send(self.control, {"op": "fork", "vcpu_count": shape.vcpu_count,
+                                             "mem_size_mib": shape.mem_size_mib}, fds=[theirs.fileno()])
+        except OSError as exc:
+            ours.close()
+            raise PoolError(f"the zygote is gone: {exc}") from None
+        finally:
+            theirs.close()
+        return WorkerHandle(ours, shape)
+
+    def preload(self, image: str, state_path: str) -> None:
+        with self.lock:
+            protocol.send(self.control, {"op": "preload", "image": image, "state_path": state_path})
+
+    def forget(self, image: str) -> None:
+        with self.lock:
+            protocol.send(self.control, {"op": "forget", "image": image})
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def close(self) -> None:
+        self.control.close()  # EOF: the zygote leaves its loop
+        try:
+            self.process.wait(10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
