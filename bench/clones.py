@@ -14,7 +14,6 @@ with a warm pool: requests are paced (--gap-ms) so the pool refills between them
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -23,6 +22,7 @@ import threading
 import time
 
 from bench.common import machine_line, summary, table
+from vmm import workloads
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -90,6 +90,18 @@ class DaemonProcess:
         self.stop()
 
 
+def timed_clone(client, image: str, i: int) -> tuple[float, dict]:
+    """One POST /v1/clones with a hello payload: ms to the verified first reply, and the clone's record.
+    The clone is deleted after the clock stops."""
+    request = workloads.hello_request(f"bench {i}")
+    t0 = time.perf_counter()
+    clone = client.create_clones(image, payload=request)[0]
+    elapsed_ms = (time.perf_counter() - t0) * 1e3
+    workloads.verify_hello(request, clone["result"], 1)
+    client.delete_clone(clone["id"])
+    return elapsed_ms, clone
+
+
 def wait_pool(client, minimum: int, timeout: float = 60.0, prepared: int = 0) -> None:
     """Until ``minimum`` plain warm workers and ``prepared`` prepared ones are ready."""
     deadline = time.monotonic() + timeout
@@ -105,7 +117,6 @@ def wait_pool(client, minimum: int, timeout: float = 60.0, prepared: int = 0) ->
 
 
 def run_latency(args, work: str) -> dict:
-    from vmm import workloads
     state, mem = make_hello_snapshot(work, args.mem_mib)
     rows, steps = [], {}
     prepared = args.pool_size if args.prepared is None else args.prepared
@@ -114,16 +125,11 @@ def run_latency(args, work: str) -> dict:
         client = daemon.client
         image = client.register_image(state, mem)["id"]
         wait_pool(client, args.pool_size, prepared=prepared)
-        e2e, two_step, server, worker, prepared_hits, reused = [], [], [], [], 0, 0
+        e2e, two_step, server, prepared_hits, reused = [], [], [], 0, 0
         for i in range(args.n + args.warmup):
-            request = workloads.hello_request(f"bench {i}")
-            t0 = time.perf_counter()
-            clone = client.create_clones(image, payload=request)[0]
-            t1 = time.perf_counter()
-            workloads.verify_hello(request, clone["result"], 1)
-            client.delete_clone(clone["id"])
+            elapsed_ms, clone = timed_clone(client, image, i)
             if i >= args.warmup:
-                e2e.append((t1 - t0) * 1e3)
+                e2e.append(elapsed_ms)
                 prepared_hits += "prepare_us" in clone["timings_us"]
                 server.append(clone["restore_us"] / 1e3)
                 reused += clone["timings_us"].get("reuses", 0) > 0
@@ -133,6 +139,7 @@ def run_latency(args, work: str) -> dict:
                 steps.setdefault("first_invoke_us", []).append(clone["invoke_latency_us"] / 1e3)
             time.sleep(args.gap_ms / 1e3)
             # The same, as two requests: restore, then the first invocation.
+            request = workloads.hello_request(f"bench {i}")
             t0 = time.perf_counter()
             clone = client.create_clones(image)[0]
             reply = client.invoke(clone["id"], request)
@@ -155,7 +162,6 @@ def run_latency(args, work: str) -> dict:
 def run_latency_ab(args, work: str) -> None:
     """Two daemons side by side, one without prepared workers (A) and one with (B), requests alternating
     between them: a ratio from one run on a shared, noisy machine."""
-    from vmm import workloads
     state, mem = make_hello_snapshot(work, args.mem_mib)
     prepared = args.pool_size if args.prepared is None else args.prepared
     samples = {"A": [], "B": []}
@@ -168,14 +174,9 @@ def run_latency_ab(args, work: str) -> None:
         for i in range(args.n + args.warmup):
             for name in ("A", "B") if i % 2 else ("B", "A"):
                 client, image = daemons[name]
-                request = workloads.hello_request(f"bench {i}")
-                t0 = time.perf_counter()
-                clone = client.create_clones(image, payload=request)[0]
-                t1 = time.perf_counter()
-                workloads.verify_hello(request, clone["result"], 1)
-                client.delete_clone(clone["id"])
+                elapsed_ms, clone = timed_clone(client, image, i)
                 if i >= args.warmup:
-                    samples[name].append(((t1 - t0) * 1e3, clone["restore_us"] / 1e3))
+                    samples[name].append((elapsed_ms, clone["restore_us"] / 1e3))
                 time.sleep(args.gap_ms / 1e3)
     rows = []
     for name, label in (("A", "no prepared workers"), ("B", f"{prepared} prepared workers")):
@@ -195,7 +196,6 @@ def worker_rollups(client) -> list[dict]:
 
 
 def run_memory(args, work: str) -> None:
-    from vmm import workloads
     state, mem = make_hello_snapshot(work, args.mem_mib)
     counts = [int(c) for c in args.counts.split(",")]
     rows = []

@@ -80,11 +80,7 @@ class SnapdClient:
     def call(self, method: str, path: str, body=None):
         reply = self.request(method, path, body)
         if reply.status >= 300:
-            try:
-                message = reply.json().get("fault_message", "")
-            except (ValueError, AttributeError):
-                message = reply.body.decode(errors="replace")
-            raise SnapdError(method, path, reply.status, message)
+            raise SnapdError(method, path, reply.status, reply.fault_message())
         return reply.json() if reply.headers.get("Content-Type", "").startswith("application/json") else reply.body
 
     # -- images

@@ -20,12 +20,14 @@ import logging
 import os
 import signal
 import socket
+import sys
 import threading
 import warnings
 from dataclasses import fields
 from typing import Sequence
 
 from snapd import uffd_handshake as hs
+from snapd.image.errors import ImageError
 from snapd.loadset import LoadingSet, LoadingSetError
 from snapd.pageserver_chunks import CODEC_LZ4, CODEC_RAW, CODEC_ZERO, CODEC_ZSTD, ChunkRef, ChunkTable
 from snapd.pageserver_image import Image, Prefill, PrefillStats
@@ -263,11 +265,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stage-limit-mib", type=int, default=DEFAULT_STAGE_LIMIT >> 20,
                    help="staging buffer size limit (default %(default)s MiB)")
     args = p.parse_args(argv)
+    try:
+        return _serve_until_signalled(args)
+    except (ImageError, OSError, ValueError, KeyError) as exc:  # loading-set errors are ImageErrors
+        print(f"snapd.pageserver: error: {exc}", file=sys.stderr)  # a user mistake: one line, no traceback
+        return 2
+
+
+def _serve_until_signalled(args) -> int:
     if args.image:
         table = ChunkTable.from_base_image(args.image)
     else:
         with open(args.chunk_table) as f:
-            table = ChunkTable.from_json(json.load(f))
+            try:
+                table = ChunkTable.from_json(json.load(f))
+            except (ValueError, KeyError, TypeError) as exc:
+                raise ValueError(f"{args.chunk_table}: not a JSON chunk table ({exc})") from None
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import socket
 import socketserver
 import sys
@@ -19,9 +18,9 @@ from typing import Callable
 from snapd import http_wire
 from snapd.daemon import images as image_routes
 from snapd.daemon.core import Daemon
-from snapd.daemon.errors import ApiError, MethodNotAllowed, NotFound
+from snapd.daemon.errors import ApiError, MethodNotAllowed
 from vmm.api.fields import Field, ObjectSpec, parse_body
-from vmm.api.server import UnixHttpServer
+from vmm.api.server import Router, UnixHttpServer
 from vmm.errors import VmmError
 
 log = logging.getLogger("snapd")
@@ -85,41 +84,8 @@ ROUTES = [
     Route("POST", "/v1/clones/{clone_id}/snapshot", Daemon.snapshot_clone, SNAPSHOT),
     Route("GET", "/metrics", lambda daemon: Text(daemon.metrics_text())),
 ]
-PARAMETER = r"(?P<\1>[A-Za-z0-9_-]{1,64})"
 
-
-class Router:
-    def __init__(self, routes: list[Route]):
-        self.exact: dict[str, dict[str, Route]] = {}
-        self.templated: list[tuple[re.Pattern, dict[str, Route]]] = []
-        patterns: dict[str, dict[str, Route]] = {}
-        for route in routes:
-            if "{" in route.path:
-                patterns.setdefault(route.path, {})[route.method] = route
-            else:
-                self.exact.setdefault(route.path, {})[route.method] = route
-        for template, methods in patterns.items():
-            regex = re.sub(r"\\\{(\w+)\\\}", PARAMETER, re.escape(template)) + r"\Z"
-            self.templated.append((re.compile(regex), methods))
-
-    def find(self, method: str, path: str) -> tuple[Route, dict]:
-        methods, params = self.exact.get(path), {}
-        if methods is None:
-            for pattern, candidates in self.templated:
-                match = pattern.match(path)
-                if match:
-                    methods, params = candidates, match.groupdict()
-                    break
-        if methods is None:
-            raise NotFound(f"no such path: {path}")
-        route = methods.get(method)
-        if route is None:
-            allowed = sorted(methods)
-            raise MethodNotAllowed(f"{method} is not allowed on {path} (allowed: {', '.join(allowed)})", allowed)
-        return route, params
-
-
-ROUTER = Router(ROUTES)
+ROUTER = Router(ROUTES, parameter=r"[A-Za-z0-9_-]{1,64}", convert=str)  # image and clone ids
 
 
 class SnapdRequestHandler(socketserver.BaseRequestHandler):

@@ -45,6 +45,13 @@ class ApiResponse:
     def json(self):
         return json.loads(self.body) if self.body else None
 
+    def fault_message(self) -> str:
+        """The server's ``fault_message`` (or the raw body, if the reply is not the JSON it should be)."""
+        try:
+            return self.json().get("fault_message", "")
+        except (ValueError, AttributeError):
+            return self.body.decode(errors="replace")
+
 
 class ApiClient:
     def __init__(self, socket_path: str, timeout: float | None = 60.0):
@@ -86,11 +93,7 @@ class ApiClient:
         """A request that must succeed: returns the JSON reply (None for 204), raises ApiClientError otherwise."""
         reply = self.request(method, path, body)
         if reply.status >= 300:
-            try:
-                message = reply.json().get("fault_message", "")
-            except (ValueError, AttributeError):
-                message = reply.body.decode(errors="replace")
-            raise ApiClientError(method, path, reply.status, message)
+            raise ApiClientError(method, path, reply.status, reply.fault_message())
         return reply.json()
 
     # -- helpers for the common calls

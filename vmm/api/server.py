@@ -65,25 +65,21 @@ ROUTES = [
     Route("PUT", "/snapshot/create", VmmController.create_snapshot, fields.SNAPSHOT_CREATE),
     Route("PUT", "/snapshot/load", VmmController.load_snapshot, fields.SNAPSHOT_LOAD),
 ]
-PATH_PARAMETERS = {"seq": r"(?P<seq>[0-9]{1,19})"}
-
-
-def _compile(template: str) -> re.Pattern:
-    pattern = re.escape(template)
-    for name, regex in PATH_PARAMETERS.items():
-        pattern = pattern.replace(re.escape("{" + name + "}"), regex)
-    return re.compile(pattern + r"\Z")
 
 
 class Router:
-    """Exact paths by dictionary lookup (the fast, common case), templated ones by regular expression."""
+    """Exact paths by dictionary lookup (the fast, common case), templated ones by regular expression: each
+    ``{name}`` of a template matches ``parameter`` and is handed to the route as ``convert(text)``.
+    The snapd daemon routes with it too (string identifiers)."""
 
-    def __init__(self, routes: list[Route]):
-        self.exact: dict[str, dict[str, Route]] = {}
-        self.templated: dict[str, tuple[re.Pattern, dict[str, Route]]] = {}
+    def __init__(self, routes: list, parameter: str = r"[0-9]{1,19}", convert=int):
+        self.convert = convert
+        self.exact: dict[str, dict] = {}
+        self.templated: dict[str, tuple[re.Pattern, dict]] = {}
         for route in routes:
             if "{" in route.path:
-                self.templated.setdefault(route.path, (_compile(route.path), {}))[1][route.method] = route
+                regex = re.sub(r"\\\{(\w+)\\\}", rf"(?P<\1>{parameter})", re.escape(route.path)) + r"\Z"
+                self.templated.setdefault(route.path, (re.compile(regex), {}))[1][route.method] = route
             else:
                 self.exact.setdefault(route.path, {})[route.method] = route
 
@@ -93,7 +89,7 @@ class Router:
             for pattern, candidates in self.templated.values():
                 match = pattern.match(path)
                 if match:
-                    methods, params = candidates, {k: int(v) for k, v in match.groupdict().items()}
+                    methods, params = candidates, {k: self.convert(v) for k, v in match.groupdict().items()}
                     break
         if methods is None:
             raise NotFound(f"no such path: {path}")
