@@ -60,11 +60,43 @@ def invoke_round_trip(count: int) -> list[float]:
     return samples
 
 
+THP_CASES = {"hello, 128 MiB": (128, "workload=hello"), "kv, 512 MiB, 64 MiB table": (512, "workload=kv kv_mib=64")}
+
+
+def thp_ab(runs: int, mem_mib: int, boot_args: str) -> tuple[list[float], list[float]]:
+    """Boot to ready with guest memory on 4 KiB pages vs transparent huge pages, interleaved run by run."""
+    import vmm.memory
+    samples = {False: [], True: []}
+    for i in range(2 * runs):
+        thp = bool(i % 2)
+        vmm.memory.TRANSPARENT_HUGE_PAGES = thp
+        t0 = time.perf_counter()
+        machine = Microvm(MachineConfig(mem_size_mib=mem_mib, boot_args=boot_args), serial_sink=lambda data: None)
+        try:
+            machine.boot()
+            machine.wait_ready(30)
+            samples[thp].append((time.perf_counter() - t0) * 1e3)
+        finally:
+            machine.close()
+    vmm.memory.TRANSPARENT_HUGE_PAGES = True
+    return samples[False], samples[True]
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--invokes", type=int, default=2000)
+    parser.add_argument("--thp-ab", action="store_true", help="only: kv boot on 4 KiB pages vs huge pages")
     args = parser.parse_args(argv)
+    if args.thp_ab:
+        rows = []
+        for name, (mem_mib, boot_args) in THP_CASES.items():
+            small, huge = (summary(s) for s in thp_ab(args.runs, mem_mib, boot_args))
+            rows.append([name, small["n"], small["p50"], huge["p50"], small["p99"], huge["p99"],
+                         f"{huge['p50'] / small['p50']:.2f}x"])
+        print(f"# VM build + boot -> ready, ms: 4 KiB pages vs transparent huge pages ({machine_line()})\n")
+        print(table(["guest", "n", "4 KiB p50", "THP p50", "4 KiB p99", "THP p99", "THP / 4 KiB (p50)"], rows))
+        return
     cold = summary(process_cold_boot(max(3, args.runs // 4)))
     ready, reply = (summary(s) for s in in_process_boot(args.runs, 128))
     rtt = summary(invoke_round_trip(args.invokes))
