@@ -187,3 +187,73 @@ def wait_settled(pool, timeout: float = 30.0) -> None:
     while not pool.settled():
         assert time.monotonic() < deadline, "the pool did not settle"
         time.sleep(0.02)
+
+
+def make_kv_snapshot(directory: str) -> tuple[str, str]:
+    from vmm.config import MachineConfig
+    from vmm.machine import Microvm
+    from vmm.snapshot import create_snapshot
+    state, mem = os.path.join(directory, "kv.state"), os.path.join(directory, "kv.mem")
+    machine = Microvm(MachineConfig(mem_size_mib=MEM_MIB, boot_args="workload=kv kv_mib=1"), serial_sink=lambda d: None)
+    try:
+        machine.boot()
+        machine.wait_ready(30)
+        machine.pause()
+        create_snapshot(machine, state, mem)
+    finally:
+        machine.close()
+    return state, mem
+
+
+@pytest.fixture(scope="module")
+def kv_daemon(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("kv-clones")
+    state, mem = make_kv_snapshot(str(tmp))
+    daemon = RunningDaemon(str(tmp / "state"), pool_size=1)
+    try:
+        yield daemon, daemon.client.register_image(state, mem)["id"]
+    finally:
+        daemon.close()
+
+
+def test_a_prepared_clone_answers_its_first_and_later_invocations(kv_daemon):
+    """The first invocation of a prepared (held) clone runs its vCPU on the worker's main thread; later ones on
+    the vCPU thread again: all must be the guest's right answers."""
+    daemon, image = kv_daemon
+    wait_settled(daemon.daemon.pool)
+    first = workloads.kv_request(1000, 7)
+    (clone,) = daemon.client.create_clones(image, payload=first)
+    try:
+        assert "prepare_us" in clone["timings_us"], "the clone was not served by a prepared worker"
+        workloads.verify_kv(1, 1, first, clone["result"])
+        for seed in (8, 9, 10):
+            request = workloads.kv_request(5000, seed)
+            workloads.verify_kv(1, 1, request, daemon.client.invoke(clone["id"], request))
+    finally:
+        daemon.client.delete_clone(clone["id"])
+
+
+def test_a_first_invocation_past_its_timeout_is_a_504_and_the_daemon_keeps_serving(kv_daemon):
+    daemon, image = kv_daemon
+    wait_settled(daemon.daemon.pool)
+    endless = workloads.kv_request(0xFFFFFFFF, 1)  # ~4e9 lookups: minutes of guest work
+    t0 = time.monotonic()
+    with pytest.raises(SnapdError) as error:
+        daemon.client.create_clones(image, payload=endless, timeout_ms=300)
+    assert error.value.status == 504, error.value
+    assert "did not answer" in str(error.value)
+    assert time.monotonic() - t0 < 10
+    request = workloads.kv_request(100, 3)
+    (clone,) = daemon.client.create_clones(image, payload=request)
+    try:
+        workloads.verify_kv(1, 1, request, clone["result"])
+    finally:
+        daemon.client.delete_clone(clone["id"])
+
+
+def test_a_first_invocation_the_guest_cannot_take_is_a_400(kv_daemon):
+    daemon, image = kv_daemon
+    with pytest.raises(SnapdError) as error:
+        daemon.client.create_clones(image, payload=b"x" * 65536)
+    assert error.value.status == 400, error.value
+    assert "the guest accepts at most" in str(error.value)

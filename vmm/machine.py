@@ -10,7 +10,7 @@ from vmm import x86
 from vmm.config import MachineConfig
 from vmm.devices.bus import PortIoBus
 from vmm.dirty_log import BitmapDirtyLog, RingDirtyLog
-from vmm.devices.fnport import FN_PORT_BASE, FN_PORT_COUNT, FunctionPort
+from vmm.devices.fnport import FN_PORT_BASE, FN_PORT_COUNT, FunctionPort, Invocation
 from vmm.devices.i8042 import I8042, I8042_COMMAND, I8042_DATA, SystemControlPortB
 from vmm.devices.serial import COM1_BASE, COM1_IRQ, UART_PORTS, Serial, stdout_sink
 from vmm.errors import GuestFault, InvocationError, VmmError
@@ -18,7 +18,7 @@ from vmm.kvm import Kvm
 from vmm.loader import load_elf
 from vmm.memory import GuestMemory
 from vmm.native import lib
-from vmm.vcpu_runner import VcpuRunner, install_kick_handler
+from vmm.vcpu_runner import VcpuRunner, format_registers, install_kick_handler
 
 KVM_TSS_ADDR = 0xFFFBD000  # three pages just below the 4 GiB BIOS area, as QEMU and Firecracker use
 NOT_STARTED, RUNNING, PAUSED, STOPPED = "Not started", "Running", "Paused", "Stopped"
@@ -245,6 +245,23 @@ class Microvm:
         if self.state == STOPPED:
             raise InvocationError(f"the VM is stopped ({self.stop_reason})")
         return self.fnport.submit(payload).wait(timeout)
+
+    def invoke_paused(self, payload: bytes, timeout: float) -> Invocation:
+        """One invocation of a paused one-vCPU machine, its vCPU run on the calling thread until the guest
+        answers (VcpuRunner.run_here) and left paused: the caller sends the reply first, then resumes. Returns
+        the invocation, still pending if ``timeout`` passed or the guest stopped (resume, then wait on it)."""
+        if self.state != PAUSED or len(self.runners) != 1:
+            raise VmmError(f"invoke_paused needs a paused one-vCPU VM, not a {self.state.lower()} "
+                           f"{len(self.runners)}-vCPU one")
+        invocation = self.fnport.submit(payload)
+        runner = self.runners[0]
+        try:
+            runner.run_here(invocation.done.is_set, time.monotonic() + timeout)
+        except GuestFault as fault:
+            self.on_vcpu_fault(runner, fault)
+        except VmmError as exc:
+            self.on_vcpu_fault(runner, GuestFault(f"vCPU 0: {exc}", format_registers(runner.vcpu)))
+        return invocation
 
     def wait(self, timeout: float | None = None) -> bool:
         return self.stopped.wait(timeout)

@@ -129,6 +129,10 @@ class CloneOps:
                 try:
                     reply, result = worker.request(header, payload or b"", fds,
                                                    timeout=max(1.0, deadline - time.monotonic()) + invoke_timeout)
+                    first = reply.get("invoke")
+                    if first is not None and not first.get("ok"):  # restored, but the first invocation failed
+                        raise WorkerError(first.get("error", "the first invocation failed"),
+                                          first.get("kind", "invocation"))
                     break
                 except WorkerFailed as exc:
                     self._retire(worker)  # frees its shard slot
@@ -139,6 +143,8 @@ class CloneOps:
                     if exc.kind == "timeout":
                         raise GuestTimeout(f"clones: the restored guest did not answer the first invocation "
                                            f"within {invoke_timeout:.3f} s") from None
+                    if exc.kind == "invocation":
+                        raise BadRequest(f"clones: the first invocation failed: {exc}") from None
                     raise CloneFailed(f"clones: restore of {image_id} failed: {exc}") from None
         except BaseException:
             with self.lock:

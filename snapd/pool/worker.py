@@ -22,7 +22,7 @@ from snapd.uffd import UffdError, create_registered_uffd, unregister as uffd_unr
 from snapd.uffd_handshake import Region
 from vmm.devices.fnport import MAILBOX_HEADER
 from vmm.errors import InvocationError, VmmError
-from vmm.machine import STOPPED
+from vmm.machine import PAUSED, STOPPED
 from vmm.native import ffi, lib
 from vmm.prebuilt import PrebuiltVm, VmShape
 from vmm.snapshot import create_snapshot, machine_config_of, read_snapshot, restore_into, resume_restored
@@ -50,6 +50,7 @@ class Worker:
         self.prepared = None  # a machine restored ahead of a request for self.image, its guest held in FN_NEXT
         self.prepare_timings: dict = {}
         self.reuses = 0  # clones this worker ran before the current one (op recycle)
+        self.held = False  # self.machine is paused by _prepare: resumed once the restore's reply is sent
         for state in list(states.values()):
             self._rehearse(state)
 
@@ -115,6 +116,16 @@ class Worker:
                     pass
         reply["id"] = header.get("id", 0)
         protocol.send(self.channel, reply, out)
+        self._release_held()  # after the reply: the daemon (and the client) need not wait for it
+
+    def _release_held(self) -> None:
+        """Give a held clone's vCPU back to its thread (it waits in FN_NEXT again, or finishes an invocation
+        that outlived run_here's deadline)."""
+        machine = self.machine
+        if self.held and machine is not None:
+            self.held = False
+            if machine.state == PAUSED:
+                machine.resume()
 
     # -- operations
     def _state(self, image: str, state_path: str):
@@ -145,6 +156,10 @@ class Worker:
             return {"ok": False, "error": f"prepared guest did not reach FN_NEXT: {why}", "kind": "vmm"}
         t1 = time.perf_counter()
         self._populate_hot_pages(machine)
+        if len(machine.runners) == 1:
+            # Parked (its FN_NEXT answered "retry", which the guest asks again): the request's first invocation
+            # then runs on this thread (Microvm.invoke_paused), not handed to the vCPU thread and back.
+            machine.pause()
         self.prepared = machine
         t2 = time.perf_counter()
         self.prepare_timings = {"prepare_us": (t1 - t0) * 1e6, "populate_us": (t2 - t1) * 1e6}
@@ -230,6 +245,7 @@ class Worker:
                     "kind": "vmm"}, b""
         self.prepared = None
         self.machine = machine
+        self.held = machine.state == PAUSED
         # The guest waits in FN_NEXT (its vCPU thread in the function port, not running guest code): a new
         # generation and entropy now are what it sees with its first invocation.
         machine.fnport.new_generation()
@@ -240,7 +256,7 @@ class Worker:
                  "mailbox_gpa": machine.fnport.mailbox_gpa, "generation": machine.fnport.generation}
         result = b""
         if header.get("invoke"):
-            reply["invoke"], result = self._invoke(payload, header.get("timeout", 10.0))
+            reply["invoke"], result = self._invoke(payload, header.get("timeout", 10.0), here=self.held)
         reply["total_us"] = (time.perf_counter() - t0) * 1e6
         return reply, result
 
@@ -300,13 +316,20 @@ class Worker:
         reply["total_us"] = (time.perf_counter() - t0) * 1e6
         return reply, b""
 
-    def _invoke(self, payload: bytes, timeout: float) -> tuple[dict, bytes]:
+    def _invoke(self, payload: bytes, timeout: float, here: bool = False) -> tuple[dict, bytes]:
+        """One invocation; ``here``: the clone is held (paused), run its vCPU on this thread."""
         machine = self.machine
         if machine is None:
             return {"ok": False, "error": "no clone is running in this worker", "kind": "protocol"}, b""
         t0 = time.perf_counter()
         try:
-            result = machine.invoke(payload, timeout)
+            if here:
+                invocation = machine.invoke_paused(payload, timeout)
+                if not invocation.done.is_set():
+                    self._release_held()  # the vCPU thread carries on (or the VM is stopping)
+                result = invocation.wait(max(0.0, timeout - (time.perf_counter() - t0)))
+            else:
+                result = machine.invoke(payload, timeout)
         except InvocationError as exc:
             kind = "timeout" if "no reply within" in str(exc) and machine.state != STOPPED else "invocation"
             return {"ok": False, "error": str(exc), "kind": kind}, b""
