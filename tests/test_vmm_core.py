@@ -2,6 +2,7 @@
 import pytest
 
 from tests.conftest import requires_kvm
+from vmm import workloads
 from vmm.config import MachineConfig
 from vmm.errors import ConfigError, GuestImageError, KvmError
 from vmm.kvm import Kvm
@@ -125,5 +126,27 @@ def test_missing_and_non_elf_images_are_refused(tmp_path):
     try:
         with pytest.raises(GuestImageError, match="not an ELF"):
             machine.boot()
+    finally:
+        machine.close()
+
+
+def test_a_vm_paused_with_its_port_read_pending_is_not_saved(tmp_path):
+    """pause(complete_io=False) leaves the guest mid-instruction: a snapshot of it would not resume, so it is
+    refused until the VM is resumed."""
+    from vmm.config import MachineConfig
+    from vmm.machine import Microvm
+    from vmm.snapshot import SnapshotError, create_snapshot
+    machine = Microvm(MachineConfig(mem_size_mib=32, boot_args="workload=hello"), serial_sink=lambda d: None)
+    try:
+        machine.boot()
+        machine.wait_ready(30)
+        machine.pause(complete_io=False)
+        with pytest.raises(SnapshotError, match="port-I/O exit pending"):
+            create_snapshot(machine, str(tmp_path / "s"), str(tmp_path / "m"))
+        machine.resume()
+        request = workloads.hello_request("after")
+        workloads.verify_hello(request, machine.invoke(request, 10), 1)
+        machine.pause()
+        create_snapshot(machine, str(tmp_path / "s"), str(tmp_path / "m"))
     finally:
         machine.close()

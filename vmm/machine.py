@@ -10,7 +10,7 @@ from vmm import x86
 from vmm.config import MachineConfig
 from vmm.devices.bus import PortIoBus
 from vmm.dirty_log import BitmapDirtyLog, RingDirtyLog
-from vmm.devices.fnport import FN_PORT_BASE, FN_PORT_COUNT, FunctionPort, Invocation
+from vmm.devices.fnport import FN_NEXT, FN_PORT_BASE, FN_PORT_COUNT, FunctionPort, Invocation
 from vmm.devices.i8042 import I8042, I8042_COMMAND, I8042_DATA, SystemControlPortB
 from vmm.devices.serial import COM1_BASE, COM1_IRQ, UART_PORTS, Serial, stdout_sink
 from vmm.errors import GuestFault, InvocationError, VmmError
@@ -43,6 +43,7 @@ class Microvm:
         self.fault = None
         self.pause_requested = False
         self.stop_requested = False
+        self.io_left_pending = False  # paused with a port-I/O exit not completed (pause(complete_io=False))
         self._control = threading.Condition()
         self.stopped = threading.Event()
         self.snapshot_id = ""  # the snapshot this machine was restored from or last saved to (Diff parent)
@@ -145,11 +146,15 @@ class Microvm:
             while self.pause_requested and not self.stop_requested:
                 self._control.wait()
 
-    def pause(self, timeout: float = 5.0) -> None:
+    def pause(self, timeout: float = 5.0, complete_io: bool = True) -> None:
+        """Park every vCPU. ``complete_io=False`` leaves a pending port-I/O exit uncompleted (no KVM_RUN with
+        immediate_exit): a held function port's FN_NEXT read can then be answered later by invoke_paused without
+        a round trip through the guest. Such a machine must be resumed before it is saved."""
         if self.state != RUNNING:
             raise VmmError(f"cannot pause a VM that is {self.state.lower()}")
         with self._control:
             self.pause_requested = True
+            self.io_left_pending = not complete_io
         self.fnport.wake()
         for runner in self.runners:
             runner.kick()
@@ -172,6 +177,7 @@ class Microvm:
             runner.parked.clear()
         with self._control:
             self.pause_requested = False
+            self.io_left_pending = False
             self._control.notify_all()
         self.state = RUNNING
 
@@ -256,6 +262,10 @@ class Microvm:
         invocation = self.fnport.submit(payload)
         runner = self.runners[0]
         try:
+            if self.io_left_pending and runner.pending_port_read() == FN_PORT_BASE + FN_NEXT:
+                # The guest's FN_NEXT read was answered "retry" when it parked but never completed: answer it
+                # again, now with the invocation, so the guest's next instruction is already the request's.
+                runner.redo_port_read()
             runner.run_here(invocation.done.is_set, time.monotonic() + timeout)
         except GuestFault as fault:
             self.on_vcpu_fault(runner, fault)

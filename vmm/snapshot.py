@@ -79,6 +79,8 @@ def create_snapshot(machine: Microvm, snapshot_path: str, mem_file_path: str,
     """Full: all of guest memory. Diff: only pages written since the machine's last snapshot (or the snapshot it
     was restored from); needs track_dirty_pages."""
     t0 = time.perf_counter()
+    if machine.io_left_pending:  # a vCPU is mid-instruction: its saved state would not be resumable
+        raise SnapshotError("the VM was paused with a port-I/O exit pending; resume it before a snapshot")
     if snapshot_type == "Diff":
         if not machine.config.track_dirty_pages:
             raise SnapshotError("a Diff snapshot needs dirty page tracking: boot or load with track_dirty_pages")

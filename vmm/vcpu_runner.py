@@ -86,8 +86,9 @@ class VcpuRunner:
                 vcpu.kvmclock_ctrl()
                 self.kvmclock_ctrl_pending = False
             if machine.stop_requested or machine.pause_requested:
-                run.immediate_exit = 1
-                vcpu.run_once()  # completes a pending I/O exit; returns -EINTR at once
+                if machine.stop_requested or not machine.io_left_pending:
+                    run.immediate_exit = 1
+                    vcpu.run_once()  # completes a pending I/O exit; returns -EINTR at once
                 if machine.stop_requested:
                     return
                 self.parked.set()
@@ -123,6 +124,17 @@ class VcpuRunner:
         finally:
             signal.setitimer(signal.ITIMER_REAL, 0)
             signal.signal(signal.SIGALRM, previous)
+
+    def pending_port_read(self) -> int | None:
+        """The port of the port-I/O read (IN) this vCPU's last exit left uncompleted, if that is what it was."""
+        if self.vcpu.run.exit_reason != lib.KVM_EXIT_IO:
+            return None
+        io = lib.vmm_run_io(self.vcpu.run)
+        return io.port if io.direction == lib.KVM_EXIT_IO_IN else None
+
+    def redo_port_read(self) -> None:
+        """Answer the pending read again (overwriting the value KVM will hand the guest on the next KVM_RUN)."""
+        self._handle_io()
 
     def _dispatch_exit(self, reason: int) -> None:
         machine, vcpu = self.machine, self.vcpu

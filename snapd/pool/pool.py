@@ -155,8 +155,7 @@ class WarmPool:
             worker = self.idle[shape].popleft()
         else:
             return None
-        if not self.restoring:  # a restore in flight wakes the refill when it finishes (restore_finished):
-            self._wake_locked()  # woken now, the refill thread would compete with it for the GIL and a CPU
+        self._wake_locked()
         return worker
 
     # -- reusing a worker after its clone is deleted

@@ -157,9 +157,9 @@ class Worker:
         t1 = time.perf_counter()
         self._populate_hot_pages(machine)
         if len(machine.runners) == 1:
-            # Parked (its FN_NEXT answered "retry", which the guest asks again): the request's first invocation
-            # then runs on this thread (Microvm.invoke_paused), not handed to the vCPU thread and back.
-            machine.pause()
+            # Parked in its FN_NEXT read, left pending: the request's first invocation then answers that read and
+            # runs the vCPU on this thread (Microvm.invoke_paused), not handed to the vCPU thread and back.
+            machine.pause(complete_io=False)
         self.prepared = machine
         t2 = time.perf_counter()
         self.prepare_timings = {"prepare_us": (t1 - t0) * 1e6, "populate_us": (t2 - t1) * 1e6}
