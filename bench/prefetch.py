@@ -240,6 +240,67 @@ def measure_shared(d: str, workload: str, mib: int, reps: int) -> dict:
             **med, **{f"{k}_faults": statistics.median(v) for k, v in faults.items()}}
 
 
+PREPARED_MODES = ("prepared_resident", "prepared_lazy", "prepared_prefetch")
+
+
+def prepared_first_reply(state, shape: VmShape, image, sock_path: str, workload: str, mib: int, seed: int,
+                         populate: LoadingSet | None) -> float:
+    """One clone as snapd's prepared workers serve it: restored, resumed to its FN_NEXT and (``populate``) the
+    loading set mapped into its page tables, all before the request; timed = the request's invocation to its
+    verified reply (ms)."""
+    prebuilt = PrebuiltVm(shape, serial_sink=QUIET)
+    request = request_for(workload, mib, seed)
+    backend = []
+    try:
+        machine = prebuilt.restore(state, image.memfd, shared=False,
+                                   before_state=lambda m: backend.append(UffdBackend(m.memory, sock_path)),
+                                   resume=False)
+        machine.fnport.ready.clear()
+        resume_restored(machine)
+        if not machine.fnport.ready.wait(60):
+            raise RuntimeError("the prepared clone did not reach FN_NEXT")
+        if populate is not None:
+            for r in machine.memory.regions:
+                populate_loading_set(r.host_addr, r.size, populate, r.layout.file_offset)
+        t0 = time.perf_counter()
+        reply = machine.invoke(request, timeout=60)
+        t = time.perf_counter() - t0
+        verify(workload, mib, request, reply)
+    finally:
+        prebuilt.close()
+        for b in backend:
+            b.close()
+    return t * 1e3
+
+
+def measure_prepared(d: str, workload: str, mib: int, reps: int) -> dict:
+    """resident: the whole image in the memfd and mapped by the clone; lazy: empty memfd, faults through the
+    page server; prefetch: the loading set pre-filled into the memfd and mapped by the clone. All three with
+    the clone prepared ahead (snapd's prepared workers); modes interleaved rep by rep."""
+    state = read_snapshot(f"{d}/vm.state")
+    shape = VmShape(state.config.vcpu_count, state.config.mem_size_mib)
+    table_ = ChunkTable.from_base_image(f"{d}/vm.img")
+    table_.loading_set = ""
+    everything = LoadingSet(table_.identity, table_.chunk_size, table_.mem_size, tuple(range(len(table_.chunks))))
+    with PageServer() as server:
+        image = server.add_image(table_, shared=True)
+        rec = server.serve(f"{d}/prec.sock", image, "lazy")
+        clone_first_reply(state, shape, image, rec.sock_path, workload, mib, 1)
+        loading_set = image.recorded_loading_set()
+    times: dict[str, list[float]] = {k: [] for k in PREPARED_MODES}
+    for rep in range(reps):
+        for mode in PREPARED_MODES:
+            with PageServer() as server:
+                image = server.add_image(table_, shared=True)
+                fill = {"prepared_resident": everything, "prepared_prefetch": loading_set}.get(mode)
+                if fill is not None:
+                    image.prefill(fill, wait=True)
+                listener = server.serve(f"{d}/{mode}.sock", image, "lazy")
+                times[mode].append(prepared_first_reply(state, shape, image, listener.sock_path, workload, mib,
+                                                        200 + rep, fill))
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
 def measure_diff(workdir: str, mem_mib: int, dirty_fraction: float) -> dict:
     """Full vs Diff snapshot of a guest with `dirty_fraction` of its memory dirtied since the last one."""
     d = os.path.join(workdir, f"diff-{mem_mib}")
@@ -278,10 +339,11 @@ def main(argv=None) -> int:
     p.add_argument("--no-diff", action="store_true", help="skip the Diff snapshot measurement")
     p.add_argument("--no-single", action="store_true", help="skip the single-VM (private memory) modes")
     p.add_argument("--no-shared", action="store_true", help="skip the shared-clone modes")
+    p.add_argument("--no-prepared", action="store_true", help="skip the prepared-clone modes")
     args = p.parse_args(argv)
     cases = ([("kv", 8, 256), ("scan", 8, 256)] if args.quick else
              [("kv", 8, 256), ("kv", 64, 1024), ("scan", 16, 512), ("scan", 64, 1024)])
-    rows, shared_rows = [], []
+    rows, shared_rows, prepared_rows = [], [], []
     with tempfile.TemporaryDirectory(prefix="bench-prefetch-", dir=os.environ.get("BENCH_TMP")) as workdir, \
             PageServer() as server:
         for (workload, mib, mem_mib), chunk_kib in [(c, k) for c in cases for k in (args.chunk_kib or [512])]:
@@ -304,6 +366,12 @@ def main(argv=None) -> int:
                                     r["shared_lazy"] / r["shared_prefill_race"],
                                     "/".join(str(int(r[f"{m}_faults"])) for m in SHARED_MODES)])
                 print(shared_rows[-1], flush=True)
+            if not args.no_prepared:
+                r = measure_prepared(d, workload, mib, args.reps)
+                prepared_rows.append([*case, *(r[m] for m in PREPARED_MODES),
+                                      r["prepared_prefetch"] / r["prepared_resident"],
+                                      r["prepared_lazy"] / r["prepared_prefetch"]])
+                print(prepared_rows[-1], flush=True)
         print(f"\n{machine_line()}; median of {args.reps}; ms to the first verified reply\n")
         if rows:
             print(table(["workload", "working set / guest", "chunk KiB", "loadset chunks", "loadset MiB",
@@ -315,6 +383,10 @@ def main(argv=None) -> int:
             print(table(["workload", "working set / guest", "chunk KiB", "loadset chunks", "loadset MiB",
                          *(f"{m}_ms" for m in SHARED_MODES), "prefill/resident", "lazy/prefill",
                          "lazy/prefill_populate", "lazy/prefill_race", "uffd faults (same order)"], shared_rows))
+        if prepared_rows:
+            print()
+            print(table(["workload", "working set / guest", "chunk KiB", *(f"{m}_ms" for m in PREPARED_MODES),
+                         "prefetch/resident", "lazy/prefetch"], prepared_rows))
         if args.no_diff:
             return 0
         diff = measure_diff(workdir, 256 if args.quick else 1024, 0.01)
