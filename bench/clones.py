@@ -32,11 +32,16 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def make_hello_snapshot(directory: str, mem_mib: int, vcpus: int = 1) -> tuple[str, str]:
     """Boot the built-in hello guest, wait for its init phase, snapshot it; returns (state, memory) paths."""
+    return make_guest_snapshot(directory, mem_mib, "workload=hello", "hello", vcpus)
+
+
+def make_guest_snapshot(directory: str, mem_mib: int, boot_args: str, name: str, vcpus: int = 1) -> tuple[str, str]:
+    """Boot the built-in guest with ``boot_args``, wait for its init phase, snapshot it as NAME.state/NAME.mem."""
     from vmm.config import MachineConfig
     from vmm.machine import Microvm
     from vmm.snapshot import create_snapshot
-    state, mem = os.path.join(directory, "hello.state"), os.path.join(directory, "hello.mem")
-    machine = Microvm(MachineConfig(vcpu_count=vcpus, mem_size_mib=mem_mib, boot_args="workload=hello"),
+    state, mem = os.path.join(directory, f"{name}.state"), os.path.join(directory, f"{name}.mem")
+    machine = Microvm(MachineConfig(vcpu_count=vcpus, mem_size_mib=mem_mib, boot_args=boot_args),
                       serial_sink=lambda data: None)
     try:
         machine.boot()

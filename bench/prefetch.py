@@ -177,9 +177,12 @@ SHARED_MODES = ("shared_resident", "shared_lazy", "shared_prefill", "shared_pref
 
 
 def clone_first_reply(state, shape: VmShape, image, sock_path: str, workload: str, mib: int, seed: int,
-                      before=None, populate: LoadingSet | None = None) -> float:
+                      before=None, populate: LoadingSet | None = None, prepared: bool = False) -> float:
     """One clone of a shared image, as a warm worker restores it: ms from restore to the verified first reply.
-    before(): called right before the clock starts (e.g. start a pre-fill)."""
+    before(): called right before the clock starts (e.g. start a pre-fill). populate: map that loading set's
+    pre-filled pages into the clone's page tables before resuming (timed unless prepared). prepared: as snapd's
+    prepared workers serve a clone, the restore, populate and the guest's way to FN_NEXT happen before the
+    clock, which then times the request's invocation only."""
     prebuilt = PrebuiltVm(shape, serial_sink=QUIET)  # built before the clock, as the warm pool does
     request = request_for(workload, mib, seed)
     backend = []
@@ -190,10 +193,15 @@ def clone_first_reply(state, shape: VmShape, image, sock_path: str, workload: st
         machine = prebuilt.restore(state, image.memfd, shared=False,
                                    before_state=lambda m: backend.append(UffdBackend(m.memory, sock_path)),
                                    resume=False)
-        if populate is not None:  # map the pre-filled set into the clone's page tables (timed)
+        if populate is not None:
             for r in machine.memory.regions:
                 populate_loading_set(r.host_addr, r.size, populate, r.layout.file_offset)
+        machine.fnport.ready.clear()
         resume_restored(machine)
+        if prepared:
+            if not machine.fnport.ready.wait(60):
+                raise RuntimeError("the prepared clone did not reach FN_NEXT")
+            t0 = time.perf_counter()
         reply = machine.invoke(request, timeout=60)
         t = time.perf_counter() - t0
         verify(workload, mib, request, reply)
@@ -243,36 +251,6 @@ def measure_shared(d: str, workload: str, mib: int, reps: int) -> dict:
 PREPARED_MODES = ("prepared_resident", "prepared_lazy", "prepared_prefetch")
 
 
-def prepared_first_reply(state, shape: VmShape, image, sock_path: str, workload: str, mib: int, seed: int,
-                         populate: LoadingSet | None) -> float:
-    """One clone as snapd's prepared workers serve it: restored, resumed to its FN_NEXT and (``populate``) the
-    loading set mapped into its page tables, all before the request; timed = the request's invocation to its
-    verified reply (ms)."""
-    prebuilt = PrebuiltVm(shape, serial_sink=QUIET)
-    request = request_for(workload, mib, seed)
-    backend = []
-    try:
-        machine = prebuilt.restore(state, image.memfd, shared=False,
-                                   before_state=lambda m: backend.append(UffdBackend(m.memory, sock_path)),
-                                   resume=False)
-        machine.fnport.ready.clear()
-        resume_restored(machine)
-        if not machine.fnport.ready.wait(60):
-            raise RuntimeError("the prepared clone did not reach FN_NEXT")
-        if populate is not None:
-            for r in machine.memory.regions:
-                populate_loading_set(r.host_addr, r.size, populate, r.layout.file_offset)
-        t0 = time.perf_counter()
-        reply = machine.invoke(request, timeout=60)
-        t = time.perf_counter() - t0
-        verify(workload, mib, request, reply)
-    finally:
-        prebuilt.close()
-        for b in backend:
-            b.close()
-    return t * 1e3
-
-
 def measure_prepared(d: str, workload: str, mib: int, reps: int) -> dict:
     """resident: the whole image in the memfd and mapped by the clone; lazy: empty memfd, faults through the
     page server; prefetch: the loading set pre-filled into the memfd and mapped by the clone. All three with
@@ -296,8 +274,8 @@ def measure_prepared(d: str, workload: str, mib: int, reps: int) -> dict:
                 if fill is not None:
                     image.prefill(fill, wait=True)
                 listener = server.serve(f"{d}/{mode}.sock", image, "lazy")
-                times[mode].append(prepared_first_reply(state, shape, image, listener.sock_path, workload, mib,
-                                                        200 + rep, fill))
+                times[mode].append(clone_first_reply(state, shape, image, listener.sock_path, workload, mib,
+                                                     200 + rep, populate=fill, prepared=True))
     return {k: statistics.median(v) for k, v in times.items()}
 
 

@@ -5,6 +5,7 @@ import time
 
 import pytest
 
+from bench.clones import make_guest_snapshot
 from snapd.client import SnapdError
 from tests.conftest import requires_kvm
 from tests.daemon_helpers import MEM_MIB, RunningDaemon, hello_snapshot, thread_count, write_process_memory
@@ -189,26 +190,10 @@ def wait_settled(pool, timeout: float = 30.0) -> None:
         time.sleep(0.02)
 
 
-def make_kv_snapshot(directory: str) -> tuple[str, str]:
-    from vmm.config import MachineConfig
-    from vmm.machine import Microvm
-    from vmm.snapshot import create_snapshot
-    state, mem = os.path.join(directory, "kv.state"), os.path.join(directory, "kv.mem")
-    machine = Microvm(MachineConfig(mem_size_mib=MEM_MIB, boot_args="workload=kv kv_mib=1"), serial_sink=lambda d: None)
-    try:
-        machine.boot()
-        machine.wait_ready(30)
-        machine.pause()
-        create_snapshot(machine, state, mem)
-    finally:
-        machine.close()
-    return state, mem
-
-
 @pytest.fixture(scope="module")
 def kv_daemon(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("kv-clones")
-    state, mem = make_kv_snapshot(str(tmp))
+    state, mem = make_guest_snapshot(str(tmp), MEM_MIB, "workload=kv kv_mib=1", "kv")
     daemon = RunningDaemon(str(tmp / "state"), pool_size=1)
     try:
         yield daemon, daemon.client.register_image(state, mem)["id"]

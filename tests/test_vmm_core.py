@@ -150,3 +150,23 @@ def test_a_vm_paused_with_its_port_read_pending_is_not_saved(tmp_path):
         create_snapshot(machine, str(tmp_path / "s"), str(tmp_path / "m"))
     finally:
         machine.close()
+
+
+def test_a_pause_right_after_a_resume_parks_the_vcpus_again():
+    """resume() then pause() at once: the parked vCPU thread may not have seen the resume yet; it must still
+    leave its wait and park again (it used to wait for pause_requested to drop and never saw it)."""
+    machine = Microvm(MachineConfig(mem_size_mib=32, boot_args="workload=hello"), serial_sink=lambda d: None)
+    try:
+        machine.boot()
+        machine.wait_ready(30)
+        for i in range(20):
+            machine.pause(timeout=5.0, complete_io=bool(i % 2))
+            if not i % 2:  # held with the FN_NEXT read pending: answer it on this thread
+                request = workloads.hello_request(f"held {i}")
+                invocation = machine.invoke_paused(request, 5.0)
+                workloads.verify_hello(request, invocation.wait(0), i // 2 + 1)
+            machine.resume()
+        machine.pause(timeout=5.0)
+        assert machine.state == PAUSED
+    finally:
+        machine.close()

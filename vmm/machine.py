@@ -44,6 +44,7 @@ class Microvm:
         self.pause_requested = False
         self.stop_requested = False
         self.io_left_pending = False  # paused with a port-I/O exit not completed (pause(complete_io=False))
+        self.resumes = 0  # resume() calls: a parked vCPU thread waits for this to move
         self._control = threading.Condition()
         self.stopped = threading.Event()
         self.snapshot_id = ""  # the snapshot this machine was restored from or last saved to (Diff parent)
@@ -141,9 +142,12 @@ class Microvm:
     def _vcpus_must_yield(self) -> bool:
         return self.pause_requested or self.stop_requested
 
-    def wait_for_resume(self) -> None:
+    def wait_for_resume(self, resumes_seen: int) -> None:
+        """Until resume() is called after the caller read ``resumes`` (``resumes_seen``), or a stop. Waiting for
+        pause_requested to drop instead loses a resume followed at once by another pause: the parked thread
+        never sees the flag down, and the second pause waits for it in vain."""
         with self._control:
-            while self.pause_requested and not self.stop_requested:
+            while self.resumes == resumes_seen and not self.stop_requested:
                 self._control.wait()
 
     def pause(self, timeout: float = 5.0, complete_io: bool = True) -> None:
@@ -178,6 +182,7 @@ class Microvm:
         with self._control:
             self.pause_requested = False
             self.io_left_pending = False
+            self.resumes += 1
             self._control.notify_all()
         self.state = RUNNING
 

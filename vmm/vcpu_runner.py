@@ -91,8 +91,9 @@ class VcpuRunner:
                     vcpu.run_once()  # completes a pending I/O exit; returns -EINTR at once
                 if machine.stop_requested:
                     return
+                resumes = machine.resumes  # read before parked is set: resume() comes after pause() saw it
                 self.parked.set()
-                machine.wait_for_resume()
+                machine.wait_for_resume(resumes)
                 self.parked.clear()
                 run.immediate_exit = 0
                 continue
