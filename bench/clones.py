@@ -14,6 +14,7 @@ with a warm pool: requests are paced (--gap-ms) so the pool refills between them
 from __future__ import annotations
 
 import argparse
+import contextlib
 import base64
 import json
 import os
@@ -124,15 +125,23 @@ def wait_pool(client, minimum: int, timeout: float = 60.0, prepared: int = 0) ->
         time.sleep(0.02)
 
 
-def run_latency(args, work: str) -> dict:
+@contextlib.contextmanager
+def hello_daemon(args, work: str):
+    """A `snapd serve` with a hello snapshot of --mem-mib registered and its pool (prepared workers) ready:
+    yields (daemon, image id)."""
     state, mem = make_hello_snapshot(work, args.mem_mib)
-    rows, steps = [], {}
     prepared = args.pool_size if args.prepared is None else args.prepared
     with DaemonProcess(os.path.join(work, "state"), "--pool-size", str(args.pool_size),
                        prepared=prepared) as daemon:
+        image = daemon.client.register_image(state, mem)["id"]
+        wait_pool(daemon.client, args.pool_size, prepared=prepared)
+        yield daemon, image
+
+
+def run_latency(args, work: str) -> dict:
+    rows, steps = [], {}
+    with hello_daemon(args, work) as (daemon, image):
         client = daemon.client
-        image = client.register_image(state, mem)["id"]
-        wait_pool(client, args.pool_size, prepared=prepared)
         e2e, two_step, server, prepared_hits, reused = [], [], [], 0, 0
         for i in range(args.n + args.warmup):
             elapsed_ms, clone = timed_clone(client, image, i)
@@ -206,15 +215,10 @@ def run_latency_gaps(args, work: str) -> None:
     encoded and the reply decoded and verified outside it (the Python client's own costs are not the daemon's)."""
     from snapd import http_wire
     from snapd.client import JSON_HEADERS
-    state, mem = make_hello_snapshot(work, args.mem_mib)
     gaps = [float(g) for g in args.gaps.split(",")]
     samples = {gap: {"wire": [], "daemon": [], "first_invoke": []} for gap in gaps}
-    prepared = args.pool_size if args.prepared is None else args.prepared
-    with DaemonProcess(os.path.join(work, "state"), "--pool-size", str(args.pool_size),
-                       prepared=prepared) as daemon:
+    with hello_daemon(args, work) as (daemon, image):
         client = daemon.client
-        image = client.register_image(state, mem)["id"]
-        wait_pool(client, args.pool_size, prepared=prepared)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.connect(daemon.socket_path)
         stream = http_wire.Stream(sock)
