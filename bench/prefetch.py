@@ -212,7 +212,7 @@ def clone_first_reply(state, shape: VmShape, image, sock_path: str, workload: st
     return t * 1e3
 
 
-def measure_shared(d: str, workload: str, mib: int, reps: int) -> dict:
+def measure_shared(d: str, workload: str, mib: int, reps: int, huge_dir: str | None = None) -> dict:
     state = read_snapshot(f"{d}/vm.state")
     shape = VmShape(state.config.vcpu_count, state.config.mem_size_mib)
     table_ = ChunkTable.from_base_image(f"{d}/vm.img")
@@ -222,7 +222,7 @@ def measure_shared(d: str, workload: str, mib: int, reps: int) -> dict:
     faults: dict[str, list[int]] = {k: [] for k in SHARED_MODES}
     with PageServer() as server:
         # Record on the memfd of one lazy clone (another request than the timed ones).
-        image = server.add_image(table_, shared=True)
+        image = server.add_image(table_, shared=True, huge_dir=huge_dir)
         rec = server.serve(f"{d}/shrec.sock", image, "lazy")
         clone_first_reply(state, shape, image, rec.sock_path, workload, mib, 1)
         loading_set = image.recorded_loading_set()
@@ -230,7 +230,7 @@ def measure_shared(d: str, workload: str, mib: int, reps: int) -> dict:
         seed = 100 + rep
         for mode in SHARED_MODES:
             with PageServer() as server:  # a fresh memfd per restore; freed with the server
-                image = server.add_image(table_, shared=True)
+                image = server.add_image(table_, shared=True, huge_dir=huge_dir)
                 before = None
                 if mode == "shared_resident":
                     image.prefill(everything, wait=True)
@@ -251,7 +251,7 @@ def measure_shared(d: str, workload: str, mib: int, reps: int) -> dict:
 PREPARED_MODES = ("prepared_resident", "prepared_lazy", "prepared_prefetch")
 
 
-def measure_prepared(d: str, workload: str, mib: int, reps: int) -> dict:
+def measure_prepared(d: str, workload: str, mib: int, reps: int, huge_dir: str | None = None) -> dict:
     """resident: the whole image in the memfd and mapped by the clone; lazy: empty memfd, faults through the
     page server; prefetch: the loading set pre-filled into the memfd and mapped by the clone. All three with
     the clone prepared ahead (snapd's prepared workers); modes interleaved rep by rep."""
@@ -261,7 +261,7 @@ def measure_prepared(d: str, workload: str, mib: int, reps: int) -> dict:
     table_.loading_set = ""
     everything = LoadingSet(table_.identity, table_.chunk_size, table_.mem_size, tuple(range(len(table_.chunks))))
     with PageServer() as server:
-        image = server.add_image(table_, shared=True)
+        image = server.add_image(table_, shared=True, huge_dir=huge_dir)
         rec = server.serve(f"{d}/prec.sock", image, "lazy")
         clone_first_reply(state, shape, image, rec.sock_path, workload, mib, 1)
         loading_set = image.recorded_loading_set()
@@ -269,7 +269,7 @@ def measure_prepared(d: str, workload: str, mib: int, reps: int) -> dict:
     for rep in range(reps):
         for mode in PREPARED_MODES:
             with PageServer() as server:
-                image = server.add_image(table_, shared=True)
+                image = server.add_image(table_, shared=True, huge_dir=huge_dir)
                 fill = {"prepared_resident": everything, "prepared_prefetch": loading_set}.get(mode)
                 if fill is not None:
                     image.prefill(fill, wait=True)
@@ -318,7 +318,17 @@ def main(argv=None) -> int:
     p.add_argument("--no-single", action="store_true", help="skip the single-VM (private memory) modes")
     p.add_argument("--no-shared", action="store_true", help="skip the shared-clone modes")
     p.add_argument("--no-prepared", action="store_true", help="skip the prepared-clone modes")
+    p.add_argument("--huge", action="store_true",
+                   help="shared and prepared modes also with the image on 2 MiB pages (snapd.hugetmpfs; needs "
+                        "root and --chunk-kib a multiple of 2048), each case run both ways in one run")
     args = p.parse_args(argv)
+    backings = [("memfd", None)]
+    if args.huge:  # before any thread: unshare(CLONE_NEWNS) refuses a multi-threaded process
+        from snapd.hugetmpfs import HugeTmpfsError, mount_private_huge_tmpfs
+        try:
+            backings.append(("huge", mount_private_huge_tmpfs(tempfile.mkdtemp(prefix="bench-huge-"))))
+        except HugeTmpfsError as exc:
+            p.error(f"--huge: {exc}")
     cases = ([("kv", 8, 256), ("scan", 8, 256)] if args.quick else
              [("kv", 8, 256), ("kv", 64, 1024), ("scan", 16, 512), ("scan", 64, 1024)])
     rows, shared_rows, prepared_rows = [], [], []
@@ -335,18 +345,18 @@ def main(argv=None) -> int:
                              r["lazy"] / r["prefetch"], r["lazy"] / r["staged"],
                              r["stage_ms"], f'{int(r["stage_ioctls"])}/{int(r["stage_faults"])}'])
                 print(rows[-1], flush=True)
-            if not args.no_shared:
-                r = measure_shared(d, workload, mib, args.reps)
-                shared_rows.append([*case, r["loadset_chunks"], round(r["loadset_mib"], 1),
+            for backing, huge_dir in backings if not args.no_shared else ():
+                r = measure_shared(d, workload, mib, args.reps, huge_dir)
+                shared_rows.append([*case, backing, r["loadset_chunks"], round(r["loadset_mib"], 1),
                                     *(r[m] for m in SHARED_MODES),
                                     r["shared_prefill"] / r["shared_resident"], r["shared_lazy"] / r["shared_prefill"],
                                     r["shared_lazy"] / r["shared_prefill_populate"],
                                     r["shared_lazy"] / r["shared_prefill_race"],
                                     "/".join(str(int(r[f"{m}_faults"])) for m in SHARED_MODES)])
                 print(shared_rows[-1], flush=True)
-            if not args.no_prepared:
-                r = measure_prepared(d, workload, mib, args.reps)
-                prepared_rows.append([*case, *(r[m] for m in PREPARED_MODES),
+            for backing, huge_dir in backings if not args.no_prepared else ():
+                r = measure_prepared(d, workload, mib, args.reps, huge_dir)
+                prepared_rows.append([*case, backing, *(r[m] for m in PREPARED_MODES),
                                       r["prepared_prefetch"] / r["prepared_resident"],
                                       r["prepared_lazy"] / r["prepared_prefetch"]])
                 print(prepared_rows[-1], flush=True)
@@ -358,12 +368,12 @@ def main(argv=None) -> int:
                          "staging_ms (untimed)", "staged ioctls/faults"], rows))
             print()
         if shared_rows:
-            print(table(["workload", "working set / guest", "chunk KiB", "loadset chunks", "loadset MiB",
+            print(table(["workload", "working set / guest", "chunk KiB", "backing", "loadset chunks", "loadset MiB",
                          *(f"{m}_ms" for m in SHARED_MODES), "prefill/resident", "lazy/prefill",
                          "lazy/prefill_populate", "lazy/prefill_race", "uffd faults (same order)"], shared_rows))
         if prepared_rows:
             print()
-            print(table(["workload", "working set / guest", "chunk KiB", *(f"{m}_ms" for m in PREPARED_MODES),
+            print(table(["workload", "working set / guest", "chunk KiB", "backing", *(f"{m}_ms" for m in PREPARED_MODES),
                          "prefetch/resident", "lazy/prefetch"], prepared_rows))
         if args.no_diff:
             return 0

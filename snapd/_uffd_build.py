@@ -68,7 +68,8 @@ struct snapd_image { uint64_t chunk_size; uint64_t mem_size; uint32_t nchunks; i
 struct snapd_image *snapd_image_new(const char *name, uint64_t chunk_size, uint64_t mem_size, uint32_t nchunks);
 int snapd_image_add_pack(struct snapd_image *img, const char *path);
 int snapd_image_set_chunks(struct snapd_image *img, const struct snapd_chunk *chunks, uint32_t n);
-int snapd_image_enable_shared(struct snapd_image *img);
+#define SNAPD_HUGE_PAGE ...
+int snapd_image_enable_shared(struct snapd_image *img, const char *huge_dir);
 void snapd_image_free(struct snapd_image *img);
 struct snapd_prefill_stats {
     int32_t running; int32_t cancelled; uint32_t total; uint32_t done;

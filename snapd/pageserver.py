@@ -73,12 +73,12 @@ class PageServer:
         self._loop_rc = lib.snapd_server_run(self._ptr)  # cffi releases the GIL for the call
 
     def add_image(self, table: ChunkTable, shared: bool = False,
-                  prefill: "LoadingSet | str | os.PathLike | bool | None" = None) -> Image:
+                  prefill: "LoadingSet | str | os.PathLike | bool | None" = None, huge_dir: str | None = None) -> Image:
         """prefill (shared images only): a loading set (or its path) to pre-fill the memfd from in the
         background (Image.prefill); None: the table's loading set (IMAGE.loadset beside a base image),
         if any; False: none. A set that cannot be used is refused with a LoadingSetWarning naming the
         file and why (image.prefill_error keeps it): the image is then served by plain lazy paging."""
-        img = Image(table, shared)
+        img = Image(table, shared, huge_dir)
         self._images.append(img)
         if prefill is None or prefill is True:
             source = table.loading_set or None

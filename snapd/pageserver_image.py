@@ -18,6 +18,19 @@ from snapd.uffd import check, ffi, lib
 log = logging.getLogger("snapd.pageserver")
 
 
+HUGE_PAGE = lib.SNAPD_HUGE_PAGE
+
+
+def huge_unfit(chunk_size: int, mem_size: int) -> str:
+    """Why an image cannot be kept on 2 MiB pages ("" when it can): its chunks must be whole huge pages, since
+    shmem zero-fills and marks present the rest of a huge page a partial write lands in."""
+    if chunk_size % HUGE_PAGE:
+        return f"its chunk size {chunk_size >> 10} KiB is not a multiple of {HUGE_PAGE >> 20} MiB"
+    if mem_size % HUGE_PAGE:
+        return f"its memory size {mem_size} bytes is not a multiple of {HUGE_PAGE >> 20} MiB"
+    return ""
+
+
 @dataclass
 class PrefillStats:
     """Progress of a shared image's pre-fill (Image.prefill); chunk counts are image chunks."""
@@ -83,7 +96,11 @@ class Prefill:
 class Image:
     """A chunk table loaded into C (packs opened once); owned by the PageServer that made it."""
 
-    def __init__(self, table: ChunkTable, shared: bool = False):
+    def __init__(self, table: ChunkTable, shared: bool = False, huge_dir: str | None = None):
+        """shared: one memfd for every VM of the image. huge_dir: a directory on a huge=always tmpfs
+        (snapd.hugetmpfs): the shared file is made there, with 2 MiB pages, when the image is made of whole
+        2 MiB pages (chunk and memory size multiples of 2 MiB); otherwise ``huge_refused`` says why not and
+        the image gets a plain memfd."""
         self.name = table.name
         self.identity = table.identity
         self.chunk_size, self.mem_size = table.chunk_size, table.mem_size
@@ -104,7 +121,15 @@ class Image:
                                                "snapd_image_add_pack")
                 e.pack = packs[c.pack_path]
         check(lib.snapd_image_set_chunks(ptr, entries, self.nchunks), "snapd_image_set_chunks")
-        self.memfd = check(lib.snapd_image_enable_shared(ptr), "memfd_create") if shared else -1
+        self.huge_refused = huge_unfit(self.chunk_size, self.mem_size) if shared and huge_dir else ""
+        self.huge = bool(shared and huge_dir and not self.huge_refused)
+        if self.huge_refused:
+            log.info("image %s: plain memfd, not huge pages: %s", self.name, self.huge_refused)
+        self.memfd = -1
+        if shared:
+            where = os.fsencode(huge_dir) if self.huge else ffi.NULL
+            self.memfd = check(lib.snapd_image_enable_shared(ptr, where),
+                               f"creating the shared file in {huge_dir}" if self.huge else "memfd_create")
         self._prefill: Prefill | None = None
         self._prefill_lock = threading.Lock()  # one pre-fill at a time (two API calls may race)
         self.prefill_error: LoadingSetError | None = None  # the last loading set refused for a pre-fill

@@ -7,6 +7,7 @@ import pytest
 
 from bench.clones import make_guest_snapshot
 from snapd.client import SnapdError
+from snapd.hugetmpfs import HugeTmpfsError, mount_huge_tmpfs, unmount
 from tests.conftest import requires_kvm
 from tests.daemon_helpers import MEM_MIB, RunningDaemon, hello_snapshot, thread_count, write_process_memory
 from vmm import workloads
@@ -17,16 +18,27 @@ pytestmark = requires_kvm
 PAGE = 4096
 
 
-@pytest.fixture(scope="module")
-def running(tmp_path_factory):
+@pytest.fixture(scope="module", params=["memfd", "huge"])
+def running(request, tmp_path_factory):
+    """A daemon serving a hello image; "huge": its shared copy on 2 MiB pages (a huge-page tmpfs, as
+    `snapd serve --huge-pages` mounts it; here in the host's namespace, detached afterwards)."""
     tmp = tmp_path_factory.mktemp("clones")
     state, mem = hello_snapshot(tmp)
-    daemon = RunningDaemon(str(tmp / "state"), pool_size=2)
+    huge_dir = None
+    if request.param == "huge":
+        try:
+            huge_dir = mount_huge_tmpfs(str(tmp / "huge"), size="256m")
+        except HugeTmpfsError as exc:
+            pytest.skip(f"no huge-page tmpfs here: {exc}")
+    daemon = RunningDaemon(str(tmp / "state"), pool_size=2, huge_dir=huge_dir)
     try:
-        image = daemon.client.register_image(state, mem, chunk_size=64 << 10)["id"]
-        yield daemon, image, state, mem
+        record = daemon.client.register_image(state, mem, chunk_size=None if huge_dir else 64 << 10)
+        assert record["huge_pages"] == bool(huge_dir), record
+        yield daemon, record["id"], state, mem
     finally:
         daemon.close()
+        if huge_dir:
+            unmount(huge_dir)
 
 
 def snapshot_memory(mem_path: str) -> bytes:

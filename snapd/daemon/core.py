@@ -39,7 +39,8 @@ class DaemonConfig:
     prepared: int | None = None    # workers kept restored ahead per image (None: pool_size)
     reuse_workers: bool | None = None  # a deleted clone's worker is prepared again for its image (None: on,
                                        # unless SNAPD_REUSE=0); needs prepared > 0
-    chunk_size: int | None = None  # base image chunk size (default: snapd.image's)
+    chunk_size: int | None = None  # base image chunk size (default: snapd.image's; 2 MiB with huge_dir)
+    huge_dir: str | None = None    # a huge=always tmpfs (snapd.hugetmpfs): shared images on 2 MiB pages
 
 
 class Daemon(ImageOps, CloneOps):

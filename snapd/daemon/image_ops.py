@@ -10,13 +10,14 @@ from __future__ import annotations
 from snapd.daemon.errors import BadRequest, Conflict, NotFound
 from snapd.daemon.images import ImageRecord, ImageRegistrationError
 from snapd.daemon.shards import ImageRuntime
+from snapd.pageserver_image import HUGE_PAGE
 
 
 class ImageOps:
     """The image methods of ``Daemon`` (a mixin: the state is the daemon's)."""
 
     def _activate(self, record: ImageRecord) -> ImageRuntime:
-        runtime = ImageRuntime(record, self.run_dir)
+        runtime = ImageRuntime(record, self.run_dir, self.config.huge_dir)
         runtime.shard_for_new_clone()  # the page server and memfd exist before the first restore needs them
         with self.lock:
             self.images[record.id] = runtime
@@ -31,17 +32,22 @@ class ImageOps:
     def register_image(self, body: dict) -> dict:
         try:
             record = self.registry.register(body["state_path"], body["mem_path"],
-                                            body.get("chunk_size", self.config.chunk_size), body.get("codec", "lz4"))
+                                            body.get("chunk_size", self.default_chunk_size()), body.get("codec", "lz4"))
         except ImageRegistrationError as exc:
             raise BadRequest(f"images: {exc}") from None
         self._activate(record)
         return self._image_json(self.images[record.id])
 
+    def default_chunk_size(self) -> int | None:
+        """With huge pages, images are built of whole 2 MiB pages (the only ones that can live on them)."""
+        return self.config.chunk_size or (HUGE_PAGE if self.config.huge_dir else None)
+
     def _image_json(self, runtime: ImageRuntime) -> dict:
         r = runtime.record
         return {"id": r.id, "vcpu_count": r.vcpu_count, "mem_size_mib": r.mem_size_mib, "chunk_size": r.chunk_size,
                 "codec": r.codec, "clones": runtime.clones, "state_path": r.state_path, "image_path": r.image_path,
-                "shared_bytes": sum(s.memfd_bytes() for s in runtime.shards), "created": r.created}
+                "shared_bytes": sum(s.memfd_bytes() for s in runtime.shards), "created": r.created,
+                "huge_pages": runtime.huge_pages(), "huge_pages_refused": runtime.huge_refused()}
 
     def list_images(self) -> dict:
         with self.lock:

@@ -20,10 +20,10 @@ VMS_PER_SHARD = uffd_lib.SNAPD_MAX_VMS - 16
 class Shard:
     """One page server (its own C fault loop) and its copy of the image in one memfd."""
 
-    def __init__(self, record: ImageRecord, table: ChunkTable, sock_path: str):
+    def __init__(self, record: ImageRecord, table: ChunkTable, sock_path: str, huge_dir: str | None = None):
         self.server = PageServer().start()
         try:
-            self.image: Image = self.server.add_image(table, shared=True)
+            self.image: Image = self.server.add_image(table, shared=True, huge_dir=huge_dir)
             self.listener: Listener = self.server.serve(sock_path, self.image, "lazy")
         except BaseException:
             self.server.close()
@@ -51,10 +51,11 @@ class Shard:
 
 
 class ImageRuntime:
-    def __init__(self, record: ImageRecord, run_dir: str):
+    def __init__(self, record: ImageRecord, run_dir: str, huge_dir: str | None = None):
         self.record = record
         self.table = ChunkTable.from_base_image(record.image_path)
         self.run_dir = run_dir
+        self.huge_dir = huge_dir
         self.shards: list[Shard] = []
         self.clones = 0
         self.deleting = False
@@ -65,9 +66,17 @@ class ImageRuntime:
             if shard.clones < VMS_PER_SHARD:
                 return shard
         sock = os.path.join(self.run_dir, f"ps-{self.record.id}-{len(self.shards)}.sock")
-        shard = Shard(self.record, self.table, sock)
+        shard = Shard(self.record, self.table, sock, self.huge_dir)
         self.shards.append(shard)
         return shard
+
+    def huge_pages(self) -> bool:
+        """Whether the image's shared copies are on 2 MiB pages."""
+        return bool(self.shards) and all(shard.image.huge for shard in self.shards)
+
+    def huge_refused(self) -> str:
+        """Why the daemon's huge pages were not used for this image ("" if they were, or are off)."""
+        return next((shard.image.huge_refused for shard in self.shards if shard.image.huge_refused), "")
 
     def close(self) -> None:
         for shard in self.shards:
