@@ -56,6 +56,8 @@ class CloneOps:
                 events = self.epoll.poll(0.5)
             except (OSError, ValueError):
                 return
+            if self.closed:  # the daemon is stopping its clones' workers itself: no failure to report
+                return
             for fd, _ in events:
                 with self.lock:
                     clone = self.watched.pop(fd, None)
