@@ -252,9 +252,10 @@ PREPARED_MODES = ("prepared_resident", "prepared_lazy", "prepared_prefetch")
 
 
 def measure_prepared(d: str, workload: str, mib: int, reps: int, huge_dir: str | None = None) -> dict:
-    """resident: the whole image in the memfd and mapped by the clone; lazy: empty memfd, faults through the
-    page server; prefetch: the loading set pre-filled into the memfd and mapped by the clone. All three with
-    the clone prepared ahead (snapd's prepared workers); modes interleaved rep by rep."""
+    """resident: the whole image in the shared file; lazy: empty file, faults through the page server;
+    prefetch: the loading set pre-filled into the file. All three with the clone prepared ahead as snapd's
+    prepared workers do it (restored, run to FN_NEXT; nothing mapped ahead: mapping the set into the clone's
+    page tables first measured the same); modes interleaved rep by rep."""
     state = read_snapshot(f"{d}/vm.state")
     shape = VmShape(state.config.vcpu_count, state.config.mem_size_mib)
     table_ = ChunkTable.from_base_image(f"{d}/vm.img")
@@ -275,7 +276,7 @@ def measure_prepared(d: str, workload: str, mib: int, reps: int, huge_dir: str |
                     image.prefill(fill, wait=True)
                 listener = server.serve(f"{d}/{mode}.sock", image, "lazy")
                 times[mode].append(clone_first_reply(state, shape, image, listener.sock_path, workload, mib,
-                                                     200 + rep, populate=fill, prepared=True))
+                                                     200 + rep, prepared=True))
     return {k: statistics.median(v) for k, v in times.items()}
 
 
