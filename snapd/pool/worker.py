@@ -331,7 +331,9 @@ class Worker:
             else:
                 result = machine.invoke(payload, timeout)
         except InvocationError as exc:
-            kind = "timeout" if "no reply within" in str(exc) and machine.state != STOPPED else "invocation"
+            stopped = machine.state == STOPPED or machine.stop_requested
+            # vmm: the VM stopped under the call (the clone is broken); invocation: the guest refused this call
+            kind = "vmm" if stopped else "timeout" if "no reply within" in str(exc) else "invocation"
             return {"ok": False, "error": str(exc), "kind": kind}, b""
         return {"ok": True, "latency_us": (time.perf_counter() - t0) * 1e6}, result
 
