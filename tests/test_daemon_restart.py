@@ -3,6 +3,8 @@ import os
 import signal
 import time
 
+import pytest
+
 from bench.clones import DaemonProcess
 from snapd.pool.pool import process_start_time
 from tests.conftest import requires_kvm
@@ -61,3 +63,24 @@ def test_a_restarted_daemon_keeps_images_and_stops_what_the_old_one_started(tmp_
     assert second.process.returncode == 0
     assert wait_gone(now) == [], "a cleanly stopped daemon left processes running"
     assert recorded(state_dir) == set()
+
+
+def test_snapd_serve_keeps_images_on_huge_pages_in_a_mount_the_host_never_sees(tmp_path):
+    """As root, `snapd serve` (--huge-pages auto) mounts its huge-page tmpfs in a mount namespace of its own:
+    images go on 2 MiB pages, clones answer, and the host's mount table never shows the mount."""
+    if os.geteuid() != 0:
+        pytest.skip("huge pages for shared images need root (mount namespace + tmpfs mount)")
+    state, mem = hello_snapshot(tmp_path)
+    state_dir = str(tmp_path / "state")
+    with DaemonProcess(state_dir, "--pool-size", "1") as daemon:
+        image = daemon.client.register_image(state, mem)
+        assert image["huge_pages"] and image["chunk_size"] == 2 << 20, image
+        request = workloads.hello_request("huge")
+        (clone,) = daemon.client.create_clones(image["id"], payload=request)
+        workloads.verify_hello(request, clone["result"], 1)
+        huge_dir = os.path.join(os.path.abspath(state_dir), "huge")
+        with open("/proc/self/mountinfo") as f:
+            assert huge_dir not in f.read(), "the daemon's tmpfs leaked into the host's mount namespace"
+        with open(f"/proc/{daemon.process.pid}/mountinfo") as f:
+            assert any(line.split()[4] == huge_dir and "huge=always" in line for line in f), "no huge tmpfs"
+        daemon.client.delete_clone(clone["id"])
