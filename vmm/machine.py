@@ -264,6 +264,8 @@ class Microvm:
         if self.state != PAUSED or len(self.runners) != 1:
             raise VmmError(f"invoke_paused needs a paused one-vCPU VM, not a {self.state.lower()} "
                            f"{len(self.runners)}-vCPU one")
+        if threading.current_thread() is not threading.main_thread():
+            raise VmmError("invoke_paused runs only on the main thread (its deadline is a SIGALRM interval timer)")
         invocation = self.fnport.submit(payload)
         runner = self.runners[0]
         try:

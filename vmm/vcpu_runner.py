@@ -107,9 +107,8 @@ class VcpuRunner:
         A prepared clone's first invocation runs this way in the worker's main thread, which has the request:
         no hand-off to the vCPU thread and back (two wake-ups, ~0.15 ms on this nested host). False when
         ``deadline`` (time.monotonic()) passes first: the caller resumes the vCPU thread, which carries on from
-        the same point. Raises GuestFault / VmmError as the vCPU thread's loop would."""
-        if threading.current_thread() is not threading.main_thread():
-            raise VmmError("run_here runs only on the main thread (its deadline is a SIGALRM interval timer)")
+        the same point. Raises GuestFault / VmmError as the vCPU thread's loop would. Main thread only (the
+        deadline is a SIGALRM interval timer)."""
         vcpu, run = self.vcpu, self.vcpu.run
         run.immediate_exit = 0
         # KVM_RUN returns -EINTR when a signal arrives: the interval timer bounds a guest that never answers.
