@@ -9,8 +9,11 @@ whatever that setting (only "deny" overrides it). The mount is made in a new mou
 every mount in it private, so the host's mount table never sees it and it goes away with the process; workers
 get the files as descriptors and need no mount.
 
-``unshare(CLONE_NEWNS)`` fails in a multi-threaded process (EINVAL): call ``mount_private_huge_tmpfs`` first
-thing, before any thread starts (snapd.serve does, for --huge-pages).
+A mount namespace belongs to a thread: ``unshare(CLONE_NEWNS)`` moves only the calling thread, and threads it
+starts later inherit it. A thread started before would still resolve STATE/huge in the host's namespace, to the
+plain directory (where O_TMPFILE still works, on disk: a silent loss of the huge pages). So
+``mount_private_huge_tmpfs`` refuses to run once the process has more than one thread; snapd.serve calls it
+first thing, for --huge-pages.
 """
 from __future__ import annotations
 
@@ -38,9 +41,13 @@ def _call(what: str, rc: int) -> None:
 
 def mount_private_huge_tmpfs(path: str, size: str = "100%") -> str:
     """Enter a private mount namespace and mount a tmpfs with huge=always (mode 0700) at ``path`` (created if
-    missing). Returns the absolute path. Raises HugeTmpfsError naming what failed (not root, threads running,
-    huge pages denied by the host)."""
-    _call("unshare(CLONE_NEWNS) (needs root, and no thread started yet)", _libc.unshare(CLONE_NEWNS))
+    missing). Returns the absolute path. Raises HugeTmpfsError naming what failed (threads already running, not
+    root, huge pages denied by the host)."""
+    threads = len(os.listdir("/proc/self/task"))
+    if threads > 1:
+        raise HugeTmpfsError(0, f"a private mount namespace must be made before any thread starts; this process "
+                                f"runs {threads} threads")
+    _call("unshare(CLONE_NEWNS) (needs root)", _libc.unshare(CLONE_NEWNS))
     _call("making every mount private in the new namespace",
           _libc.mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None))
     return mount_huge_tmpfs(path, size)

@@ -114,3 +114,21 @@ def test_a_partial_write_makes_a_whole_huge_page_present(huge_dir):
         assert present_after_partial_write(fd) == 512 << 10
     finally:
         os.close(fd)
+
+
+def test_a_private_mount_once_threads_run_is_refused_with_a_clear_error(tmp_path):
+    """A mount namespace is per thread: one made after threads started would leave them resolving the mount
+    point on the host (huge pages silently lost), so it is refused, naming why, and nothing is mounted."""
+    import subprocess
+    import sys
+    script = ("import threading, time\n"
+              "from snapd.hugetmpfs import HugeTmpfsError, mount_private_huge_tmpfs\n"
+              "threading.Thread(target=time.sleep, args=(5,), daemon=True).start()\n"
+              "try:\n"
+              f"    mount_private_huge_tmpfs({str(tmp_path / 'never')!r})\n"
+              "except HugeTmpfsError as exc:\n"
+              "    print(exc)\n")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert "before any thread starts" in out.stdout and "runs 2 threads" in out.stdout, out
+    assert not (tmp_path / "never").exists()
