@@ -130,19 +130,23 @@ def main(argv=None) -> None:
     print("| workload | codec | chunk | zero % | raw % | ratio | live ratio | compress MB/s | decompress MB/s |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for wl in args.workloads.split(","):
-        mem = guest_memory(wl, args.mem_mib)
-        for name, cid, level in CODECS:
-            for chunk in chunk_sizes:
-                r = measure(mem, chunk, cid, level)
-                dec = "-" if r["decomp"] is None else f"{r['decomp']:.0f}"
-                print(f"| {wl} | {name} | {chunk >> 10} KiB | {100 * r['zero']:.1f} | {100 * r['raw']:.0f} | "
-                      f"{r['ratio']:.2f} | {r['live_ratio']:.2f} | {r['comp']:.0f} | {dec} |", flush=True)
+        print_rows(wl, guest_memory(wl, args.mem_mib), chunk_sizes)
     guests = b"".join(guest_memory(wl, args.mem_mib) for wl in ("kv", "scan", "code"))
     dense = kv_table(32) + code_bytes(32 * MIB)  # no zero chunks: every byte is hashed and compressed
     for label, mem in (("kv+scan+code guests", guests), ("dense kv table + code, no zeros", dense)):
         for chunk in chunk_sizes:
             print(f"# build_image lz4, {os.cpu_count()} threads, {label} ({len(mem) >> 20} MiB), chunk "
                   f"{chunk >> 10} KiB: {build_throughput(mem, chunk):.0f} MB/s (hashing, zero skip, fsync included)")
+
+
+def print_rows(label: str, mem: bytes, chunk_sizes) -> None:
+    """One table row per codec and chunk size for ``mem``."""
+    for name, cid, level in CODECS:
+        for chunk in chunk_sizes:
+            r = measure(mem, chunk, cid, level)
+            dec = "-" if r["decomp"] is None else f"{r['decomp']:.0f}"
+            print(f"| {label} | {name} | {chunk >> 10} KiB | {100 * r['zero']:.1f} | {100 * r['raw']:.0f} | "
+                  f"{r['ratio']:.2f} | {r['live_ratio']:.2f} | {r['comp']:.0f} | {dec} |", flush=True)
 
 
 def real_main(args, chunk_sizes) -> None:
@@ -163,13 +167,7 @@ def real_main(args, chunk_sizes) -> None:
         print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
         for label, path in files:
             with open(path, "rb") as f:
-                mem = f.read()
-            for name, cid, level in CODECS:
-                for chunk in chunk_sizes:
-                    r = measure(mem, chunk, cid, level)
-                    dec = "-" if r["decomp"] is None else f"{r['decomp']:.0f}"
-                    print(f"| {label} | {name} | {chunk >> 10} KiB | {100 * r['zero']:.1f} | {100 * r['raw']:.0f} | "
-                          f"{r['ratio']:.2f} | {r['live_ratio']:.2f} | {r['comp']:.0f} | {dec} |", flush=True)
+                print_rows(label, f.read(), chunk_sizes)
 
 
 if __name__ == "__main__":

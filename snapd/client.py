@@ -17,7 +17,7 @@ import json
 import socket
 
 from snapd import http_wire
-from vmm.api.client import ApiClientError, ApiResponse
+from vmm.api.client import ApiClientError, ApiResponse, connect_unix
 
 JSON_HEADERS = {"Accept": "application/json", "Content-Type": "application/json"}
 
@@ -45,13 +45,7 @@ class SnapdClient:
         self.close()
 
     def _connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
-        try:
-            sock.connect(self.socket_path)
-        except OSError:
-            sock.close()
-            raise
+        sock = connect_unix(self.socket_path, self.timeout)
         self.sock, self.stream = sock, http_wire.Stream(sock)
 
     def request(self, method: str, path: str, body=None, raw: bytes | None = None) -> ApiResponse:

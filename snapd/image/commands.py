@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 
 from snapd.cli import EXIT_FAILED, EXIT_USAGE, CliError, print_info
@@ -15,6 +16,20 @@ def _size(text: str) -> int:
         return int(t[:-1]) * _UNITS[t[-1]] if t and t[-1] in _UNITS else int(t)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 512K, 2M, 65536)") from None
+
+
+@contextlib.contextmanager
+def _build_errors():
+    """An image or layer build's errors as one-line CLI errors: bad parameters exit as usage errors, a build
+    that failed (I/O, a corrupt parent) with EXIT_FAILED."""
+    from snapd.image import ImageError
+    from snapd.image.codecs import CodecError
+    try:
+        yield
+    except (ValueError, CodecError) as exc:
+        raise CliError(str(exc)) from None
+    except ImageError as exc:
+        raise CliError(str(exc), EXIT_FAILED) from None
 
 
 def register(subparsers) -> None:
@@ -58,8 +73,7 @@ def register(subparsers) -> None:
 def _build(args) -> int:
     from tqdm import tqdm
 
-    from snapd.image import DEFAULT_CHUNK_SIZE, DEFAULT_CODEC, ImageError, build_image
-    from snapd.image.codecs import CodecError
+    from snapd.image import DEFAULT_CHUNK_SIZE, DEFAULT_CODEC, build_image
 
     if args.parent is not None:
         return _build_layer(args)
@@ -73,14 +87,10 @@ def _build(args) -> int:
     with tqdm(total=total, unit="B", unit_scale=True, desc="build", disable=args.quiet or None) as bar:
         def progress(done: int, _total: int) -> None:
             bar.update(done - bar.n)
-        try:
+        with _build_errors():
             r = build_image(args.mem_file, store, out, chunk_size=args.chunk_size or DEFAULT_CHUNK_SIZE,
                             codec=args.codec or DEFAULT_CODEC, level=args.level, progress=progress,
                             source_id=args.source_id)
-        except (ValueError, CodecError) as exc:
-            raise CliError(str(exc)) from None
-        except ImageError as exc:
-            raise CliError(str(exc), EXIT_FAILED) from None
     print(f"{r.image_path}: {r.nchunks} chunks, {r.zero_chunks} zero, {r.dup_chunks} already stored, "
           f"{r.new_chunks} new ({r.new_stored_bytes} bytes added to {store})")
     return 0
@@ -127,8 +137,7 @@ def _verify(args) -> int:
 
 
 def _build_layer(args) -> int:
-    from snapd.image import DEFAULT_CODEC, ImageError
-    from snapd.image.codecs import CodecError
+    from snapd.image import DEFAULT_CODEC
     from snapd.image.layers import build_layer
     from vmm.snapshot import SnapshotError, read_snapshot
 
@@ -147,14 +156,10 @@ def _build_layer(args) -> int:
         raise CliError(f"{args.mem_file} is a Full snapshot: build a base image from its memory file instead")
     out = args.out or args.diff_mem + ".img"
     store = args.store or os.path.join(os.path.dirname(os.path.abspath(out)), "chunks")
-    try:
+    with _build_errors():
         r = build_layer(args.parent, args.diff_mem, state.diff_page_runs, store, out,
                         source_id=args.source_id or state.snapshot_id, parent_snapshot_id=state.parent_snapshot_id,
                         codec=args.codec or DEFAULT_CODEC, level=args.level)
-    except (ValueError, CodecError) as exc:
-        raise CliError(str(exc)) from None
-    except ImageError as exc:
-        raise CliError(str(exc), EXIT_FAILED) from None
     print(f"{r.image_path}: layer over {args.parent}: {r.changed_chunks} chunks changed, {r.stored_chunks} "
           f"differ from the parent, {r.new_chunks} new ({r.new_stored_bytes} bytes added to {store})")
     return 0

@@ -31,6 +31,13 @@ def readable(fd, timeout: float) -> bool:
     return bool(poller.poll(max(0.0, timeout) * 1e3))
 
 
+def _succeeded(reply: dict) -> dict:
+    """The reply, or the worker's refusal as WorkerError."""
+    if not reply.get("ok"):
+        raise WorkerError(reply.get("error", "unknown error"), reply.get("kind", "vmm"))
+    return reply
+
+
 class WorkerFailed(RuntimeError):
     """A worker died or broke the protocol during a request."""
 
@@ -78,10 +85,8 @@ class WorkerHandle:
         """Send one request and wait for its reply; raises WorkerFailed (dead) or WorkerError (refused)."""
         header = dict(header, id=next(self._ids))
         with self.lock:
-            if self.dead:
-                raise WorkerFailed(f"worker {self.pid} is gone: {self.failure or 'it exited'}")
+            self._send_locked(header, data, fds)
             try:
-                protocol.send(self.channel, header, data, fds)
                 deadline = time.monotonic() + timeout
                 while True:
                     left = deadline - time.monotonic()
@@ -101,22 +106,24 @@ class WorkerHandle:
             except (protocol.ProtocolError, OSError) as exc:
                 self._mark_dead(f"{type(exc).__name__}: {exc}")
                 raise WorkerFailed(f"worker {self.pid} failed during {header['op']}: {self.failure}") from None
-        if not reply.get("ok"):
-            raise WorkerError(reply.get("error", "unknown error"), reply.get("kind", "vmm"))
-        return reply, out
+        return _succeeded(reply), out
 
     def send_request(self, header: dict, data: bytes = b"", fds=()) -> int:
         """Send a request whose reply another thread collects (``read_reply``); returns its id."""
         header = dict(header, id=next(self._ids))
         with self.lock:
-            if self.dead:
-                raise WorkerFailed(f"worker {self.pid} is gone: {self.failure or 'it exited'}")
-            try:
-                protocol.send(self.channel, header, data, fds)
-            except OSError as exc:
-                self._mark_dead(f"{type(exc).__name__}: {exc}")
-                raise WorkerFailed(f"worker {self.pid} failed during {header['op']}: {self.failure}") from None
+            self._send_locked(header, data, fds)
         return header["id"]
+
+    def _send_locked(self, header: dict, data: bytes, fds) -> None:
+        """Send (``lock`` held); a dead worker, or one whose channel refuses the message, is WorkerFailed."""
+        if self.dead:
+            raise WorkerFailed(f"worker {self.pid} is gone: {self.failure or 'it exited'}")
+        try:
+            protocol.send(self.channel, header, data, fds)
+        except (protocol.ProtocolError, OSError) as exc:
+            self._mark_dead(f"{type(exc).__name__}: {exc}")
+            raise WorkerFailed(f"worker {self.pid} failed during {header['op']}: {self.failure}") from None
 
     def read_reply(self, request_id: int) -> dict | None:
         """The reply to ``send_request``'s request if it has come (None: not yet; call again when readable);
@@ -128,9 +135,7 @@ class WorkerHandle:
                     break
                 if "event" in reply or reply.get("id") != request_id:
                     continue
-                if not reply.get("ok"):
-                    raise WorkerError(reply.get("error", "unknown error"), reply.get("kind", "vmm"))
-                return reply
+                return _succeeded(reply)
             if self.dead:
                 raise WorkerFailed(f"worker {self.pid} is gone: {self.failure or 'it exited'}")
         return None

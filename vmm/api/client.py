@@ -19,21 +19,25 @@ class ApiClientError(Exception):
         super().__init__(f"{method} {path} -> {status}: {fault_message}")
 
 
+def connect_unix(socket_path: str, timeout: float | None) -> socket.socket:
+    """A stream socket connected to ``socket_path`` (closed again if the connect fails)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    try:
+        sock.connect(socket_path)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
 class UnixHTTPConnection(http.client.HTTPConnection):
     def __init__(self, socket_path: str, timeout: float | None = None):
         super().__init__("localhost", timeout=timeout)
         self.socket_path = socket_path
 
     def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        if self.timeout is not None:
-            sock.settimeout(self.timeout)
-        try:
-            sock.connect(self.socket_path)
-        except OSError:
-            sock.close()
-            raise
-        self.sock = sock
+        self.sock = connect_unix(self.socket_path, self.timeout)
 
 
 class ApiResponse:
