@@ -249,9 +249,14 @@ class Worker:
         # The guest waits in FN_NEXT (its vCPU thread in the function port, not running guest code): a new
         # generation and entropy now are what it sees with its first invocation.
         machine.fnport.new_generation()
-        t1 = time.perf_counter()
-        timings = dict(self.prepare_timings, new_generation_us=(t1 - t0) * 1e6)
-        reply = {"ok": True, "pid": os.getpid(), "timings": timings, "prepared": True,
+        timings = dict(self.prepare_timings, new_generation_us=(time.perf_counter() - t0) * 1e6)
+        return self._restored(machine, timings, header, payload, t0, prepared=True)
+
+    def _restored(self, machine, timings: dict, header: dict, payload: bytes, t0: float,
+                  **extra) -> tuple[dict, bytes]:
+        """The reply to a restore: where the clone's memory and mailbox are and, when the request carried a
+        payload, the first invocation's reply (run on this thread if the clone is held)."""
+        reply = {"ok": True, "pid": os.getpid(), "timings": timings, **extra,
                  "regions": [[r.guest_phys_addr, r.size, r.host_addr] for r in machine.memory.regions],
                  "mailbox_gpa": machine.fnport.mailbox_gpa, "generation": machine.fnport.generation}
         result = b""
@@ -283,38 +288,16 @@ class Worker:
             return {"ok": False, "error": "this worker already runs a clone", "kind": "protocol"}, b""
         if len(fds) != 1:
             return {"ok": False, "error": f"restore needs the image memfd, got {len(fds)} fds", "kind": "protocol"}, b""
-        self.image = header["image"]
-        state = self._state(self.image, header["state_path"])
         marks = {}
-
-        def register_with_page_server(machine) -> None:
-            marks["remap"] = time.perf_counter()
-            # Lazy mode: the server sends "ready" at once and serves faults as they come; a fault raised before
-            # it has attached simply waits in the uffd, so the restore does not wait for that round trip.
-            self.backend = UffdBackend(machine.memory, header["page_server"])
-            self.backend.set_failure_handler(lambda error: self._page_server_failed(machine, error))
-            marks["uffd"] = time.perf_counter()
-
-        t1 = time.perf_counter()
-        machine = self.prebuilt.restore(state, fds[0], shared=False, before_state=register_with_page_server,
-                                        resume=False)
+        machine = self._restore_paused(header, fds[0], marks)
         t2 = time.perf_counter()
         self.machine = machine
         resume_restored(machine)
         t3 = time.perf_counter()
-        timings = {"state_lookup_us": (t1 - t0) * 1e6, "remap_us": (marks["remap"] - t1) * 1e6,
+        timings = {"state_lookup_us": (marks["start"] - t0) * 1e6, "remap_us": (marks["remap"] - marks["start"]) * 1e6,
                    "uffd_handshake_us": (marks["uffd"] - marks["remap"]) * 1e6,
                    "write_state_us": (t2 - marks["uffd"]) * 1e6, "resume_us": (t3 - t2) * 1e6}
-        reply = {"ok": True, "pid": os.getpid(), "timings": timings,
-                 "regions": [[r.guest_phys_addr, r.size, r.host_addr] for r in machine.memory.regions],
-                 "mailbox_gpa": machine.fnport.mailbox_gpa, "generation": machine.fnport.generation}
-        if header.get("invoke"):
-            first, result = self._invoke(payload, header.get("timeout", 10.0))
-            reply["invoke"] = first
-            reply["total_us"] = (time.perf_counter() - t0) * 1e6
-            return reply, result
-        reply["total_us"] = (time.perf_counter() - t0) * 1e6
-        return reply, b""
+        return self._restored(machine, timings, header, payload, t0)
 
     def _invoke(self, payload: bytes, timeout: float, here: bool = False) -> tuple[dict, bytes]:
         """One invocation; ``here``: the clone is held (paused), run its vCPU on this thread."""
