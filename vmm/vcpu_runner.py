@@ -22,6 +22,9 @@ def _ignore_signal(signum, frame) -> None:
     """SIGALRM only has to interrupt KVM_RUN (run_here's deadline)."""
 
 
+_alarm_installed = False
+
+
 def install_kick_handler() -> None:
     global _kick_installed
     if not _kick_installed:
@@ -108,11 +111,15 @@ class VcpuRunner:
         no hand-off to the vCPU thread and back (two wake-ups, ~0.15 ms on this nested host). False when
         ``deadline`` (time.monotonic()) passes first: the caller resumes the vCPU thread, which carries on from
         the same point. Raises GuestFault / VmmError as the vCPU thread's loop would. Main thread only (the
-        deadline is a SIGALRM interval timer)."""
+        deadline is a SIGALRM interval timer; SIGALRM is ignored from the first call on)."""
+        global _alarm_installed
         vcpu, run = self.vcpu, self.vcpu.run
         run.immediate_exit = 0
         # KVM_RUN returns -EINTR when a signal arrives: the interval timer bounds a guest that never answers.
-        previous = signal.signal(signal.SIGALRM, _ignore_signal)
+        # The handler is installed once and left (a request's path pays only the two setitimer calls).
+        if not _alarm_installed:
+            signal.signal(signal.SIGALRM, _ignore_signal)
+            _alarm_installed = True
         signal.setitimer(signal.ITIMER_REAL, max(1e-6, deadline - time.monotonic()))
         try:
             while not done():
@@ -125,7 +132,6 @@ class VcpuRunner:
             return True
         finally:
             signal.setitimer(signal.ITIMER_REAL, 0)
-            signal.signal(signal.SIGALRM, previous)
 
     def pending_port_read(self) -> int | None:
         """The port of the port-I/O read (IN) this vCPU's last exit left uncompleted, if that is what it was."""
