@@ -17,6 +17,7 @@ setup(
     cffi_modules=[
         "vmm/_kvm_build.py:ffibuilder",
         "snapd/_uffd_build.py:ffibuilder",
+        "snapd/_lane_build.py:ffibuilder",
     ],
     cmdclass={"build_py": BuildPyWithGuest},
 )

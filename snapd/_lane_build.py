@@ -1,0 +1,91 @@
+"""cffi API-mode builder for snapd._lane_native: the restore fast lane, in C.
+
+An isolated restore request on these nested hosts is decided by how much code runs on its path after the CPUs
+idled (docs/benchmarks.md, "Cold CPUs"): the same Python that takes 20 us warm takes 150-250 us cold. The lane
+is the prepared-clone restore without Python on its path: the daemon's side reads and answers the HTTP request
+(lane_http.c, lane_daemon.c), the worker's side answers it from the held vCPU (lane_held.c). Anything the lane
+does not take goes the ordinary Python way, from the same bytes. Works from setup.py's cffi_modules and when
+run directly (`python snapd/_lane_build.py` compiles in place).
+"""
+import os
+
+from cffi import FFI
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CSRC = os.path.join("snapd", "csrc")  # relative to ROOT: setuptools wants relative sources
+
+HTTP_CDEF = """
+/* lane_http.h */
+#define LANE_NEED_MORE ...
+#define LANE_FAST ...
+#define LANE_SLOW ...
+struct lane_request {
+    size_t consumed;
+    int keep_alive;
+    const char *image; size_t image_len;
+    const char *payload; size_t payload_len;
+    int64_t count;
+    int64_t timeout_ms;
+};
+int lane_parse_clone_request(const char *buf, size_t len, size_t max_head, size_t max_body,
+                             struct lane_request *out);
+int64_t lane_base64_decode(const char *in, size_t len, uint8_t *out, size_t cap);
+size_t lane_base64_encode(const uint8_t *in, size_t len, char *out);
+"""
+
+HELD_CDEF = """
+/* lane_proto.h */
+#define LANE_IMAGE_MAX ...
+#define LANE_FLAG_INVOKE ...
+#define LANE_OK ...
+#define LANE_ERR_TIMEOUT ...
+#define LANE_ERR_INVOCATION ...
+#define LANE_ERR_VMM ...
+#define LANE_ERR_PROTOCOL ...
+struct lane_restore_msg { uint32_t flags; uint64_t id; uint64_t timeout_ns; ...; };
+struct lane_reply_msg { int32_t status; uint64_t id; uint64_t generation; uint64_t generation_ns;
+                        uint64_t invoke_ns; uint64_t total_ns; ...; };
+
+/* lane_held.h */
+#define LANE_HELD_MAX_MESSAGE ...
+#define LANE_HELD_MAX_FDS ...
+#define LANE_HELD_EOF ...
+#define LANE_HELD_MESSAGE ...
+#define LANE_HELD_SERVED ...
+#define LANE_HELD_FALLBACK ...
+struct lane_held {
+    int armed; int vcpu_fd; void *run; uint64_t mailbox; uint32_t req_cap, resp_cap; uint64_t seq;
+    uint16_t fn_next_port, fn_done_port; char image[...];
+    ...;
+};
+struct lane_held_result {
+    uint64_t message_len; int32_t nfds; int32_t fds[...]; int32_t truncated;
+    uint64_t id, generation, seq; uint32_t flags; uint64_t timeout_ns; uint64_t payload_offset, payload_len;
+    int32_t exit_pending; int32_t run_errno; uint64_t deadline_ns; uint64_t generation_ns, invoke_ns, total_ns;
+    ...;
+};
+struct lane_channel;
+struct lane_channel *lane_channel_new(int fd);
+const uint8_t *lane_channel_buffer(struct lane_channel *ch);
+void lane_channel_free(struct lane_channel *ch);
+int lane_held_serve(struct lane_channel *ch, struct lane_held *held, struct lane_held_result *res);
+"""
+
+SOURCES = ["lane_http.c", "lane_held.c"]
+
+ffibuilder = FFI()
+ffibuilder.cdef(HTTP_CDEF + HELD_CDEF)
+ffibuilder.set_source(
+    "snapd._lane_native",
+    """
+    #include "lane_http.h"
+    #include "lane_held.h"
+    """,
+    sources=[os.path.join(CSRC, name) for name in SOURCES],
+    include_dirs=[CSRC],
+    extra_compile_args=["-O2", "-Wall", "-std=gnu11"],
+)
+
+if __name__ == "__main__":
+    os.chdir(ROOT)  # paths above are relative to the repo root; cffi builds in tmpdir, so build there
+    ffibuilder.compile(tmpdir=ROOT, verbose=False)

@@ -1,0 +1,243 @@
+/* The worker's side of the restore lane (lane_held.h): the held clone's restore and first invocation, in C.
+ *
+ * What Python does for the same request, this does in the same order and leaves the same state behind
+ * (vmm/devices/fnport.py, docs/function-port.md): a new generation id and 32 bytes of entropy in the mailbox,
+ * the payload and its sequence number and length, the FN_NEXT read answered "delivered", KVM_RUN until the
+ * guest writes FN_DONE, the reply read from the mailbox. Guest memory is written and read through
+ * process_vm_writev/readv as vmm/memory.py does for served memory: a page its page server cannot give is an
+ * error here, never a SIGSEGV. The first check that fails before anything was written hands the message to
+ * Python untouched; after the invocation reached the guest, Python carries it on (LANE_HELD_FALLBACK). */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <signal.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/mman.h>
+#include <sys/random.h>
+#include <sys/socket.h>
+#include <sys/time.h>
+#include <sys/uio.h>
+#include <time.h>
+#include <unistd.h>
+#include <linux/kvm.h>
+#include "lane_held.h"
+
+/* mailbox layout and FN_NEXT answers: docs/function-port.md, vmm/devices/fnport.py */
+#define MAILBOX_HEADER 128
+#define OFF_SEQ 16
+#define OFF_GENERATION 24
+#define OFF_REQ_LEN 64
+#define NEXT_DELIVERED 1u
+
+struct lane_channel {
+    int fd;
+    uint8_t *buf;     /* received message; mmap'd, so only the pages a message reaches are ever touched */
+    uint8_t *reply;   /* the reply being sent: header + result */
+};
+
+static uint64_t now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+struct lane_channel *lane_channel_new(int fd)
+{
+    struct lane_channel *ch = calloc(1, sizeof(*ch));
+    if (!ch)
+        return NULL;
+    size_t size = 2 * (size_t)LANE_HELD_MAX_MESSAGE;
+    void *mem = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (mem == MAP_FAILED) {
+        free(ch);
+        return NULL;
+    }
+    ch->fd = fd;
+    ch->buf = mem;
+    ch->reply = ch->buf + LANE_HELD_MAX_MESSAGE;
+    return ch;
+}
+
+const uint8_t *lane_channel_buffer(struct lane_channel *ch) { return ch->buf; }
+
+void lane_channel_free(struct lane_channel *ch)
+{
+    if (!ch)
+        return;
+    munmap(ch->buf, 2 * (size_t)LANE_HELD_MAX_MESSAGE);
+    free(ch);
+}
+
+static int self_write(uint64_t dst, const void *src, size_t len)
+{
+    struct iovec local = { (void *)src, len }, remote = { (void *)dst, len };
+    return process_vm_writev(getpid(), &local, 1, &remote, 1, 0) == (ssize_t)len ? 0 : -1;
+}
+
+static int self_read(void *dst, uint64_t src, size_t len)
+{
+    struct iovec local = { dst, len }, remote = { (void *)src, len };
+    return process_vm_readv(getpid(), &local, 1, &remote, 1, 0) == (ssize_t)len ? 0 : -1;
+}
+
+/* One message and its descriptors; 0 on EOF, -errno on error. */
+static long receive(struct lane_channel *ch, struct lane_held_result *res)
+{
+    union { char space[CMSG_SPACE(LANE_HELD_MAX_FDS * sizeof(int))]; struct cmsghdr align; } control;
+    struct iovec iov = { ch->buf, LANE_HELD_MAX_MESSAGE };
+    struct msghdr msg = { .msg_iov = &iov, .msg_iovlen = 1, .msg_control = control.space,
+                          .msg_controllen = sizeof(control.space) };
+    ssize_t n;
+    do
+        n = recvmsg(ch->fd, &msg, MSG_CMSG_CLOEXEC);
+    while (n < 0 && errno == EINTR);
+    if (n < 0)
+        return errno == ECONNRESET ? 0 : -errno;
+    res->nfds = 0;
+    for (struct cmsghdr *c = CMSG_FIRSTHDR(&msg); c; c = CMSG_NXTHDR(&msg, c)) {
+        if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS)
+            continue;
+        int count = (int)((c->cmsg_len - CMSG_LEN(0)) / sizeof(int));
+        for (int i = 0; i < count && res->nfds < LANE_HELD_MAX_FDS; i++)
+            memcpy(&res->fds[res->nfds++], CMSG_DATA(c) + i * sizeof(int), sizeof(int));
+    }
+    res->truncated = (msg.msg_flags & (MSG_TRUNC | MSG_CTRUNC)) != 0;
+    res->message_len = (uint64_t)n;
+    if (n == 0 && res->nfds == 0)
+        return 0;
+    return n ? n : 1;
+}
+
+/* The held vCPU's pending exit is the FN_NEXT read this clone parked in. */
+static int parked_in_next(const struct lane_held *held)
+{
+    const struct kvm_run *run = held->run;
+    return run->exit_reason == KVM_EXIT_IO && run->io.direction == KVM_EXIT_IO_IN
+           && run->io.port == held->fn_next_port && run->io.size == 4 && run->io.count == 1;
+}
+
+static int alarm_is_handled(void)
+{
+    struct sigaction current;
+    return sigaction(SIGALRM, NULL, &current) == 0 && current.sa_handler != SIG_DFL
+           && current.sa_handler != SIG_IGN;
+}
+
+static void set_alarm(uint64_t ns)
+{
+    struct itimerval t = { { 0, 0 }, { (time_t)(ns / 1000000000ull), (suseconds_t)(ns % 1000000000ull / 1000) } };
+    if (ns && !t.it_value.tv_sec && !t.it_value.tv_usec)
+        t.it_value.tv_usec = 1;
+    setitimer(ITIMER_REAL, &t, NULL);
+}
+
+/* KVM_RUN until the guest answers; 1: its reply length is in *length, 0: Python takes over (res says why). */
+static int run_to_reply(struct lane_held *held, struct lane_held_result *res, uint32_t *length)
+{
+    struct kvm_run *run = held->run;
+    uint64_t now = now_ns();
+    if (now >= res->deadline_ns)
+        return 0;
+    run->immediate_exit = 0;
+    set_alarm(res->deadline_ns - now);  /* KVM_RUN returns EINTR on it: a guest that never answers is bounded */
+    int done = 0;
+    for (;;) {
+        if (ioctl(held->vcpu_fd, KVM_RUN, 0) < 0) {
+            if (errno == EINTR && !run->immediate_exit && now_ns() < res->deadline_ns)
+                continue;
+            if (errno != EINTR)
+                res->run_errno = errno;
+            break;  /* the deadline, a stop request (immediate_exit) or an error: Python's run_here decides */
+        }
+        if (run->exit_reason == KVM_EXIT_IO && run->io.direction == KVM_EXIT_IO_OUT
+            && run->io.port == held->fn_done_port && run->io.size == 4 && run->io.count == 1) {
+            memcpy(length, (uint8_t *)run + run->io.data_offset, 4);
+            done = *length <= held->resp_cap;
+        }
+        res->exit_pending = !done;  /* FN_DONE is complete once read; anything else is Python's to dispatch */
+        break;
+    }
+    set_alarm(0);
+    return done;
+}
+
+static void send_reply(struct lane_channel *ch, const struct lane_held_result *res, uint64_t t0, size_t result_len)
+{
+    struct lane_reply_msg *reply = (struct lane_reply_msg *)ch->reply;
+    memcpy(reply->magic, LANE_REPLY_MAGIC, 4);
+    reply->status = LANE_OK;
+    reply->id = res->id;
+    reply->generation = res->generation;
+    reply->generation_ns = res->generation_ns;
+    reply->invoke_ns = res->invoke_ns;
+    reply->total_ns = now_ns() - t0;
+    /* A daemon gone now is seen as EOF on the next receive. */
+    (void)send(ch->fd, reply, sizeof(*reply) + result_len, MSG_NOSIGNAL);
+}
+
+int lane_held_serve(struct lane_channel *ch, struct lane_held *held, struct lane_held_result *res)
+{
+    memset(res, 0, sizeof(*res));
+    long n = receive(ch, res);
+    if (n <= 0)
+        return n == 0 ? LANE_HELD_EOF : (int)n;
+    uint64_t t0 = now_ns();
+    const struct lane_restore_msg *msg = (const struct lane_restore_msg *)ch->buf;
+    if ((size_t)n < sizeof(*msg) || memcmp(msg->magic, LANE_RESTORE_MAGIC, 4) != 0 || res->nfds || res->truncated
+        || !held->armed || strncmp(msg->image, held->image, LANE_IMAGE_MAX) != 0 || !parked_in_next(held)
+        || !alarm_is_handled())
+        return LANE_HELD_MESSAGE;
+    res->id = msg->id;
+    res->flags = msg->flags;
+    res->timeout_ns = msg->timeout_ns;
+    res->payload_offset = sizeof(*msg);
+    res->payload_len = (uint64_t)n - sizeof(*msg);
+    int invoke = (msg->flags & LANE_FLAG_INVOKE) != 0;
+    if (invoke && res->payload_len > held->req_cap)
+        return LANE_HELD_MESSAGE;  /* Python refuses it with the function port's own words */
+
+    /* A new generation id and fresh entropy, as on every resume from a snapshot (VMGenID). */
+    uint64_t fresh[5];
+    if (getrandom(fresh, sizeof(fresh), 0) != (ssize_t)sizeof(fresh))
+        return LANE_HELD_MESSAGE;
+    if (!fresh[0])
+        fresh[0] = 1;
+    if (self_write(held->mailbox + OFF_GENERATION, fresh, sizeof(fresh)) < 0)
+        return LANE_HELD_MESSAGE;
+    res->generation = fresh[0];
+    res->seq = held->seq;
+    uint64_t t1 = now_ns();
+    res->generation_ns = t1 - t0;
+    held->armed = 0;  /* the clone is the request's now, whatever happens next */
+    if (!invoke) {
+        send_reply(ch, res, t0, 0);
+        return LANE_HELD_SERVED;
+    }
+
+    /* The invocation, as fnport._next hands it over: payload, then sequence number and length. */
+    uint64_t seq = held->seq + 1;
+    uint32_t len32 = (uint32_t)res->payload_len;
+    if (self_write(held->mailbox + MAILBOX_HEADER, ch->buf + res->payload_offset, res->payload_len) < 0
+        || self_write(held->mailbox + OFF_SEQ, &seq, 8) < 0 || self_write(held->mailbox + OFF_REQ_LEN, &len32, 4) < 0)
+        return LANE_HELD_MESSAGE;  /* nothing reached the guest: Python writes a generation and all again */
+    struct kvm_run *run = held->run;
+    uint32_t delivered = NEXT_DELIVERED;
+    memcpy((uint8_t *)run + run->io.data_offset, &delivered, 4);
+    res->seq = seq;
+    res->deadline_ns = t1 + res->timeout_ns;
+
+    uint32_t length = 0;
+    uint8_t *result = ch->reply + sizeof(struct lane_reply_msg);
+    if (!run_to_reply(held, res, &length)
+        || self_read(result, held->mailbox + MAILBOX_HEADER + held->req_cap, length) < 0) {
+        res->invoke_ns = now_ns() - t1;
+        if (length && !res->exit_pending)
+            res->exit_pending = 1;  /* the FN_DONE whose reply could not be read: Python's _done reports it */
+        return LANE_HELD_FALLBACK;
+    }
+    res->invoke_ns = now_ns() - t1;
+    send_reply(ch, res, t0, length);
+    return LANE_HELD_SERVED;
+}

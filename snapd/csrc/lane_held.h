@@ -1,0 +1,56 @@
+/* The worker's side of the restore lane: a prepared clone whose only vCPU is held in its FN_NEXT read
+ * (snapd/pool/worker.py _prepare) is restored and invoked here, from the daemon's message to the reply, with
+ * no Python on the way. Everything this cannot finish goes back to Python in a defined state. */
+#ifndef SNAPD_LANE_HELD_H
+#define SNAPD_LANE_HELD_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include "lane_proto.h"
+
+#define LANE_HELD_MAX_MESSAGE (4u << 20)  /* as protocol.MAX_MESSAGE */
+#define LANE_HELD_MAX_FDS 4
+
+/* what lane_held_serve returns */
+#define LANE_HELD_EOF 0        /* the daemon closed the channel */
+#define LANE_HELD_MESSAGE 1    /* any other message (or a lane restore this could not take, untouched): Python's */
+#define LANE_HELD_SERVED 2     /* restored, invoked, reply sent: Python only updates its records */
+#define LANE_HELD_FALLBACK 3   /* restored and the invocation handed to the guest, then an exit this does not
+                                  handle, a deadline or an error: Python carries the invocation on */
+
+/* The held clone, as the worker's Python describes it (armed = 0: nothing is held). */
+struct lane_held {
+    int armed;
+    int vcpu_fd;
+    void *run;                    /* the vCPU's struct kvm_run */
+    uint64_t mailbox;             /* host address of the guest's mailbox */
+    uint32_t req_cap, resp_cap;
+    uint64_t seq;                 /* the function port's last sequence number */
+    uint16_t fn_next_port, fn_done_port;
+    char image[LANE_IMAGE_MAX + 1];
+};
+
+struct lane_held_result {
+    uint64_t message_len;         /* MESSAGE / FALLBACK: bytes in the buffer */
+    int32_t nfds;
+    int32_t fds[LANE_HELD_MAX_FDS];
+    int32_t truncated;            /* the message or its descriptors did not fit */
+    /* SERVED and FALLBACK */
+    uint64_t id, generation, seq;
+    uint32_t flags;
+    uint64_t timeout_ns;
+    uint64_t payload_offset, payload_len;
+    int32_t exit_pending;         /* FALLBACK: an exit in kvm_run waits for Python's dispatch */
+    int32_t run_errno;            /* FALLBACK: KVM_RUN failed with this */
+    uint64_t deadline_ns;         /* CLOCK_MONOTONIC */
+    uint64_t generation_ns, invoke_ns, total_ns;
+};
+
+struct lane_channel;
+struct lane_channel *lane_channel_new(int fd);
+const uint8_t *lane_channel_buffer(struct lane_channel *ch);
+void lane_channel_free(struct lane_channel *ch);
+/* Wait for the next message on the channel (blocking) and serve it if it is a lane restore of the held clone. */
+int lane_held_serve(struct lane_channel *ch, struct lane_held *held, struct lane_held_result *res);
+
+#endif

@@ -1,0 +1,40 @@
+/* The lane's two messages on a daemon <-> worker channel (snapd/pool/protocol.py documents the channel).
+ * Every other message there is JSON; these are fixed little-endian structs so that neither side parses text
+ * on the restore path. Python packs and unpacks the same layouts (protocol.LANE_RESTORE / LANE_REPLY); a test
+ * checks the sizes agree. */
+#ifndef SNAPD_LANE_PROTO_H
+#define SNAPD_LANE_PROTO_H
+
+#include <stdint.h>
+
+#define LANE_RESTORE_MAGIC "SNL1"  /* daemon -> worker: restore the prepared clone (and invoke it) */
+#define LANE_REPLY_MAGIC "SNL2"    /* worker -> daemon: its answer */
+#define LANE_IMAGE_MAX 64
+#define LANE_FLAG_INVOKE 1u        /* the payload that follows is the clone's first invocation */
+
+/* status of a reply; anything but OK is followed by the error text instead of a result */
+#define LANE_OK 0
+#define LANE_ERR_TIMEOUT 1
+#define LANE_ERR_INVOCATION 2
+#define LANE_ERR_VMM 3
+#define LANE_ERR_PROTOCOL 4
+
+struct lane_restore_msg {
+    char magic[4];
+    uint32_t flags;
+    uint64_t id;                  /* the request id, echoed in the reply */
+    uint64_t timeout_ns;          /* bound on the first invocation */
+    char image[LANE_IMAGE_MAX];   /* NUL-padded image id */
+};                                /* then the payload */
+
+struct lane_reply_msg {
+    char magic[4];
+    int32_t status;
+    uint64_t id;
+    uint64_t generation;          /* the clone's new generation id */
+    uint64_t generation_ns;       /* writing it and the entropy */
+    uint64_t invoke_ns;           /* the first invocation, request to reply */
+    uint64_t total_ns;            /* message received to reply sent */
+};                                /* then the result, or the error text */
+
+#endif
