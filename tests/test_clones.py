@@ -223,6 +223,8 @@ def test_a_prepared_clone_answers_its_first_and_later_invocations(kv_daemon):
     try:
         assert "prepare_us" in clone["timings_us"], "the clone was not served by a prepared worker"
         workloads.verify_kv(1, 1, first, clone["result"])
+        status, _ = daemon.daemon.clones[clone["id"]].worker.request({"op": "status"})
+        assert status["lane"]["served"] >= 1, "the held clone's restore was not answered by the lane (C)"
         for seed in (8, 9, 10):
             request = workloads.kv_request(5000, seed)
             workloads.verify_kv(1, 1, request, daemon.client.invoke(clone["id"], request))

@@ -5,6 +5,7 @@ in-kernel irqchip exists costs 7-11 ms on these hosts, see ../shared/FACTS.md).
 """
 import threading
 import time
+from typing import Callable
 
 from vmm import x86
 from vmm.config import MachineConfig
@@ -268,12 +269,23 @@ class Microvm:
             raise VmmError("invoke_paused runs only on the main thread (its deadline is a SIGALRM interval timer)")
         invocation = self.fnport.submit(payload)
         runner = self.runners[0]
+        first = None
+        if self.io_left_pending and runner.pending_port_read() == FN_PORT_BASE + FN_NEXT:
+            # The guest's FN_NEXT read was answered "retry" when it parked but never completed: answer it
+            # again, now with the invocation, so the guest's next instruction is already the request's.
+            first = runner.redo_port_read
+        return self.continue_paused(invocation, time.monotonic() + timeout, first)
+
+    def continue_paused(self, invocation: Invocation, deadline: float,
+                        first: Callable[[], None] | None = None) -> Invocation:
+        """Run the paused one-vCPU machine's vCPU on this thread until ``invocation`` is answered or ``deadline``
+        (time.monotonic()) passes, after ``first()`` (invoke_paused: answer the parked read; snapd's held lane,
+        which hands an invocation over this way when its guest does more than answer: the exit it left)."""
+        runner = self.runners[0]
         try:
-            if self.io_left_pending and runner.pending_port_read() == FN_PORT_BASE + FN_NEXT:
-                # The guest's FN_NEXT read was answered "retry" when it parked but never completed: answer it
-                # again, now with the invocation, so the guest's next instruction is already the request's.
-                runner.redo_port_read()
-            runner.run_here(invocation.done.is_set, time.monotonic() + timeout)
+            if first is not None:
+                first()
+            runner.run_here(invocation.done.is_set, deadline)
         except GuestFault as fault:
             self.on_vcpu_fault(runner, fault)
         except VmmError as exc:

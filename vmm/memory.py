@@ -148,8 +148,12 @@ class GuestMemory:
             ffi.memmove(pointer, data, len(data))
         else:
             check(lib.vmm_self_write(pointer, data, len(data)), f"write of guest memory at {gpa:#x}")
-        if self.host_dirty_pages is not None and data:
-            self.host_dirty_pages.update(range(gpa // PAGE_SIZE, (gpa + len(data) - 1) // PAGE_SIZE + 1))
+        self.note_host_write(gpa, len(data))
+
+    def note_host_write(self, gpa: int, length: int) -> None:
+        """Pages the VMM wrote (here, or in C through a host pointer): KVM's dirty log does not see them."""
+        if self.host_dirty_pages is not None and length:
+            self.host_dirty_pages.update(range(gpa // PAGE_SIZE, (gpa + length - 1) // PAGE_SIZE + 1))
 
     def close(self) -> None:
         if self.backend is not None:

@@ -25,6 +25,15 @@ def _ignore_signal(signum, frame) -> None:
 _alarm_installed = False
 
 
+def install_alarm_handler() -> None:
+    """SIGALRM interrupts KVM_RUN for run_here's deadline (and snapd's held lane, snapd/csrc/lane_held.c):
+    installed once, never reset, so a request's path pays only the setitimer calls."""
+    global _alarm_installed
+    if not _alarm_installed:
+        signal.signal(signal.SIGALRM, _ignore_signal)
+        _alarm_installed = True
+
+
 def install_kick_handler() -> None:
     global _kick_installed
     if not _kick_installed:
@@ -112,14 +121,10 @@ class VcpuRunner:
         ``deadline`` (time.monotonic()) passes first: the caller resumes the vCPU thread, which carries on from
         the same point. Raises GuestFault / VmmError as the vCPU thread's loop would. Main thread only (the
         deadline is a SIGALRM interval timer; SIGALRM is ignored from the first call on)."""
-        global _alarm_installed
         vcpu, run = self.vcpu, self.vcpu.run
         run.immediate_exit = 0
         # KVM_RUN returns -EINTR when a signal arrives: the interval timer bounds a guest that never answers.
-        # The handler is installed once and left (a request's path pays only the two setitimer calls).
-        if not _alarm_installed:
-            signal.signal(signal.SIGALRM, _ignore_signal)
-            _alarm_installed = True
+        install_alarm_handler()
         signal.setitimer(signal.ITIMER_REAL, max(1e-6, deadline - time.monotonic()))
         try:
             while not done():
@@ -132,6 +137,11 @@ class VcpuRunner:
             return True
         finally:
             signal.setitimer(signal.ITIMER_REAL, 0)
+
+    def dispatch_pending_exit(self) -> None:
+        """Handle the exit KVM_RUN last returned, which someone else ran into (snapd's held lane) and left."""
+        self.exits += 1
+        self._dispatch_exit(self.vcpu.run.exit_reason)
 
     def pending_port_read(self) -> int | None:
         """The port of the port-I/O read (IN) this vCPU's last exit left uncompleted, if that is what it was."""

@@ -112,12 +112,13 @@ class Daemon(ImageOps, CloneOps):
             shard.clones += 1
             worker.shard = shard
         try:
-            worker.request({"op": "prepare", "image": image_id, "state_path": runtime.record.state_path,
+            reply, _ = worker.request({"op": "prepare", "image": image_id, "state_path": runtime.record.state_path,
                             "page_server": shard.sock_path, "timeout": 10.0}, b"", [shard.image.memfd], timeout=30.0)
         except (WorkerFailed, WorkerError) as exc:
             log.warning("could not prepare a worker for %s: %s", image_id, exc)
             return False  # the pool retires it (which frees the shard slot)
         worker.image = image_id
+        worker.prepared = reply
         return True
 
     def _retire(self, worker: WorkerHandle) -> None:

@@ -206,6 +206,7 @@ class WarmPool:
             keep = ok and not self.closed and image in self.images
             if keep:
                 worker.image = image
+                worker.prepared = reply
                 self.prepared[image].append(worker)
                 self.recycled += 1
                 self.cond.notify_all()

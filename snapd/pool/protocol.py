@@ -3,6 +3,11 @@
 A message is a JSON object, optionally followed by a NUL byte and raw bytes (an invocation payload or reply,
 so no base64 on the hot path); file descriptors (a base image's memfd, a new worker's channel) travel with it
 as SCM_RIGHTS. SEQPACKET keeps message boundaries, so neither side needs framing or partial reads.
+
+Two messages are fixed binary structs instead (snapd/csrc/lane_proto.h), so that the restore of a held clone
+parses no text on either side: LANE_RESTORE (daemon -> worker, the payload after it) and LANE_REPLY (worker ->
+daemon, the result or an error text after it). ``decode`` turns them into the same dicts the JSON restore and
+its reply are, so code past the channel does not care which way a request came.
 """
 from __future__ import annotations
 
@@ -10,10 +15,17 @@ import array
 import json
 import os
 import socket
+import struct
 
 MAX_MESSAGE = 4 << 20  # an invocation payload the guest takes is far smaller (its mailbox caps it)
 MAX_FDS = 4
 _PEEK = bytearray(1)  # receives the peeked byte; never read
+LANE_RESTORE = struct.Struct("<4sIQQ64s")   # magic, flags, id, timeout_ns, image: struct lane_restore_msg
+LANE_REPLY = struct.Struct("<4siQQQQQ")     # magic, status, id, generation, generation_ns, invoke_ns, total_ns
+LANE_RESTORE_MAGIC, LANE_REPLY_MAGIC = b"SNL1", b"SNL2"
+LANE_FLAG_INVOKE = 1
+LANE_KINDS = {1: "timeout", 2: "invocation", 3: "vmm", 4: "protocol"}  # a reply's status -> WorkerError kind
+LANE_STATUS = {kind: status for status, kind in LANE_KINDS.items()}
 
 
 class ProtocolError(RuntimeError):
@@ -39,13 +51,85 @@ def encode(header: dict, data: bytes = b"") -> bytes:
 
 
 def send(sock: socket.socket, header: dict, data: bytes = b"", fds: list[int] | tuple = ()) -> None:
-    message = encode(header, data)
+    send_raw(sock, encode(header, data), fds)
+
+
+def send_raw(sock: socket.socket, message: bytes, fds: list[int] | tuple = ()) -> None:
+    """One message already encoded (``encode``, or a lane struct)."""
     if len(message) > MAX_MESSAGE:
         raise ProtocolError(f"message of {len(message)} bytes is larger than the {MAX_MESSAGE}-byte limit")
     if fds:
         sock.sendmsg([message], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
     else:
         sock.sendall(message)
+
+
+def encode_lane_restore(request_id: int, image: str, timeout: float, payload: bytes | None) -> bytes:
+    """The daemon's restore of a held clone (answered by snapd/csrc/lane_held.c, or by the worker's Python)."""
+    flags = LANE_FLAG_INVOKE if payload is not None else 0
+    return LANE_RESTORE.pack(LANE_RESTORE_MAGIC, flags, request_id, int(timeout * 1e9), image.encode()) + (payload or b"")
+
+
+def encode_lane_reply(reply: dict, result: bytes) -> bytes:
+    """The worker's Python answering a lane restore in the lane's own format."""
+    invoke = reply.get("invoke") or {}
+    if reply.get("ok") and not invoke.get("ok", True):  # restored, but the first invocation failed
+        reply = dict(invoke, id=reply.get("id", 0))
+    if not reply.get("ok"):
+        status = LANE_STATUS.get(reply.get("kind"), LANE_STATUS["vmm"])
+        return LANE_REPLY.pack(LANE_REPLY_MAGIC, status, reply.get("id", 0), 0, 0, 0, 0) + \
+            str(reply.get("error", "unknown error")).encode()
+    timings = reply.get("timings", {})
+    return LANE_REPLY.pack(LANE_REPLY_MAGIC, 0, reply.get("id", 0), reply.get("generation", 0),
+                           int(timings.get("new_generation_us", 0) * 1e3), int(invoke.get("latency_us", 0) * 1e3),
+                           int(reply.get("total_us", 0) * 1e3)) + result
+
+
+def _decode_lane(message: bytes) -> tuple[dict, bytes] | None:
+    magic = message[:4]
+    if magic == LANE_RESTORE_MAGIC and len(message) >= LANE_RESTORE.size:
+        _, flags, request_id, timeout_ns, image = LANE_RESTORE.unpack_from(message)
+        return ({"op": "restore", "prepared": True, "lane": True, "id": request_id, "timeout": timeout_ns / 1e9,
+                 "image": image.rstrip(b"\0").decode("ascii", "replace"), "invoke": bool(flags & LANE_FLAG_INVOKE)},
+                message[LANE_RESTORE.size:])
+    if magic == LANE_REPLY_MAGIC and len(message) >= LANE_REPLY.size:
+        _, status, request_id, generation, generation_ns, invoke_ns, total_ns = LANE_REPLY.unpack_from(message)
+        rest = message[LANE_REPLY.size:]
+        if status:
+            return {"ok": False, "id": request_id, "kind": LANE_KINDS.get(status, "vmm"),
+                    "error": rest.decode("utf-8", "replace")}, b""
+        return ({"ok": True, "id": request_id, "generation": generation, "lane": True,
+                 "timings": {"new_generation_us": generation_ns / 1e3},
+                 "invoke": {"ok": True, "latency_us": invoke_ns / 1e3}, "total_us": total_ns / 1e3}, rest)
+    return None
+
+
+def decode(message: bytes, fds: list[int], flags: int = 0) -> tuple[dict, bytes, list[int]]:
+    """One received message (and its descriptors, which the caller owns unless this raises) as (header, data,
+    fds); ``flags`` are recvmsg's (MSG_TRUNC / MSG_CTRUNC: refused)."""
+    if not message and not fds:
+        raise PeerGone("the peer closed the channel")
+    if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
+        _close_all(fds)
+        raise ProtocolError("message or its file descriptors were truncated")
+    lane = _decode_lane(message)
+    if lane is not None:
+        return lane[0], lane[1], fds
+    header_bytes, _, data = message.partition(b"\0")
+    try:
+        header = json.loads(header_bytes)
+    except ValueError as exc:
+        _close_all(fds)
+        raise ProtocolError(f"not a JSON message header: {exc}") from None
+    if not isinstance(header, dict):
+        _close_all(fds)
+        raise ProtocolError("message header is not a JSON object")
+    return header, data, fds
+
+
+def _close_all(fds: list[int]) -> None:
+    for fd in fds:
+        os.close(fd)
 
 
 def recv(sock: socket.socket) -> tuple[dict, bytes, list[int]]:
@@ -64,21 +148,4 @@ def recv(sock: socket.socket) -> tuple[dict, bytes, list[int]]:
             received = array.array("i")
             received.frombytes(payload[:len(payload) - len(payload) % received.itemsize])
             fds.extend(received)
-    if not message and not fds:
-        raise PeerGone("the peer closed the channel")
-    if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
-        for fd in fds:
-            os.close(fd)
-        raise ProtocolError("message or its file descriptors were truncated")
-    header_bytes, _, data = message.partition(b"\0")
-    try:
-        header = json.loads(header_bytes)
-    except ValueError as exc:
-        for fd in fds:
-            os.close(fd)
-        raise ProtocolError(f"not a JSON message header: {exc}") from None
-    if not isinstance(header, dict):
-        for fd in fds:
-            os.close(fd)
-        raise ProtocolError("message header is not a JSON object")
-    return header, data, fds
+    return decode(message, fds, flags)

@@ -17,7 +17,7 @@ import socket
 import sys
 import time
 
-from snapd.pool import protocol
+from snapd.pool import held_lane, protocol
 from snapd.uffd import UffdError, create_registered_uffd, unregister as uffd_unregister
 from snapd.uffd_handshake import Region
 from vmm.devices.fnport import MAILBOX_HEADER
@@ -51,6 +51,8 @@ class Worker:
         self.prepare_timings: dict = {}
         self.reuses = 0  # clones this worker ran before the current one (op recycle)
         self.held = False  # self.machine is paused by _prepare: resumed once the restore's reply is sent
+        self.lane: held_lane.HeldLane | None = None  # the channel's reader; answers a held clone's restore in C
+        self.lane_counts = {"served": 0, "fallbacks": 0}  # restores the lane answered, or handed to Python mid-way
         for state in list(states.values()):
             self._rehearse(state)
 
@@ -72,12 +74,31 @@ class Worker:
     # -- the loop
     def serve(self) -> None:
         protocol.send(self.channel, {"event": "ready", "pid": os.getpid()})
+        self.lane = lane = held_lane.HeldLane(self.channel.fileno())
         while True:
-            try:
-                header, data, fds = protocol.recv(self.channel)
-            except protocol.PeerGone:
+            self._arm_lane()
+            kind = lane.next()
+            if kind == held_lane.SERVED:
+                self._lane_served()
+            elif kind == held_lane.FALLBACK:
+                self._lane_fallback()
+            elif kind == held_lane.EOF:
                 return  # the daemon is gone
-            self._dispatch(header, data, fds)
+            else:
+                try:
+                    header, data, fds = lane.message()
+                except protocol.PeerGone:
+                    return
+                self._dispatch(header, data, fds)
+
+    def _arm_lane(self) -> None:
+        """Let the lane answer the next restore itself if a prepared clone is held in FN_NEXT (worker._prepare)."""
+        machine = self.prepared
+        if (machine is not None and machine.state == PAUSED and machine.io_left_pending and len(machine.runners) == 1
+                and machine.fnport.mailbox_gpa and not (self.backend is not None and self.backend.failures)):
+            self.lane.arm(machine, self.image)
+        else:
+            self.lane.disarm()
 
     def _dispatch(self, header: dict, data: bytes, fds: list[int]) -> None:
         op = header.get("op")
@@ -114,8 +135,14 @@ class Worker:
                     os.close(fd)
                 except OSError:
                     pass
+        self._reply(header, reply, out)
+
+    def _reply(self, header: dict, reply: dict, out: bytes) -> None:
         reply["id"] = header.get("id", 0)
-        protocol.send(self.channel, reply, out)
+        if header.get("lane"):
+            protocol.send_raw(self.channel, protocol.encode_lane_reply(reply, out))
+        else:
+            protocol.send(self.channel, reply, out)
         self._release_held()  # after the reply: the daemon (and the client) need not wait for it
 
     def _release_held(self) -> None:
@@ -163,7 +190,10 @@ class Worker:
         self.prepared = machine
         t2 = time.perf_counter()
         self.prepare_timings = {"prepare_us": (t1 - t0) * 1e6, "populate_us": (t2 - t1) * 1e6}
-        return {"ok": True, "pid": os.getpid()}
+        # What the daemon records for the clone this becomes, known now: a lane restore's reply carries only
+        # what the restore itself makes (generation, first reply). "held": the daemon may send LANE_RESTORE.
+        return {"ok": True, "pid": os.getpid(), "held": machine.state == PAUSED, "timings": self.prepare_timings,
+                "regions": [[r.guest_phys_addr, r.size, r.host_addr] for r in machine.memory.regions]}
 
     def _populate_hot_pages(self, machine) -> None:
         """Break copy-on-write, ahead of the request, for the pages every invocation writes: the mailbox (the
@@ -243,17 +273,53 @@ class Worker:
         if machine.state == STOPPED or (self.backend is not None and self.backend.failures):
             return {"ok": False, "error": f"the prepared clone failed: {machine.fault or machine.stop_reason}",
                     "kind": "vmm"}, b""
-        self.prepared = None
-        self.machine = machine
-        self.held = machine.state == PAUSED
+        self._take_prepared()
         # The guest waits in FN_NEXT (its vCPU thread in the function port, not running guest code): a new
         # generation and entropy now are what it sees with its first invocation.
         machine.fnport.new_generation()
         timings = dict(self.prepare_timings, new_generation_us=(time.perf_counter() - t0) * 1e6)
         return self._restored(machine, timings, header, payload, t0, prepared=True)
 
+    def _take_prepared(self):
+        """The prepared clone becomes the running one (still paused if held: released after the reply)."""
+        machine, self.prepared = self.prepared, None
+        self.machine = machine
+        self.held = machine.state == PAUSED
+        return machine
+
+    def _lane_served(self) -> None:
+        """The lane restored the held clone, ran its first invocation and sent the reply: records only."""
+        res = self.lane.result
+        self.lane_counts["served"] += 1
+        machine = self._take_prepared()
+        machine.fnport.adopt(res.generation, res.seq)
+        self._note_lane_writes(machine, res)
+        self._release_held()
+
+    def _lane_fallback(self) -> None:
+        """The lane handed the guest the first invocation, then met what it leaves to Python (an exit other than
+        FN_DONE, the deadline, an error): carry the invocation on from there and answer the request."""
+        res, t0 = self.lane.result, time.perf_counter()
+        self.lane_counts["fallbacks"] += 1
+        machine = self._take_prepared()
+        payload = self.lane.payload()
+        invocation = machine.fnport.adopt(res.generation, res.seq, payload)
+        self._note_lane_writes(machine, res)
+        header = {"id": res.id, "lane": True, "invoke": True, "timeout": res.timeout_ns / 1e9}
+        timings = dict(self.prepare_timings, new_generation_us=res.generation_ns / 1e3)
+        delivered = (invocation, res.deadline_ns / 1e9, bool(res.exit_pending))
+        reply, out = self._restored(machine, timings, header, payload, t0, prepared=True, delivered=delivered)
+        self._reply(header, reply, out)
+
+    @staticmethod
+    def _note_lane_writes(machine, res) -> None:
+        """The lane wrote the mailbox's generation (and the request): pages a diff snapshot must carry."""
+        fnport = machine.fnport
+        invoked = res.flags & protocol.LANE_FLAG_INVOKE
+        machine.memory.note_host_write(fnport.mailbox_gpa, MAILBOX_HEADER + (res.payload_len if invoked else 0))
+
     def _restored(self, machine, timings: dict, header: dict, payload: bytes, t0: float,
-                  **extra) -> tuple[dict, bytes]:
+                  delivered=None, **extra) -> tuple[dict, bytes]:
         """The reply to a restore: where the clone's memory and mailbox are and, when the request carried a
         payload, the first invocation's reply (run on this thread if the clone is held)."""
         reply = {"ok": True, "pid": os.getpid(), "timings": timings, **extra,
@@ -261,7 +327,8 @@ class Worker:
                  "mailbox_gpa": machine.fnport.mailbox_gpa, "generation": machine.fnport.generation}
         result = b""
         if header.get("invoke"):
-            reply["invoke"], result = self._invoke(payload, header.get("timeout", 10.0), here=self.held)
+            reply["invoke"], result = self._invoke(payload, header.get("timeout", 10.0), here=self.held,
+                                                   delivered=delivered)
         reply["total_us"] = (time.perf_counter() - t0) * 1e6
         return reply, result
 
@@ -299,15 +366,21 @@ class Worker:
                    "write_state_us": (t2 - marks["uffd"]) * 1e6, "resume_us": (t3 - t2) * 1e6}
         return self._restored(machine, timings, header, payload, t0)
 
-    def _invoke(self, payload: bytes, timeout: float, here: bool = False) -> tuple[dict, bytes]:
-        """One invocation; ``here``: the clone is held (paused), run its vCPU on this thread."""
+    def _invoke(self, payload: bytes, timeout: float, here: bool = False, delivered=None) -> tuple[dict, bytes]:
+        """One invocation; ``here``: the clone is held (paused), run its vCPU on this thread; ``delivered``:
+        (invocation, deadline, exit_pending) the lane already handed the held guest (_lane_fallback)."""
         machine = self.machine
         if machine is None:
             return {"ok": False, "error": "no clone is running in this worker", "kind": "protocol"}, b""
         t0 = time.perf_counter()
         try:
-            if here:
-                invocation = machine.invoke_paused(payload, timeout)
+            if here or delivered is not None:
+                if delivered is not None:
+                    invocation, deadline, exit_pending = delivered
+                    first = machine.runners[0].dispatch_pending_exit if exit_pending else None
+                    machine.continue_paused(invocation, deadline, first)
+                else:
+                    invocation = machine.invoke_paused(payload, timeout)
                 if not invocation.done.is_set():
                     self._release_held()  # the vCPU thread carries on (or the VM is stopping)
                 result = invocation.wait(max(0.0, timeout - (time.perf_counter() - t0)))
@@ -344,13 +417,15 @@ class Worker:
     def _status(self) -> dict:
         machine = self.machine
         if machine is None:
-            return {"ok": True, "state": "idle"}
-        return {"ok": True, "state": machine.state, "stop_reason": machine.stop_reason,
+            return {"ok": True, "state": "idle", "lane": self.lane_counts}
+        return {"ok": True, "state": machine.state, "lane": self.lane_counts, "stop_reason": machine.stop_reason,
                 "fault": str(machine.fault) if machine.fault else None}
 
     def _page_server_failed(self, machine, error: str) -> None:
         """The page server reported an error or died (called on the backend's reader thread, which then makes
         guest memory inaccessible): stop the VM and tell the daemon (one SEQPACKET message: atomic)."""
+        if self.lane is not None:
+            self.lane.disarm()  # a clone whose memory is going away is not restored in C
         machine.fail(UffdBackendError(error))
         protocol.send(self.channel, {"event": "failed", "error": error})
 

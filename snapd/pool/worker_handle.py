@@ -77,6 +77,7 @@ class WorkerHandle:
         self.on_event: Callable[["WorkerHandle", dict], None] | None = None
         self.image = ""     # the image this worker was prepared for ("" : not prepared)
         self.shard = None   # the daemon's page-server shard a prepared worker is registered with
+        self.prepared: dict = {}  # the prepare (or recycle) reply: held, regions, timings
 
     def fileno(self) -> int:
         return self.channel.fileno()
@@ -84,46 +85,57 @@ class WorkerHandle:
     def request(self, header: dict, data: bytes = b"", fds=(), timeout: float = 30.0) -> tuple[dict, bytes]:
         """Send one request and wait for its reply; raises WorkerFailed (dead) or WorkerError (refused)."""
         header = dict(header, id=next(self._ids))
+        return self._exchange(header["op"], header["id"], protocol.encode(header, data), fds, timeout)
+
+    def restore_held(self, image: str, payload: bytes | None, invoke_timeout: float,
+                     timeout: float) -> tuple[dict, bytes]:
+        """Restore the clone this worker holds prepared for ``image`` (``prepared["held"]``) with a LANE_RESTORE
+        message, which the worker answers in C (snapd/csrc/lane_held.c); the reply reads as ``request``'s."""
+        request_id = next(self._ids)
+        message = protocol.encode_lane_restore(request_id, image, invoke_timeout, payload)
+        return self._exchange("restore", request_id, message, (), timeout)
+
+    def _exchange(self, op: str, request_id: int, message: bytes, fds, timeout: float) -> tuple[dict, bytes]:
         with self.lock:
-            self._send_locked(header, data, fds)
+            self._send_locked(op, message, fds)
             try:
                 deadline = time.monotonic() + timeout
                 while True:
                     left = deadline - time.monotonic()
                     if left <= 0 or not readable(self.channel, left):
-                        self._mark_dead(f"no reply to {header['op']} within {timeout:.1f} s")
+                        self._mark_dead(f"no reply to {op} within {timeout:.1f} s")
                         self.kill()
-                        raise WorkerFailed(f"worker {self.pid} did not answer {header['op']} within {timeout:.1f} s")
+                        raise WorkerFailed(f"worker {self.pid} did not answer {op} within {timeout:.1f} s")
                     reply, out, extra = protocol.recv(self.channel)
                     for fd in extra:
                         os.close(fd)
                     if "event" in reply:
                         self._event(reply)
                         continue
-                    if reply.get("id") != header["id"]:
+                    if reply.get("id") != request_id:
                         continue  # the late reply of a request that timed out: not ours
                     break
             except (protocol.ProtocolError, OSError) as exc:
                 self._mark_dead(f"{type(exc).__name__}: {exc}")
-                raise WorkerFailed(f"worker {self.pid} failed during {header['op']}: {self.failure}") from None
+                raise WorkerFailed(f"worker {self.pid} failed during {op}: {self.failure}") from None
         return _succeeded(reply), out
 
     def send_request(self, header: dict, data: bytes = b"", fds=()) -> int:
         """Send a request whose reply another thread collects (``read_reply``); returns its id."""
         header = dict(header, id=next(self._ids))
         with self.lock:
-            self._send_locked(header, data, fds)
+            self._send_locked(header["op"], protocol.encode(header, data), fds)
         return header["id"]
 
-    def _send_locked(self, header: dict, data: bytes, fds) -> None:
+    def _send_locked(self, op: str, message: bytes, fds) -> None:
         """Send (``lock`` held); a dead worker, or one whose channel refuses the message, is WorkerFailed."""
         if self.dead:
             raise WorkerFailed(f"worker {self.pid} is gone: {self.failure or 'it exited'}")
         try:
-            protocol.send(self.channel, header, data, fds)
+            protocol.send_raw(self.channel, message, fds)
         except (protocol.ProtocolError, OSError) as exc:
             self._mark_dead(f"{type(exc).__name__}: {exc}")
-            raise WorkerFailed(f"worker {self.pid} failed during {header['op']}: {self.failure}") from None
+            raise WorkerFailed(f"worker {self.pid} failed during {op}: {self.failure}") from None
 
     def read_reply(self, request_id: int) -> dict | None:
         """The reply to ``send_request``'s request if it has come (None: not yet; call again when readable);

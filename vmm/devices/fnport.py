@@ -99,6 +99,15 @@ class FunctionPort:
         self.generation = int.from_bytes(self.entropy(8), "little") or 1
         self._write_generation()
 
+    def adopt(self, generation: int, seq: int, delivered: bytes | None = None) -> Invocation | None:
+        """Take into these records what snapd's held lane (snapd/csrc/lane_held.c) did in guest memory itself:
+        wrote ``generation`` (and entropy), and, with ``delivered``, handed the guest invocation ``seq``, now in
+        flight (returned). Without it the lane's invocation ``seq`` is already answered, or there was none."""
+        invocation = Invocation(delivered, seq) if delivered is not None else None
+        with self.cond:
+            self.generation, self.seq, self.in_flight = generation, seq, invocation
+        return invocation
+
     def pending(self) -> list[Invocation]:
         with self.cond:
             return ([self.in_flight] if self.in_flight else []) + list(self.queue)
