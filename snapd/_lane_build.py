@@ -71,18 +71,61 @@ void lane_channel_free(struct lane_channel *ch);
 int lane_held_serve(struct lane_channel *ch, struct lane_held *held, struct lane_held_result *res);
 """
 
-SOURCES = ["lane_http.c", "lane_held.c"]
+DAEMON_CDEF = """
+/* lane_daemon.h */
+#define LANE_CONN_EOF ...
+#define LANE_CONN_SLOW ...
+#define LANE_CONN_SERVED ...
+#define LANE_CONN_HANDOFF ...
+#define LANE_STAGE_UNSENT ...
+#define LANE_STAGE_SENT ...
+#define LANE_STAGE_REFUSED ...
+#define LANE_STAGE_UNWRITTEN ...
+#define LANE_TICKET_UNKNOWN ...
+#define LANE_TICKET_WITHDRAWN ...
+#define LANE_TICKET_TAKEN ...
+struct lane_served {
+    uint64_t token; uint64_t request_id; int32_t keep_alive; int32_t stage; int32_t status; int32_t invoke;
+    int64_t timeout_ms; uint64_t generation; uint64_t generation_ns, invoke_ns, worker_ns;
+    double restore_us; double created; uint64_t data_len;
+    ...;
+};
+struct lane_board;
+struct lane_board *lane_board_new(int64_t capacity, const char *server);
+void lane_board_free(struct lane_board *b);
+int lane_board_offer(struct lane_board *b, uint64_t token, const char *image, int worker_fd, uint32_t req_cap,
+                     uint64_t request_id, const char *fields, size_t fields_len);
+int lane_board_withdraw(struct lane_board *b, uint64_t token);
+int lane_board_taken(struct lane_board *b, uint64_t token);
+void lane_board_settle(struct lane_board *b, uint64_t token);
+int lane_board_close_image(struct lane_board *b, const char *image, int closed);
+int lane_board_reserve(struct lane_board *b);
+void lane_board_release(struct lane_board *b);
+int64_t lane_board_room(struct lane_board *b);
+struct lane_conn;
+struct lane_conn *lane_conn_new(int fd);
+void lane_conn_free(struct lane_conn *c);
+int lane_conn_serve(struct lane_conn *c, struct lane_board *b, struct lane_served *out);
+size_t lane_conn_pending(struct lane_conn *c);
+size_t lane_conn_take(struct lane_conn *c, uint8_t *out, size_t cap);
+int lane_conn_push(struct lane_conn *c, const uint8_t *data, size_t len);
+const uint8_t *lane_conn_data(struct lane_conn *c);
+"""
+
+SOURCES = ["lane_http.c", "lane_held.c", "lane_daemon.c"]
 
 ffibuilder = FFI()
-ffibuilder.cdef(HTTP_CDEF + HELD_CDEF)
+ffibuilder.cdef(HTTP_CDEF + HELD_CDEF + DAEMON_CDEF)
 ffibuilder.set_source(
     "snapd._lane_native",
     """
     #include "lane_http.h"
     #include "lane_held.h"
+    #include "lane_daemon.h"
     """,
     sources=[os.path.join(CSRC, name) for name in SOURCES],
     include_dirs=[CSRC],
+    libraries=["pthread"],
     extra_compile_args=["-O2", "-Wall", "-std=gnu11"],
 )
 

@@ -1,5 +1,6 @@
 """Clones of one image share its memory copy-on-write, start from exactly the snapshot, and are unique."""
 import os
+import select
 import signal
 import time
 
@@ -256,3 +257,78 @@ def test_a_first_invocation_the_guest_cannot_take_is_a_400(kv_daemon):
         daemon.client.create_clones(image, payload=b"x" * 65536)
     assert error.value.status == 400, error.value
     assert "the guest accepts at most" in str(error.value)
+
+
+def lane_restores(daemon) -> int:
+    return daemon.daemon.counters["lane_restores"]
+
+
+def test_the_lane_and_the_python_path_answer_a_restore_alike(running):
+    """count 1 with a held prepared worker: the lane (C) answers; count 2: the Python path. Same fields, same
+    guest behaviour, and the lane's clone is in the daemon's books like any other."""
+    daemon, image, _, _ = running
+    wait_settled(daemon.daemon.pool)
+    before = lane_restores(daemon)
+    request = workloads.hello_request("lane or not")
+    (fast,) = daemon.client.create_clones(image, payload=request)
+    slow = daemon.client.create_clones(image, count=2, payload=request)
+    try:
+        assert lane_restores(daemon) == before + 1, "the count-1 restore did not go through the lane"
+        assert f"snapd_lane_restores_total {before + 1}" in daemon.client.metrics()
+        for clone in [fast, *slow]:
+            workloads.verify_hello(request, clone["result"], 1)
+        assert set(fast) == set(slow[0])
+        assert set(fast["timings_us"]) >= {"prepare_us", "populate_us", "new_generation_us"}
+        listed = daemon.client.clone(fast["id"])
+        for key in ("id", "image", "state", "error", "pid", "endpoints", "restore_us"):
+            assert listed[key] == fast[key], key
+        assert abs(listed["created"] - fast["created"]) < 1e-5
+        assert listed["timings_us"] == fast["timings_us"]
+        workloads.verify_hello(request, daemon.client.invoke(fast["id"], request), 2)
+    finally:
+        for clone in [fast, *slow]:
+            daemon.client.delete_clone(clone["id"])
+
+
+def test_prepared_workers_that_died_on_the_lane_are_replaced_without_an_error(running):
+    daemon, image, _, _ = running
+    wait_settled(daemon.daemon.pool)
+    victims = [w for w in daemon.daemon.pool.prepared_workers(image) if w.lane_token]
+    assert victims, "no prepared worker was offered to the lane"
+    for worker in victims:
+        os.kill(worker.pid, signal.SIGKILL)
+    for worker in victims:  # its end of the channel hangs up once the process is gone
+        poller = select.poll()
+        poller.register(worker.fileno(), select.POLLHUP)
+        assert poller.poll(10_000), f"worker {worker.pid} did not die"
+    request = workloads.hello_request("after the kill")
+    (clone,) = daemon.client.create_clones(image, payload=request)
+    try:
+        assert clone["pid"] not in {w.pid for w in victims}
+        workloads.verify_hello(request, clone["result"], 1)
+    finally:
+        daemon.client.delete_clone(clone["id"])
+
+
+@pytest.mark.parametrize("lane", [True, False], ids=["lane", "no-lane"])
+def test_the_clone_limit_holds_on_both_paths(tmp_path, lane):
+    state, mem = hello_snapshot(tmp_path)
+    daemon = RunningDaemon(str(tmp_path / "state"), pool_size=1, max_clones=1, lane=lane)
+    try:
+        image = daemon.client.register_image(state, mem, chunk_size=64 << 10)["id"]
+        wait_settled(daemon.daemon.pool)
+        (first,) = daemon.client.create_clones(image, payload=b"one")
+        assert lane_restores(daemon) == (1 if lane else 0)
+        wait_settled(daemon.daemon.pool)
+        with pytest.raises(SnapdError) as error:
+            daemon.client.create_clones(image, payload=b"two")
+        assert error.value.status == 409 and "limit" in error.value.fault_message
+        daemon.client.delete_clone(first["id"])
+        wait_settled(daemon.daemon.pool)
+        (third,) = daemon.client.create_clones(image, payload=b"three")
+        workloads.verify_hello(b"three", third["result"], 1)
+        daemon.client.delete_clone(third["id"])
+        daemon.client.delete_image(image)  # its prepared workers leave the lane's board with it
+        assert daemon.daemon.lane.by_clone == {}
+    finally:
+        daemon.close()

@@ -16,8 +16,11 @@ import secrets
 import select
 import time
 
-from snapd.daemon.errors import BadRequest, CloneFailed, Conflict, GuestTimeout, NotFound, Unavailable
+from snapd._lane_native import lib as lane_lib
+from snapd.daemon.errors import ApiError, BadRequest, CloneFailed, Conflict, GuestTimeout, NotFound, Unavailable
+from snapd.daemon.lane import clone_endpoints
 from snapd.daemon.shards import ImageRuntime, Shard
+from snapd.pool import protocol
 from snapd.pool.pool import PoolError, WorkerError, WorkerFailed, WorkerHandle
 from vmm.api.fields import decode_base64
 
@@ -41,8 +44,7 @@ class Clone:
         return {"id": self.id, "image": self.image.record.id, "state": self.state, "error": self.error,
                 "pid": self.worker.pid, "created": self.created, "restore_us": round(self.restore_us, 1),
                 "timings_us": {k: round(v, 1) for k, v in self.timings.items()},
-                "endpoints": {"socket": socket_path, "invoke": f"/v1/clones/{self.id}/invoke",
-                              "snapshot": f"/v1/clones/{self.id}/snapshot"}}
+                "endpoints": clone_endpoints(socket_path, self.id)}
 
 
 class CloneOps:
@@ -102,7 +104,7 @@ class CloneOps:
         t0 = time.perf_counter()
         with self.lock:
             runtime = self._image(image_id)
-            if len(self.clones) >= self.config.max_clones:
+            if not self.lane.reserve():  # counted with the lane's restores (snapd.daemon.lane)
                 raise Conflict(f"the daemon runs {len(self.clones)} clones, its limit (max_clones) "
                                f"is {self.config.max_clones}")
             runtime.clones += 1
@@ -147,37 +149,117 @@ class CloneOps:
                     if attempt == 2 or time.monotonic() > deadline:
                         raise CloneFailed(f"clones: restore of {image_id} failed: {exc}") from None
                 except WorkerError as exc:
-                    self._retire(worker)
-                    if exc.kind == "timeout":
-                        raise GuestTimeout(f"clones: the restored guest did not answer the first invocation "
-                                           f"within {invoke_timeout:.3f} s") from None
-                    if exc.kind == "invocation":
-                        raise BadRequest(f"clones: the first invocation failed: {exc}") from None
-                    raise CloneFailed(f"clones: restore of {image_id} failed: {exc}") from None
+                    raise self._restore_refused(worker, exc, image_id, invoke_timeout) from None
         except BaseException:
-            with self.lock:
-                self.clones.pop(clone_id, None)
-                runtime.clones -= 1
-            self.counters["restore_failures"] += 1
+            self._restore_undone(clone_id, runtime)
             raise
+        clone = self._record(clone_id, runtime, worker, reply, time.perf_counter() - t0)
+        return self._clone_reply(clone, reply, result, payload is not None)
+
+    def _restore_refused(self, worker: WorkerHandle, exc: WorkerError, image_id: str,
+                         invoke_timeout: float) -> ApiError:
+        """A worker refused a restore (or its first invocation): retire it, and the error to answer with."""
+        self._retire(worker)
+        if exc.kind == "timeout":
+            return GuestTimeout(f"clones: the restored guest did not answer the first invocation "
+                                f"within {invoke_timeout:.3f} s")
+        if exc.kind == "invocation":
+            return BadRequest(f"clones: the first invocation failed: {exc}")
+        return CloneFailed(f"clones: restore of {image_id} failed: {exc}")
+
+    def _restore_undone(self, clone_id: str, runtime: ImageRuntime) -> None:
+        with self.lock:
+            self.clones.pop(clone_id, None)
+            runtime.clones -= 1
+        self.lane.release()
+        self.counters["restore_failures"] += 1
+
+    def _record(self, clone_id: str, runtime: ImageRuntime, worker: WorkerHandle, reply: dict, elapsed: float,
+                created: float | None = None) -> Clone:
+        """The restored clone enters the daemon's books (its slot in the count is already reserved)."""
         with self.lock:
             shard, worker.shard = worker.shard, None  # the slot is the clone's now (freed by delete_clone)
-        elapsed = time.perf_counter() - t0
         self.latency.observe(elapsed)
         self.counters["restores"] += 1
-        clone = Clone(clone_id, runtime, shard, worker, time.time(), elapsed * 1e6, reply["timings"], reply["regions"])
+        clone = Clone(clone_id, runtime, shard, worker, created or time.time(), elapsed * 1e6, reply["timings"],
+                      reply["regions"])
         with self.lock:
             self.clones[clone_id] = clone
             self.watched[worker.fileno()] = clone
         self.epoll.register(worker.fileno(), select.EPOLLRDHUP | select.EPOLLHUP)
+        return clone
+
+    def _clone_reply(self, clone: Clone, reply: dict, result: bytes, invoked: bool) -> dict:
         out = clone.to_json(self.socket_path)
-        if payload is not None:
+        if invoked:
             out["result"] = base64.b64encode(result).decode()
             out["invoke_latency_us"] = round(reply["invoke"]["latency_us"], 1)
         return out
 
+    # -- restores the lane (snapd.daemon.lane) took
+    def _lane_taken(self, out) -> tuple:
+        """The ticket's worker leaves the pool and its image counts the clone (the image cannot have been
+        deleted: delete_image refuses while a ticket of it is taken)."""
+        ticket = self.lane.ticket(out.token)
+        self.pool.discard_prepared(ticket.worker, ticket.image_id)
+        with self.lock:
+            runtime = self._image(ticket.image_id)
+            runtime.clones += 1
+            self.clones[ticket.clone_id] = None
+        return ticket, runtime
+
+    @staticmethod
+    def _lane_reply(worker: WorkerHandle, reply: dict) -> dict:
+        """A lane reply with what the worker's prepare reply said (regions, the prepare's timings)."""
+        return dict(reply, regions=worker.prepared["regions"],
+                    timings=dict(worker.prepared["timings"], **reply.get("timings", {})))
+
+    def lane_served(self, out) -> None:
+        """The lane restored a clone and answered its request: record it (the HTTP handler calls this)."""
+        ticket, runtime = self._lane_taken(out)
+        reply = self._lane_reply(ticket.worker, {"timings": {"new_generation_us": out.generation_ns / 1e3}})
+        self._record(ticket.clone_id, runtime, ticket.worker, reply, out.restore_us / 1e6, out.created)
+        self.counters["lane_restores"] += 1
+        self.lane.settle(out.token)
+        self.pool.restored_elsewhere()
+
+    def lane_handoff(self, out, data: bytes) -> dict:
+        """The lane took a ticket, then stopped (out.stage): finish the request here, as _restore_one would."""
+        t0 = time.perf_counter()
+        ticket, runtime = self._lane_taken(out)
+        worker, invoked, invoke_timeout = ticket.worker, bool(out.invoke), out.timeout_ms / 1e3
+        try:
+            if out.stage == lane_lib.LANE_STAGE_UNWRITTEN:  # restored: the client is gone, the clone is not
+                self._record(ticket.clone_id, runtime, worker, self._lane_reply(worker, {}), out.restore_us / 1e6)
+                return {}
+            try:
+                if out.stage == lane_lib.LANE_STAGE_REFUSED:
+                    raise WorkerError(data.decode("utf-8", "replace"), protocol.LANE_KINDS.get(out.status, "vmm"))
+                if out.stage == lane_lib.LANE_STAGE_UNSENT:
+                    raise WorkerFailed(f"worker {worker.pid} did not take the restore: {worker.failure or 'gone'}")
+                reply, result = worker.await_reply("restore", out.request_id,
+                                                   invoke_timeout + self.config.restore_timeout)
+            except WorkerError as exc:
+                self._restore_undone(ticket.clone_id, runtime)
+                raise self._restore_refused(worker, exc, ticket.image_id, invoke_timeout) from None
+            except WorkerFailed:
+                self._retire(worker)
+                self._restore_undone(ticket.clone_id, runtime)
+                body = {"image": ticket.image_id, "timeout_ms": out.timeout_ms}
+                if invoked:
+                    body["payload"] = base64.b64encode(data).decode()
+                return self.create_clones(body)  # another worker, the ordinary way
+            reply = self._lane_reply(worker, reply)
+            clone = self._record(ticket.clone_id, runtime, worker, reply, time.perf_counter() - t0)
+            return {"clones": [self._clone_reply(clone, reply, result, invoked)]}
+        finally:
+            self.lane.settle(out.token)
+
     def _clone(self, clone_id: str) -> Clone:
         clone = self.clones.get(clone_id)
+        if clone is None:
+            self.lane.wait_if_in_flight(clone_id, self.config.restore_timeout)
+            clone = self.clones.get(clone_id)
         if clone is None:
             if clone_id in self.deleted:
                 raise NotFound(f"clone {clone_id} was deleted")
@@ -250,6 +332,7 @@ class CloneOps:
                     pass
             clone.shard.clones -= 1
             clone.image.clones -= 1
+        self.lane.release()
         worker = clone.worker
         if (self.reuse_workers and clone.state == "running" and not worker.failure and not worker.dead
                 and not clone.image.deleting and not self.closed

@@ -18,6 +18,7 @@ from snapd.daemon import metrics
 from snapd.daemon.clones import Clone, CloneOps
 from snapd.daemon.image_ops import ImageOps
 from snapd.daemon.images import ImageRegistry
+from snapd.daemon.lane import DaemonLane
 from snapd.daemon.metrics_text import render as render_metrics
 from snapd.daemon.records import ProcessRecords
 from snapd.daemon.shards import VMS_PER_SHARD, ImageRuntime, Shard
@@ -26,6 +27,7 @@ from snapd.pool.pool import WarmPool, WorkerError, WorkerFailed, WorkerHandle, Z
 __all__ = ["VMS_PER_SHARD", "Clone", "Daemon", "DaemonConfig", "ImageRuntime", "Shard"]
 
 log = logging.getLogger("snapd")
+SERVER = "snapd/0.1"  # the Server header of every reply (snapd.daemon.http, and the lane's)
 
 
 @dataclasses.dataclass
@@ -41,6 +43,7 @@ class DaemonConfig:
                                        # unless SNAPD_REUSE=0); needs prepared > 0
     chunk_size: int | None = None  # base image chunk size (default: snapd.image's; 2 MiB with huge_dir)
     huge_dir: str | None = None    # a huge=always tmpfs (snapd.hugetmpfs): shared images on 2 MiB pages
+    lane: bool = True              # restores of held prepared workers read and answered in C (snapd.daemon.lane)
 
 
 class Daemon(ImageOps, CloneOps):
@@ -65,7 +68,7 @@ class Daemon(ImageOps, CloneOps):
         self.clones: dict[str, Clone] = {}
         self.deleted: set[str] = set()
         self.latency = metrics.Histogram()
-        self.counters = {"restores": 0, "restore_failures": 0, "clones_failed": 0}
+        self.counters = {"restores": 0, "lane_restores": 0, "restore_failures": 0, "clones_failed": 0}
         self.zygote = Zygote()
         self.records.add(self.zygote.pid, self.zygote.start_time, "zygote")
         prepared = config.prepared
@@ -75,8 +78,10 @@ class Daemon(ImageOps, CloneOps):
         if reuse is None:
             reuse = os.environ.get("SNAPD_REUSE", "1") != "0"
         self.reuse_workers = bool(reuse) and prepared > 0
+        self.lane = DaemonLane(config.max_clones, SERVER, socket_path, enabled=config.lane)
         self.pool = WarmPool(self.zygote, config.pool_size, config.max_spawning, on_ready=self._worker_ready,
-                             on_gone=self._worker_gone, prepare=self._prepare_worker, prepared_target=prepared)
+                             on_gone=self._worker_gone, prepare=self._prepare_worker, prepared_target=prepared,
+                             on_prepared=self.lane.offer, claim=self.lane.claim)
         self.epoll = select.epoll()
         self.watched: dict[int, Clone] = {}
         self.closed = False

@@ -17,14 +17,14 @@ from typing import Callable
 
 from snapd import http_wire
 from snapd.daemon import images as image_routes
-from snapd.daemon.core import Daemon
+from snapd.daemon import lane as restore_lane
+from snapd.daemon.core import SERVER, Daemon
 from snapd.daemon.errors import ApiError, MethodNotAllowed
 from vmm.api.fields import Field, ObjectSpec, parse_body
 from vmm.api.server import Router, UnixHttpServer
 from vmm.errors import VmmError
 
 log = logging.getLogger("snapd")
-SERVER = "snapd/0.1"
 
 IMAGE_REGISTER = ObjectSpec("images", {
     "state_path": Field("string", required=True),
@@ -96,9 +96,29 @@ class SnapdRequestHandler(socketserver.BaseRequestHandler):
         sock = self.request
         if sock.family != socket.AF_UNIX:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        daemon = self.server.controller
+        lane = daemon.lane.connection(sock.fileno()) if daemon.lane.enabled else None
         stream = http_wire.Stream(sock)
         try:
             while True:
+                if lane is not None:
+                    kind = lane.serve()  # a restore it can take never reaches the Python below
+                    if kind == restore_lane.EOF_:
+                        return
+                    if kind == restore_lane.SERVED:
+                        daemon.lane_served(lane.out)
+                        if not lane.out.keep_alive:
+                            return
+                        continue
+                    if kind == restore_lane.HANDOFF:
+                        out = lane.out
+                        reply = self.answer(lambda: daemon.lane_handoff(out, lane.data()), 201, bool(out.keep_alive),
+                                            "POST", "/v1/clones")
+                        sock.sendall(reply)
+                        if not out.keep_alive:
+                            return
+                        continue
+                    stream.buf += lane.take()  # SLOW: the request is http_wire's, from the same bytes
                 try:
                     request = stream.read_request()
                     if request is None:
@@ -112,16 +132,27 @@ class SnapdRequestHandler(socketserver.BaseRequestHandler):
                 sock.sendall(reply)
                 if not request.keep_alive:
                     return
+                if lane is not None and stream.buf:  # pipelined bytes: the lane reads on from them
+                    lane.push(bytes(stream.buf))
+                    stream.buf.clear()
         except (BrokenPipeError, ConnectionResetError):
             return  # the client went away
 
     def dispatch(self, request: http_wire.Request) -> bytes:
+        def call():
+            route, params = ROUTER.find(request.method, request.path)
+            return route.handle(self.server.controller, request.body, params), route.status
+        return self.answer(call, None, request.keep_alive, request.method, request.path)
+
+    def answer(self, call: Callable, status_ok: int | None, keep_alive: bool, method: str, path: str) -> bytes:
+        """The reply to ``call()``: its result (and status), or the error it raised, as JSON (or Text)."""
         t0 = time.perf_counter()
         headers = {}
         try:
-            route, params = ROUTER.find(request.method, request.path)
-            result = route.handle(self.server.controller, request.body, params)
-            status = 204 if result is None else route.status
+            result = call()
+            if status_ok is None:
+                result, status_ok = result
+            status = 204 if result is None else status_ok
         except ApiError as exc:
             status, result = exc.status, {"fault_message": str(exc)}
             if isinstance(exc, MethodNotAllowed):
@@ -133,12 +164,12 @@ class SnapdRequestHandler(socketserver.BaseRequestHandler):
             status, result = 500, {"fault_message": f"internal error: {type(exc).__name__}: {exc}"}
         if isinstance(result, Text):
             reply = http_wire.response(status, result.encode(), "text/plain; version=0.0.4; charset=utf-8",
-                                       headers, not request.keep_alive, SERVER)
+                                       headers, not keep_alive, SERVER)
         else:
             body = b"" if status == 204 else json.dumps(result).encode()
-            reply = http_wire.response(status, body, "application/json", headers, not request.keep_alive, SERVER)
+            reply = http_wire.response(status, body, "application/json", headers, not keep_alive, SERVER)
         if log.isEnabledFor(logging.INFO):
-            log.info("%s %s -> %d (%.0f us)", request.method, request.path, status, (time.perf_counter() - t0) * 1e6)
+            log.info("%s %s -> %d (%.0f us)", method, path, status, (time.perf_counter() - t0) * 1e6)
         return reply
 
 

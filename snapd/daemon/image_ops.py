@@ -66,8 +66,10 @@ class ImageOps:
     def delete_image(self, image_id: str) -> None:
         with self.lock:
             runtime = self._image(image_id)
-            if runtime.clones:
-                raise Conflict(f"image {image_id} is used by {runtime.clones} clone(s): delete them first")
+            in_flight = self.lane.close_image(image_id)  # the lane takes none of its workers from now on
+            if runtime.clones or in_flight:
+                self.lane.reopen_image(image_id)
+                raise Conflict(f"image {image_id} is used by {runtime.clones + in_flight} clone(s): delete them first")
             runtime.deleting = True
             del self.images[image_id]
         self.pool.remove_image(image_id)

@@ -28,6 +28,9 @@ def render(daemon) -> str:
                             [({"state": s}, n) for s, n in sorted(by_state.items())])
     lines += metrics.family("snapd_restores_total", "counter", "Clones restored",
                             [({}, daemon.counters["restores"])])
+    lines += metrics.family("snapd_lane_restores_total", "counter",
+                            "Clones restored by the lane (request read, restored and answered in C)",
+                            [({}, daemon.counters["lane_restores"])])
     lines += metrics.family("snapd_restore_failures_total", "counter", "Restore requests that failed",
                             [({}, daemon.counters["restore_failures"])])
     lines += metrics.family("snapd_pool_idle_workers", "gauge", "Warm workers ready for a restore",

@@ -33,7 +33,9 @@ class WarmPool:
     def __init__(self, zygote: Zygote, target: int = 2, max_spawning: int = 4,
                  on_ready: Callable[[WorkerHandle], None] | None = None,
                  on_gone: Callable[[WorkerHandle], None] | None = None,
-                 prepare: Callable[[WorkerHandle, str], bool] | None = None, prepared_target: int = 0):
+                 prepare: Callable[[WorkerHandle, str], bool] | None = None, prepared_target: int = 0,
+                 on_prepared: Callable[[WorkerHandle, str], None] | None = None,
+                 claim: Callable[[WorkerHandle], bool] | None = None):
         self.zygote = zygote
         self.target = target
         # Prepared workers: restored ahead for one image, guest held in FN_NEXT (worker.py _prepare). The daemon's
@@ -50,6 +52,11 @@ class WarmPool:
         self.max_spawning = max_spawning
         self.on_ready = on_ready or (lambda worker: None)
         self.on_gone = on_gone or (lambda worker: None)
+        # A prepared worker may also be offered elsewhere (the daemon's restore lane): ``on_prepared`` as it is
+        # queued, ``claim`` before the pool hands it out or retires it (False: taken there, no longer ours).
+        # Both are called with the pool's lock held, so a worker is never in two hands.
+        self.on_prepared = on_prepared or (lambda worker, image: None)
+        self.claim = claim or (lambda worker: True)
         self.shapes: dict[VmShape, int] = {}  # shape -> number of images needing it
         self.idle: dict[VmShape, collections.deque[WorkerHandle]] = collections.defaultdict(collections.deque)
         self.waiting: dict[VmShape, int] = collections.defaultdict(int)
@@ -90,7 +97,7 @@ class WarmPool:
         """Stop preparing for ``image``; its prepared workers are retired (they hold its page server)."""
         with self.cond:
             self.images.pop(image, None)
-            prepared = list(self.prepared.pop(image, ()))
+            prepared = [w for w in self.prepared.pop(image, ()) if self.claim(w)]
         for worker in prepared:
             self._retire(worker)
         return prepared
@@ -149,14 +156,31 @@ class WarmPool:
 
     def _pop_locked(self, shape: VmShape, image: str) -> WorkerHandle | None:
         prepared = self.prepared.get(image) if image else None
-        if prepared:
+        worker = None
+        while prepared and worker is None:
             worker = prepared.popleft()
-        elif self.idle[shape]:
+            if not self.claim(worker):
+                worker = None  # the lane is restoring it
+        if worker is None and self.idle[shape]:
             worker = self.idle[shape].popleft()
-        else:
+        if worker is None:
             return None
         self._wake_locked()
         return worker
+
+    def discard_prepared(self, worker: WorkerHandle, image: str) -> None:
+        """A prepared worker the lane made a clone of leaves the queue (if no one popped it since)."""
+        with self.cond:
+            try:
+                self.prepared[image].remove(worker)
+            except ValueError:
+                pass
+
+    def restored_elsewhere(self) -> None:
+        """A restore the pool did not see (the lane's) just ended: the same quiet period, then refill."""
+        with self.cond:
+            self.quiet_until = time.monotonic() + QUIET_S
+            self._wake_locked()
 
     # -- reusing a worker after its clone is deleted
     def recycle(self, worker: WorkerHandle, image: str, send: Callable[[WorkerHandle], int],
@@ -208,6 +232,7 @@ class WarmPool:
                 worker.image = image
                 worker.prepared = reply
                 self.prepared[image].append(worker)
+                self.on_prepared(worker, image)
                 self.recycled += 1
                 self.cond.notify_all()
         if not keep:
@@ -282,6 +307,7 @@ class WarmPool:
                 keep = ok and not self.closed and image in self.images
                 if keep:
                     self.prepared[image].append(worker)
+                    self.on_prepared(worker, image)
                     self.cond.notify_all()
             if not keep:
                 self._retire(worker)
@@ -376,7 +402,7 @@ class WarmPool:
         with self.cond:
             self.closed = True
             idle = [w for queue in self.idle.values() for w in queue]
-            idle += [w for queue in self.prepared.values() for w in queue]
+            idle += [w for queue in self.prepared.values() for w in queue if self.claim(w)]
             idle += [entry[0] for entry in self.recycling.values()]
             self.idle.clear()
             self.prepared.clear()

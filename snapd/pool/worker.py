@@ -192,7 +192,8 @@ class Worker:
         self.prepare_timings = {"prepare_us": (t1 - t0) * 1e6, "populate_us": (t2 - t1) * 1e6}
         # What the daemon records for the clone this becomes, known now: a lane restore's reply carries only
         # what the restore itself makes (generation, first reply). "held": the daemon may send LANE_RESTORE.
-        return {"ok": True, "pid": os.getpid(), "held": machine.state == PAUSED, "timings": self.prepare_timings,
+        return {"ok": True, "pid": os.getpid(), "held": machine.state == PAUSED, "req_cap": machine.fnport.req_cap,
+                "timings": self.prepare_timings,
                 "regions": [[r.guest_phys_addr, r.size, r.host_addr] for r in machine.memory.regions]}
 
     def _populate_hot_pages(self, machine) -> None:

@@ -77,7 +77,8 @@ class WorkerHandle:
         self.on_event: Callable[["WorkerHandle", dict], None] | None = None
         self.image = ""     # the image this worker was prepared for ("" : not prepared)
         self.shard = None   # the daemon's page-server shard a prepared worker is registered with
-        self.prepared: dict = {}  # the prepare (or recycle) reply: held, regions, timings
+        self.prepared: dict = {}  # the prepare (or recycle) reply: held, req_cap, regions, timings
+        self.lane_token = 0       # its ticket on the daemon's restore lane (snapd.daemon.lane), 0: none
 
     def fileno(self) -> int:
         return self.channel.fileno()
@@ -95,29 +96,42 @@ class WorkerHandle:
         message = protocol.encode_lane_restore(request_id, image, invoke_timeout, payload)
         return self._exchange("restore", request_id, message, (), timeout)
 
+    def next_request_id(self) -> int:
+        return next(self._ids)
+
     def _exchange(self, op: str, request_id: int, message: bytes, fds, timeout: float) -> tuple[dict, bytes]:
         with self.lock:
             self._send_locked(op, message, fds)
-            try:
-                deadline = time.monotonic() + timeout
-                while True:
-                    left = deadline - time.monotonic()
-                    if left <= 0 or not readable(self.channel, left):
-                        self._mark_dead(f"no reply to {op} within {timeout:.1f} s")
-                        self.kill()
-                        raise WorkerFailed(f"worker {self.pid} did not answer {op} within {timeout:.1f} s")
-                    reply, out, extra = protocol.recv(self.channel)
-                    for fd in extra:
-                        os.close(fd)
-                    if "event" in reply:
-                        self._event(reply)
-                        continue
-                    if reply.get("id") != request_id:
-                        continue  # the late reply of a request that timed out: not ours
-                    break
-            except (protocol.ProtocolError, OSError) as exc:
-                self._mark_dead(f"{type(exc).__name__}: {exc}")
-                raise WorkerFailed(f"worker {self.pid} failed during {op}: {self.failure}") from None
+            return self._await_locked(op, request_id, timeout)
+
+    def await_reply(self, op: str, request_id: int, timeout: float) -> tuple[dict, bytes]:
+        """The reply to a request someone else sent (the daemon's restore lane, which stopped waiting for it)."""
+        with self.lock:
+            if self.dead:
+                raise WorkerFailed(f"worker {self.pid} is gone: {self.failure or 'it exited'}")
+            return self._await_locked(op, request_id, timeout)
+
+    def _await_locked(self, op: str, request_id: int, timeout: float) -> tuple[dict, bytes]:
+        try:
+            deadline = time.monotonic() + timeout
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0 or not readable(self.channel, left):
+                    self._mark_dead(f"no reply to {op} within {timeout:.1f} s")
+                    self.kill()
+                    raise WorkerFailed(f"worker {self.pid} did not answer {op} within {timeout:.1f} s")
+                reply, out, extra = protocol.recv(self.channel)
+                for fd in extra:
+                    os.close(fd)
+                if "event" in reply:
+                    self._event(reply)
+                    continue
+                if reply.get("id") != request_id:
+                    continue  # the late reply of a request that timed out: not ours
+                break
+        except (protocol.ProtocolError, OSError) as exc:
+            self._mark_dead(f"{type(exc).__name__}: {exc}")
+            raise WorkerFailed(f"worker {self.pid} failed during {op}: {self.failure}") from None
         return _succeeded(reply), out
 
     def send_request(self, header: dict, data: bytes = b"", fds=()) -> int:

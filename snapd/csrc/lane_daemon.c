@@ -1,0 +1,438 @@
+/* The daemon's side of the restore lane (lane_daemon.h).
+ *
+ * A connection is read here until a whole request is buffered. lane_http.c decides whether it is a
+ * `POST /v1/clones` the lane serves; if the board has a ticket for its image (a held prepared worker, offered
+ * by the daemon's Python with the clone's JSON fields rendered ahead) and the daemon has room for a clone, the
+ * restore goes to that worker as a LANE_RESTORE struct, its LANE_REPLY comes back, and the 201 is written
+ * here. Anything else returns to Python at a defined point: before the request is consumed (SLOW: Python
+ * reads it from the same bytes) or after (HANDOFF: the ticket is taken, out->stage says how far it got). */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <poll.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/socket.h>
+#include <sys/uio.h>
+#include <time.h>
+#include "lane_daemon.h"
+#include "lane_http.h"
+#include "lane_proto.h"
+
+/* as snapd/http_wire.py MAX_HEAD and MAX_BODY, and snapd/pool/protocol.py MAX_MESSAGE */
+#define MAX_HEAD (64u << 10)
+#define MAX_BODY (1u << 20)
+#define MAX_MESSAGE (4u << 20)
+#define IN_CAP (MAX_HEAD + MAX_BODY)
+#define MSG_CAP (sizeof(struct lane_restore_msg) + MAX_BODY)
+#define REPLY_CAP ((size_t)MAX_MESSAGE)
+#define BODY_CAP (16384 + (MAX_MESSAGE / 3 + 1) * 4)
+#define REPLY_WAIT_MARGIN_MS 10000  /* past the invocation's own timeout: then Python waits, and judges */
+
+enum { FREE, OFFERED, TAKEN };
+
+struct ticket {
+    uint64_t token, request_id;
+    int state, closed, fd;
+    uint32_t req_cap;
+    char image[LANE_IMAGE_MAX + 1];
+    char *fields;
+    size_t fields_len;
+};
+
+struct lane_board {
+    pthread_mutex_t lock;
+    int64_t room;         /* clones that may still start, both paths */
+    char server[64];      /* the Server header */
+    struct ticket *tickets;
+    size_t count;
+};
+
+struct lane_conn {
+    int fd;
+    size_t len;           /* bytes buffered in `in` */
+    uint8_t *in, *msg, *reply, *body;
+    const uint8_t *data;  /* lane_conn_data */
+    size_t map_size;
+};
+
+static uint64_t mono_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+/* -- the board */
+
+struct lane_board *lane_board_new(int64_t capacity, const char *server)
+{
+    struct lane_board *b = calloc(1, sizeof(*b));
+    if (!b)
+        return NULL;
+    pthread_mutex_init(&b->lock, NULL);
+    b->room = capacity;
+    snprintf(b->server, sizeof(b->server), "%s", server);
+    return b;
+}
+
+void lane_board_free(struct lane_board *b)
+{
+    if (!b)
+        return;
+    for (size_t i = 0; i < b->count; i++)
+        free(b->tickets[i].fields);
+    free(b->tickets);
+    pthread_mutex_destroy(&b->lock);
+    free(b);
+}
+
+static struct ticket *find(struct lane_board *b, uint64_t token)
+{
+    for (size_t i = 0; i < b->count; i++)
+        if (b->tickets[i].state != FREE && b->tickets[i].token == token)
+            return &b->tickets[i];
+    return NULL;
+}
+
+static void clear(struct ticket *t)
+{
+    free(t->fields);
+    memset(t, 0, sizeof(*t));
+}
+
+int lane_board_offer(struct lane_board *b, uint64_t token, const char *image, int worker_fd, uint32_t req_cap,
+                     uint64_t request_id, const char *fields, size_t fields_len)
+{
+    if (strlen(image) > LANE_IMAGE_MAX || fields_len > 16384 - 256)
+        return -EINVAL;
+    char *copy = malloc(fields_len + 1);
+    if (!copy)
+        return -ENOMEM;
+    memcpy(copy, fields, fields_len);
+    copy[fields_len] = 0;
+    pthread_mutex_lock(&b->lock);
+    struct ticket *t = NULL;
+    for (size_t i = 0; i < b->count && !t; i++)
+        if (b->tickets[i].state == FREE)
+            t = &b->tickets[i];
+    if (!t) {
+        struct ticket *grown = realloc(b->tickets, (b->count + 16) * sizeof(*grown));
+        if (!grown) {
+            pthread_mutex_unlock(&b->lock);
+            free(copy);
+            return -ENOMEM;
+        }
+        memset(grown + b->count, 0, 16 * sizeof(*grown));
+        b->tickets = grown;
+        t = &b->tickets[b->count];
+        b->count += 16;
+    }
+    *t = (struct ticket){ .token = token, .request_id = request_id, .state = OFFERED, .fd = worker_fd,
+                          .req_cap = req_cap, .fields = copy, .fields_len = fields_len };
+    snprintf(t->image, sizeof(t->image), "%s", image);
+    pthread_mutex_unlock(&b->lock);
+    return 0;
+}
+
+int lane_board_withdraw(struct lane_board *b, uint64_t token)
+{
+    pthread_mutex_lock(&b->lock);
+    struct ticket *t = find(b, token);
+    int result = !t ? LANE_TICKET_UNKNOWN : t->state == TAKEN ? LANE_TICKET_TAKEN : LANE_TICKET_WITHDRAWN;
+    if (result == LANE_TICKET_WITHDRAWN)
+        clear(t);
+    pthread_mutex_unlock(&b->lock);
+    return result;
+}
+
+int lane_board_taken(struct lane_board *b, uint64_t token)
+{
+    pthread_mutex_lock(&b->lock);
+    struct ticket *t = find(b, token);
+    int taken = t && t->state == TAKEN;
+    pthread_mutex_unlock(&b->lock);
+    return taken;
+}
+
+void lane_board_settle(struct lane_board *b, uint64_t token)
+{
+    pthread_mutex_lock(&b->lock);
+    struct ticket *t = find(b, token);
+    if (t && t->state == TAKEN)
+        clear(t);
+    pthread_mutex_unlock(&b->lock);
+}
+
+int lane_board_close_image(struct lane_board *b, const char *image, int closed)
+{
+    int in_flight = 0;
+    pthread_mutex_lock(&b->lock);
+    for (size_t i = 0; i < b->count; i++) {
+        struct ticket *t = &b->tickets[i];
+        if (t->state == FREE || strcmp(t->image, image) != 0)
+            continue;
+        t->closed = closed;
+        in_flight += t->state == TAKEN;
+    }
+    pthread_mutex_unlock(&b->lock);
+    return in_flight;
+}
+
+int lane_board_reserve(struct lane_board *b)
+{
+    pthread_mutex_lock(&b->lock);
+    int ok = b->room > 0;
+    b->room -= ok;
+    pthread_mutex_unlock(&b->lock);
+    return ok;
+}
+
+void lane_board_release(struct lane_board *b)
+{
+    pthread_mutex_lock(&b->lock);
+    b->room++;
+    pthread_mutex_unlock(&b->lock);
+}
+
+int64_t lane_board_room(struct lane_board *b)
+{
+    pthread_mutex_lock(&b->lock);
+    int64_t room = b->room;
+    pthread_mutex_unlock(&b->lock);
+    return room;
+}
+
+/* Take the ticket for a request of `image` with a `payload_len`-byte payload (room counted), or NULL. */
+static struct ticket take(struct lane_board *b, const char *image, size_t image_len, int64_t payload_len)
+{
+    struct ticket taken = { .state = FREE };
+    pthread_mutex_lock(&b->lock);
+    for (size_t i = 0; i < b->count && b->room > 0; i++) {
+        struct ticket *t = &b->tickets[i];
+        if (t->state == OFFERED && !t->closed && strlen(t->image) == image_len
+            && memcmp(t->image, image, image_len) == 0 && payload_len <= (int64_t)t->req_cap) {
+            t->state = TAKEN;
+            b->room--;
+            taken = *t;  /* its fields stay allocated until lane_board_settle */
+            break;
+        }
+    }
+    pthread_mutex_unlock(&b->lock);
+    return taken;
+}
+
+/* -- a connection */
+
+struct lane_conn *lane_conn_new(int fd)
+{
+    struct lane_conn *c = calloc(1, sizeof(*c));
+    if (!c)
+        return NULL;
+    /* One reservation for all buffers: only the pages a request or reply reaches are ever touched. */
+    c->map_size = IN_CAP + MSG_CAP + REPLY_CAP + BODY_CAP;
+    void *mem = mmap(NULL, c->map_size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (mem == MAP_FAILED) {
+        free(c);
+        return NULL;
+    }
+    c->fd = fd;
+    c->in = mem;
+    c->msg = c->in + IN_CAP;
+    c->reply = c->msg + MSG_CAP;
+    c->body = c->reply + REPLY_CAP;
+    return c;
+}
+
+void lane_conn_free(struct lane_conn *c)
+{
+    if (!c)
+        return;
+    munmap(c->in, c->map_size);
+    free(c);
+}
+
+size_t lane_conn_pending(struct lane_conn *c) { return c->len; }
+
+size_t lane_conn_take(struct lane_conn *c, uint8_t *out, size_t cap)
+{
+    size_t n = c->len < cap ? c->len : cap;
+    memcpy(out, c->in, n);
+    memmove(c->in, c->in + n, c->len - n);
+    c->len -= n;
+    return n;
+}
+
+int lane_conn_push(struct lane_conn *c, const uint8_t *data, size_t len)
+{
+    if (len > IN_CAP - c->len)
+        return -ENOSPC;
+    memmove(c->in + len, c->in, c->len);
+    memcpy(c->in, data, len);
+    c->len += len;
+    return 0;
+}
+
+const uint8_t *lane_conn_data(struct lane_conn *c) { return c->data; }
+
+/* Until a whole request is buffered: LANE_FAST / LANE_SLOW, or LANE_CONN_EOF (-1) / -errno. */
+static int read_request(struct lane_conn *c, struct lane_request *req)
+{
+    for (;;) {
+        int r = c->len ? lane_parse_clone_request((const char *)c->in, c->len, MAX_HEAD, MAX_BODY, req)
+                       : LANE_NEED_MORE;
+        if (r != LANE_NEED_MORE || c->len == IN_CAP)
+            return r == LANE_NEED_MORE ? LANE_SLOW : r;
+        ssize_t n = recv(c->fd, c->in + c->len, IN_CAP - c->len, 0);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0)  /* EOF or an error mid-request: Python's reader sees it and answers as it always does */
+            return c->len ? LANE_SLOW : (n == 0 ? -1 : -errno);
+        c->len += (size_t)n;
+    }
+}
+
+static int send_all(int fd, struct iovec *iov, int n)
+{
+    while (n > 0) {
+        struct msghdr msg = { .msg_iov = iov, .msg_iovlen = (size_t)n };
+        ssize_t sent = sendmsg(fd, &msg, MSG_NOSIGNAL);
+        if (sent < 0) {
+            if (errno == EINTR)
+                continue;
+            return -1;
+        }
+        while (n > 0 && (size_t)sent >= iov->iov_len) {
+            sent -= (ssize_t)iov->iov_len;
+            iov++;
+            n--;
+        }
+        if (n > 0) {
+            iov->iov_base = (char *)iov->iov_base + sent;
+            iov->iov_len -= (size_t)sent;
+        }
+    }
+    return 0;
+}
+
+/* The worker's LANE_REPLY to request `id` into c->reply: its length, 0 when Python must go on waiting. */
+static size_t await_reply(struct lane_conn *c, int fd, uint64_t id, int64_t timeout_ms)
+{
+    struct pollfd p = { .fd = fd, .events = POLLIN };
+    int wait = timeout_ms + REPLY_WAIT_MARGIN_MS > 0x7fffffff ? 0x7fffffff : (int)(timeout_ms + REPLY_WAIT_MARGIN_MS);
+    int r;
+    do
+        r = poll(&p, 1, wait);
+    while (r < 0 && errno == EINTR);
+    if (r <= 0 || !(p.revents & POLLIN))
+        return 0;
+    struct lane_reply_msg head;
+    ssize_t n = recv(fd, &head, sizeof(head), MSG_PEEK | MSG_DONTWAIT);
+    if (n < (ssize_t)sizeof(head) || memcmp(head.magic, LANE_REPLY_MAGIC, 4) != 0 || head.id != id)
+        return 0;  /* an event the worker sent unasked, or not ours: Python's reader handles it */
+    n = recv(fd, c->reply, REPLY_CAP, MSG_DONTWAIT);
+    return n >= (ssize_t)sizeof(head) ? (size_t)n : 0;
+}
+
+static size_t http_date(char *out, size_t cap)
+{
+    time_t now = time(NULL);
+    struct tm tm;
+    gmtime_r(&now, &tm);
+    return strftime(out, cap, "%a, %d %b %Y %H:%M:%S GMT", &tm);
+}
+
+int lane_conn_serve(struct lane_conn *c, struct lane_board *b, struct lane_served *out)
+{
+    memset(out, 0, sizeof(*out));
+    c->data = NULL;
+    struct lane_request req;
+    int r = read_request(c, &req);
+    if (r != LANE_FAST)
+        return r == -1 ? LANE_CONN_EOF : r == LANE_SLOW ? LANE_CONN_SLOW : r;
+    if (req.count != 1)
+        return LANE_CONN_SLOW;
+    struct lane_restore_msg *msg = (struct lane_restore_msg *)c->msg;
+    uint8_t *payload = c->msg + sizeof(*msg);
+    int64_t payload_len = 0;
+    if (req.payload) {
+        payload_len = lane_base64_decode(req.payload, req.payload_len, payload, MAX_BODY);
+        if (payload_len < 0)
+            return LANE_CONN_SLOW;
+    }
+    struct ticket t = take(b, req.image, req.image_len, payload_len);
+    if (t.state != TAKEN)
+        return LANE_CONN_SLOW;  /* no held worker for it, or no room: Python waits for one, or says why not */
+    uint64_t t0 = mono_ns();
+    out->token = t.token;
+    out->request_id = t.request_id;
+    out->keep_alive = req.keep_alive;
+    out->timeout_ms = req.timeout_ms;
+    out->invoke = req.payload != NULL;
+    memmove(c->in, c->in + req.consumed, c->len - req.consumed);  /* the request is ours now */
+    c->len -= req.consumed;
+
+    memcpy(msg->magic, LANE_RESTORE_MAGIC, 4);
+    msg->flags = out->invoke ? LANE_FLAG_INVOKE : 0;
+    msg->id = t.request_id;
+    msg->timeout_ns = (uint64_t)req.timeout_ms * 1000000ull;
+    memset(msg->image, 0, sizeof(msg->image));
+    memcpy(msg->image, t.image, strlen(t.image));
+    c->data = payload;
+    out->data_len = (uint64_t)payload_len;
+    if (send(t.fd, msg, sizeof(*msg) + (size_t)payload_len, MSG_NOSIGNAL) < 0) {
+        out->stage = LANE_STAGE_UNSENT;
+        return LANE_CONN_HANDOFF;
+    }
+    size_t n = await_reply(c, t.fd, t.request_id, req.timeout_ms);
+    if (!n) {
+        out->stage = LANE_STAGE_SENT;
+        return LANE_CONN_HANDOFF;
+    }
+    out->restore_us = (double)(mono_ns() - t0) / 1e3;
+    const struct lane_reply_msg *reply = (const struct lane_reply_msg *)c->reply;
+    const uint8_t *result = c->reply + sizeof(*reply);
+    size_t result_len = n - sizeof(*reply);
+    out->status = reply->status;
+    out->generation = reply->generation;
+    out->generation_ns = reply->generation_ns;
+    out->invoke_ns = reply->invoke_ns;
+    out->worker_ns = reply->total_ns;
+    if (reply->status != LANE_OK) {
+        out->stage = LANE_STAGE_REFUSED;
+        c->data = result;
+        out->data_len = result_len;
+        return LANE_CONN_HANDOFF;
+    }
+    struct timespec wall;
+    clock_gettime(CLOCK_REALTIME, &wall);
+    out->created = (double)wall.tv_sec + (double)wall.tv_nsec / 1e9;
+
+    /* The body: the fields rendered at offer time, then what this restore made (snapd/daemon/lane.py). */
+    char *body = (char *)c->body;
+    size_t len = (size_t)snprintf(body, BODY_CAP, "{\"clones\": [{%s\"new_generation_us\": %.1f}, \"created\": %.6f, "
+                                  "\"restore_us\": %.1f", t.fields, (double)out->generation_ns / 1e3, out->created,
+                                  out->restore_us);
+    if (out->invoke) {
+        memcpy(body + len, ", \"result\": \"", 13);
+        len += 13;
+        len += lane_base64_encode(result, result_len, body + len);
+        len += (size_t)snprintf(body + len, BODY_CAP - len, "\", \"invoke_latency_us\": %.1f",
+                                (double)out->invoke_ns / 1e3);
+    }
+    memcpy(body + len, "}]}", 3);
+    len += 3;
+    char date[64], head[512];
+    http_date(date, sizeof(date));
+    int head_len = snprintf(head, sizeof(head), "HTTP/1.1 201 Created\r\nServer: %s\r\nDate: %s\r\n%s"
+                            "Content-Type: application/json\r\nContent-Length: %zu\r\n\r\n", b->server, date,
+                            out->keep_alive ? "" : "Connection: close\r\n", len);
+    struct iovec iov[2] = { { head, (size_t)head_len }, { body, len } };
+    if (send_all(c->fd, iov, 2) < 0) {
+        out->stage = LANE_STAGE_UNWRITTEN;
+        return LANE_CONN_HANDOFF;
+    }
+    return LANE_CONN_SERVED;
+}

@@ -1,0 +1,66 @@
+/* The daemon's side of the restore lane: `POST /v1/clones` for an image whose held prepared worker is on the
+ * board is read, sent to that worker, and answered on the client's connection in C; the daemon's Python
+ * records the clone afterwards (snapd/daemon/lane.py). The board also counts clones against the daemon's
+ * limit, for both paths, so that neither can start a clone the other has no room for. */
+#ifndef SNAPD_LANE_DAEMON_H
+#define SNAPD_LANE_DAEMON_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+/* what lane_conn_serve returns */
+#define LANE_CONN_EOF 0       /* the client closed the connection between requests */
+#define LANE_CONN_SLOW 1      /* the buffered bytes are a request for Python (lane_conn_take) */
+#define LANE_CONN_SERVED 2    /* answered; out says what Python records */
+#define LANE_CONN_HANDOFF 3   /* the request is consumed and a ticket taken; out->stage says where it stopped */
+
+#define LANE_STAGE_UNSENT 1   /* the worker refused the message (it is gone) */
+#define LANE_STAGE_SENT 2     /* sent; no lane reply read yet (another message came first, or the wait ran out) */
+#define LANE_STAGE_REFUSED 3  /* the worker answered with an error: out->status, the text in lane_conn_data */
+#define LANE_STAGE_UNWRITTEN 4 /* restored, but the answer could not be written to the client */
+
+/* lane_board_withdraw */
+#define LANE_TICKET_UNKNOWN 0
+#define LANE_TICKET_WITHDRAWN 1
+#define LANE_TICKET_TAKEN 2
+
+struct lane_served {
+    uint64_t token;            /* the ticket taken */
+    uint64_t request_id;       /* in the LANE_RESTORE sent */
+    int32_t keep_alive;
+    int32_t stage;
+    int32_t status;            /* REFUSED: the reply's status (lane_proto.h) */
+    int32_t invoke;            /* the request carried a payload */
+    int64_t timeout_ms;
+    uint64_t generation;
+    uint64_t generation_ns, invoke_ns, worker_ns;
+    double restore_us;         /* request read -> the worker's reply (the daemon's restore latency) */
+    double created;            /* the clone's creation time (wall clock, s), as in its JSON */
+    uint64_t data_len;         /* HANDOFF: the payload (UNSENT, SENT), the error text (REFUSED) */
+};
+
+struct lane_board;
+struct lane_board *lane_board_new(int64_t capacity, const char *server);
+void lane_board_free(struct lane_board *b);
+/* A held prepared worker of `image` for the next fast restore, with the clone's JSON fields rendered ahead. */
+int lane_board_offer(struct lane_board *b, uint64_t token, const char *image, int worker_fd, uint32_t req_cap,
+                     uint64_t request_id, const char *fields, size_t fields_len);
+int lane_board_withdraw(struct lane_board *b, uint64_t token);
+int lane_board_taken(struct lane_board *b, uint64_t token);  /* 1 while a taken ticket is not settled */
+void lane_board_settle(struct lane_board *b, uint64_t token);
+/* closed = 1: the image's tickets are taken no more; returns how many of them are taken and not settled */
+int lane_board_close_image(struct lane_board *b, const char *image, int closed);
+int lane_board_reserve(struct lane_board *b);  /* 1: a clone may start (counted), 0: the daemon is at its limit */
+void lane_board_release(struct lane_board *b);
+int64_t lane_board_room(struct lane_board *b);
+
+struct lane_conn;
+struct lane_conn *lane_conn_new(int fd);
+void lane_conn_free(struct lane_conn *c);
+int lane_conn_serve(struct lane_conn *c, struct lane_board *b, struct lane_served *out);
+size_t lane_conn_pending(struct lane_conn *c);  /* bytes buffered */
+size_t lane_conn_take(struct lane_conn *c, uint8_t *out, size_t cap);
+int lane_conn_push(struct lane_conn *c, const uint8_t *data, size_t len);
+const uint8_t *lane_conn_data(struct lane_conn *c);
+
+#endif

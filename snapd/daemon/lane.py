@@ -1,0 +1,169 @@
+"""The daemon's side of the restore lane (snapd/csrc/lane_daemon.c): tickets, the clone count, connections.
+
+A ticket is a held prepared worker (worker.py ``_prepare`` said "held") put on the lane's board by the pool as
+it becomes prepared, with the clone it will become already named and its JSON fields rendered. A
+``POST /v1/clones`` for that image is then read, restored and answered in C (``LaneConnection.serve``), and the
+daemon records the clone afterwards (CloneOps.lane_served). Whoever else wants a prepared worker first takes
+its ticket back (``claim``), so a worker is never the lane's and Python's at once. The board also counts live
+clones against max_clones for both paths (``reserve`` / ``release``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import logging
+import os
+import threading
+
+from snapd._lane_native import ffi, lib
+
+log = logging.getLogger("snapd")
+
+EOF_ = lib.LANE_CONN_EOF
+SLOW = lib.LANE_CONN_SLOW
+SERVED = lib.LANE_CONN_SERVED
+HANDOFF = lib.LANE_CONN_HANDOFF
+
+
+@dataclasses.dataclass
+class Ticket:
+    token: int
+    worker: object  # WorkerHandle
+    image_id: str
+    clone_id: str
+    request_id: int
+
+
+def clone_endpoints(socket_path: str, clone_id: str) -> dict:
+    return {"socket": socket_path, "invoke": f"/v1/clones/{clone_id}/invoke",
+            "snapshot": f"/v1/clones/{clone_id}/snapshot"}
+
+
+def render_fields(clone_id: str, image_id: str, pid: int, socket_path: str, timings: dict) -> str:
+    """The clone's JSON fields known before its restore (Clone.to_json's, less created, restore_us and the
+    generation's timing), left open inside "timings_us" for the C side to finish."""
+    known = json.dumps({"id": clone_id, "image": image_id, "state": "running", "error": "", "pid": pid,
+                        "endpoints": clone_endpoints(socket_path, clone_id)})
+    timings_open = json.dumps({k: round(v, 1) for k, v in timings.items()})[:-1]
+    return f'{known[1:-1]}, "timings_us": {timings_open}{", " if timings else ""}'
+
+
+class DaemonLane:
+    def __init__(self, capacity: int, server: str, socket_path: str, enabled: bool = True):
+        self.board = ffi.gc(lib.lane_board_new(capacity, server.encode()), lib.lane_board_free)
+        self.enabled = enabled
+        self.socket_path = socket_path
+        self.lock = threading.Condition()
+        self.tickets: dict[int, Ticket] = {}     # token -> ticket, offered or taken and not yet settled
+        self.by_clone: dict[str, Ticket] = {}
+        self.tokens = itertools.count(1)
+
+    # -- the clone count, both paths
+    def reserve(self) -> bool:
+        return bool(lib.lane_board_reserve(self.board))
+
+    def release(self) -> None:
+        lib.lane_board_release(self.board)
+
+    # -- tickets
+    def offer(self, worker, image_id: str) -> None:
+        """Put a just-prepared worker on the board (the pool calls this with its lock held, as it queues the
+        worker: no one can have taken it yet)."""
+        prepared = worker.prepared
+        if not self.enabled or not prepared.get("held") or worker.pid <= 0:
+            return
+        token, clone_id = next(self.tokens), "c-" + os.urandom(6).hex()
+        fields = render_fields(clone_id, image_id, worker.pid, self.socket_path, prepared.get("timings", {}))
+        request_id = worker.next_request_id()
+        data = fields.encode()
+        rc = lib.lane_board_offer(self.board, token, image_id.encode(), worker.fileno(), prepared.get("req_cap", 0),
+                                  request_id, data, len(data))
+        if rc < 0:
+            log.warning("the lane did not take worker %d for %s: %s", worker.pid, image_id, os.strerror(-rc))
+            return
+        ticket = Ticket(token, worker, image_id, clone_id, request_id)
+        with self.lock:
+            self.tickets[token] = ticket
+            self.by_clone[clone_id] = ticket
+        worker.lane_token = token
+
+    def claim(self, worker) -> bool:
+        """Take a prepared worker's ticket back before anyone else uses it; False: the lane has taken it (it is
+        becoming a clone: leave it alone)."""
+        token = worker.lane_token
+        if not token:
+            return True
+        if lib.lane_board_withdraw(self.board, token) == lib.LANE_TICKET_TAKEN:
+            return False
+        worker.lane_token = 0
+        self._forget(token)
+        return True
+
+    def ticket(self, token: int) -> Ticket:
+        with self.lock:
+            return self.tickets[token]
+
+    def settle(self, token: int) -> None:
+        """The taken ticket's outcome is recorded (the clone, or its failure): the board forgets it."""
+        lib.lane_board_settle(self.board, token)
+        self._forget(token)
+
+    def _forget(self, token: int) -> None:
+        with self.lock:
+            ticket = self.tickets.pop(token, None)
+            if ticket is not None:
+                self.by_clone.pop(ticket.clone_id, None)
+                ticket.worker.lane_token = 0
+            self.lock.notify_all()
+
+    def wait_if_in_flight(self, clone_id: str, timeout: float) -> None:
+        """A clone the lane has answered for may be asked about (on another connection) before the daemon has
+        recorded it: wait for that, not answer 404."""
+        with self.lock:
+            ticket = self.by_clone.get(clone_id)
+            if ticket is None or not lib.lane_board_taken(self.board, ticket.token):
+                return
+            self.lock.wait_for(lambda: clone_id not in self.by_clone, timeout)
+
+    def close_image(self, image_id: str) -> int:
+        """Stop taking the image's tickets; returns how many are taken and not settled (restores in flight)."""
+        return lib.lane_board_close_image(self.board, image_id.encode(), 1)
+
+    def reopen_image(self, image_id: str) -> None:
+        lib.lane_board_close_image(self.board, image_id.encode(), 0)
+
+    def connection(self, fd: int) -> "LaneConnection":
+        return LaneConnection(self, fd)
+
+
+class LaneConnection:
+    """One client connection read through the lane; what it does not serve is handed to http_wire."""
+
+    def __init__(self, lane: DaemonLane, fd: int):
+        self.lane = lane
+        self.conn = ffi.gc(lib.lane_conn_new(fd), lib.lane_conn_free)
+        if self.conn == ffi.NULL:
+            raise OSError("could not map the lane's connection buffers")
+        self.out = ffi.new("struct lane_served *")
+
+    def serve(self) -> int:
+        """Read the next request (the GIL released): EOF_, SLOW (take() has its bytes), SERVED or HANDOFF."""
+        kind = lib.lane_conn_serve(self.conn, self.lane.board, self.out)
+        if kind < 0:
+            raise ConnectionResetError(-kind, os.strerror(-kind))
+        return kind
+
+    def take(self) -> bytes:
+        size = lib.lane_conn_pending(self.conn)
+        buffer = ffi.new("uint8_t[]", max(size, 1))
+        n = lib.lane_conn_take(self.conn, buffer, size)
+        return ffi.unpack(ffi.cast("char *", buffer), n)
+
+    def push(self, data: bytes) -> None:
+        if lib.lane_conn_push(self.conn, data, len(data)) < 0:
+            raise ConnectionResetError("more pipelined bytes than the lane buffers")
+
+    def data(self) -> bytes:
+        """HANDOFF: the request's payload (stage UNSENT, SENT) or the worker's error text (REFUSED)."""
+        return ffi.unpack(ffi.cast("char *", lib.lane_conn_data(self.conn)), self.out.data_len)
