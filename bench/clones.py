@@ -2,6 +2,8 @@
 
     PYTHONPATH=. .venv/bin/python -m bench.clones latency [--mem-mib 512] [--n 200] [--prepared N]
     PYTHONPATH=. .venv/bin/python -m bench.clones latency-ab [--n 100]   (no prepared workers vs prepared, alternating)
+    PYTHONPATH=. .venv/bin/python -m bench.clones latency-ab --ab lane   (the restore lane off vs on, alternating)
+    PYTHONPATH=. .venv/bin/python -m bench.clones latency-gaps [--gaps 1,2,5,20,100]   (on the wire, by idle time)
     PYTHONPATH=. .venv/bin/python -m bench.clones memory  [--mem-mib 256] [--counts 1,10,100,1000]
     PYTHONPATH=. .venv/bin/python -m bench.clones rate    [--mem-mib 512] [--seconds 10] [--clients 4]
     (SNAPD_REUSE=0 in the environment: deleted clones' workers exit instead of being reused)
@@ -177,17 +179,28 @@ def run_latency(args, work: str) -> dict:
 
 
 def run_latency_ab(args, work: str) -> None:
-    """Two daemons side by side, one without prepared workers (A) and one with (B), requests alternating
-    between them: a ratio from one run on a shared, noisy machine."""
+    """Two daemons side by side, requests alternating between them: a ratio from one run on a shared, noisy
+    machine. --ab prepared: A without prepared workers, B with; --ab lane: both with, A with the restore lane
+    off (every request the Python way), B with it on."""
     state, mem = make_hello_snapshot(work, args.mem_mib)
     prepared = args.pool_size if args.prepared is None else args.prepared
+    if args.ab == "lane":
+        options = {"A": ("--lane", "off"), "B": ("--lane", "on")}
+        labels = {"A": "lane off", "B": "lane on"}
+        prepared_of = {"A": prepared, "B": prepared}
+    else:
+        options = {"A": (), "B": ()}
+        labels = {"A": "no prepared workers", "B": f"{prepared} prepared workers"}
+        prepared_of = {"A": 0, "B": prepared}
     samples = {"A": [], "B": []}
-    with DaemonProcess(os.path.join(work, "a"), "--pool-size", str(args.pool_size), prepared=0) as a, \
-            DaemonProcess(os.path.join(work, "b"), "--pool-size", str(args.pool_size), prepared=prepared) as b:
+    with DaemonProcess(os.path.join(work, "a"), "--pool-size", str(args.pool_size), *options["A"],
+                       prepared=prepared_of["A"]) as a, \
+            DaemonProcess(os.path.join(work, "b"), "--pool-size", str(args.pool_size), *options["B"],
+                          prepared=prepared_of["B"]) as b:
         daemons = {"A": (a.client, a.client.register_image(state, mem)["id"]),
                    "B": (b.client, b.client.register_image(state, mem)["id"])}
-        wait_pool(a.client, args.pool_size)
-        wait_pool(b.client, args.pool_size, prepared=prepared)
+        wait_pool(a.client, args.pool_size, prepared=prepared_of["A"])
+        wait_pool(b.client, args.pool_size, prepared=prepared_of["B"])
         for i in range(args.n + args.warmup):
             for name in ("A", "B") if i % 2 else ("B", "A"):
                 client, image = daemons[name]
@@ -196,7 +209,7 @@ def run_latency_ab(args, work: str) -> None:
                     samples[name].append((elapsed_ms, clone["restore_us"] / 1e3))
                 time.sleep(args.gap_ms / 1e3)
     rows = []
-    for name, label in (("A", "no prepared workers"), ("B", f"{prepared} prepared workers")):
+    for name, label in labels.items():
         for k, what in ((0, "e2e one request"), (1, "daemon: request to reply")):
             s = summary([x[k] for x in samples[name]])
             rows.append([f"{label}: {what} (ms)", s["p50"], s["p90"], s["p99"], s["mean"], s["min"]])
@@ -338,6 +351,8 @@ def main(argv=None) -> int:
     p.add_argument("--counts", default="1,10,100,1000")
     p.add_argument("--seconds", type=float, default=10.0)
     p.add_argument("--clients", type=int, default=4)
+    p.add_argument("--ab", choices=("prepared", "lane"), default="prepared",
+                   help="latency-ab: what the two daemons differ in (prepared workers, or the restore lane)")
     p.add_argument("--prepared", type=int, default=None,
                    help="workers the daemon restores ahead per image (SNAPD_PREPARED; default: --pool-size; 0: off)")
     args = p.parse_args(argv)

@@ -30,6 +30,9 @@ def register(subparsers) -> None:
                    help="keep shared images on 2 MiB pages, in a tmpfs mounted in the daemon's own mount "
                         "namespace (needs root; images then default to 2 MiB chunks). auto: if that works "
                         "(default); on: refuse to start without; off: plain memfds")
+    p.add_argument("--lane", default="on", choices=("on", "off"),
+                   help="restores of held prepared workers read, restored and answered in C, no Python on their "
+                        "path (default on; off: every request the Python way on both sides, for comparison)")
     p.add_argument("--log-level", default="warning", choices=("error", "warning", "info", "debug"))
     p.set_defaults(func=_serve)
 
@@ -79,6 +82,7 @@ def _serve(args) -> int:
         raise CliError(str(exc)) from None
     config = DaemonConfig(state_dir=args.state_dir, pool_size=args.pool_size, max_spawning=args.max_spawning,
                           max_clones=args.max_clones, max_count=args.max_count, restore_timeout=args.restore_timeout,
+                          lane=args.lane == "on",
                           huge_dir=huge_dir)
     daemon = Daemon(config, socket_path)
     servers = []

@@ -117,7 +117,7 @@ class CloneOps:
                     worker = self.pool.take(runtime.record.shape, max(0.0, deadline - time.monotonic()), image_id)
                 except PoolError as exc:
                     raise Unavailable(f"clones: {exc}") from None
-                lane = worker.image == image_id and worker.prepared.get("held")
+                lane = worker.image == image_id and worker.prepared.get("held") and self.lane.enabled
                 if worker.image == image_id:  # prepared: memory mapped, page server attached, state written
                     header = {"op": "restore", "prepared": True, "image": image_id, "invoke": payload is not None,
                               "timeout": invoke_timeout}

@@ -43,7 +43,8 @@ class DaemonConfig:
                                        # unless SNAPD_REUSE=0); needs prepared > 0
     chunk_size: int | None = None  # base image chunk size (default: snapd.image's; 2 MiB with huge_dir)
     huge_dir: str | None = None    # a huge=always tmpfs (snapd.hugetmpfs): shared images on 2 MiB pages
-    lane: bool = True              # restores of held prepared workers read and answered in C (snapd.daemon.lane)
+    lane: bool = True              # restores of held prepared workers in C, daemon (snapd.daemon.lane) and worker
+                                   # (snapd.pool.held_lane) sides; False: JSON and Python all the way
 
 
 class Daemon(ImageOps, CloneOps):
