@@ -7,7 +7,7 @@ import time
 import pytest
 
 from bench.clones import make_guest_snapshot
-from snapd.client import SnapdError
+from snapd.client import SnapdClient, SnapdError
 from snapd.hugetmpfs import HugeTmpfsError, mount_huge_tmpfs, unmount
 from tests.conftest import requires_kvm
 from tests.daemon_helpers import MEM_MIB, RunningDaemon, hello_snapshot, thread_count, write_process_memory
@@ -332,3 +332,34 @@ def test_the_clone_limit_holds_on_both_paths(tmp_path, lane):
         assert daemon.daemon.lane.by_clone == {}
     finally:
         daemon.close()
+
+
+def test_a_clone_asked_for_before_the_lane_recorded_it_is_waited_for(running):
+    """The lane writes the 201 before the daemon's Python records the clone: a request about it on another
+    connection in between must wait for the record (it used to answer 404, and a DELETE held the lock the
+    record needed)."""
+    daemon, image, _, _ = running
+    wait_settled(daemon.daemon.pool)
+    pool = daemon.daemon.pool
+    original = pool.discard_prepared
+
+    def slow_discard(worker, image_id):  # the first step of the record, slowed down
+        time.sleep(0.3)
+        original(worker, image_id)
+
+    pool.discard_prepared = slow_discard
+    other = SnapdClient(daemon.socket_path)
+    try:
+        before = lane_restores(daemon)
+        for ask in ("delete", "get"):
+            (clone,) = daemon.client.create_clones(image)
+            t0 = time.monotonic()
+            if ask == "get":
+                assert other.clone(clone["id"])["id"] == clone["id"]
+            other.delete_clone(clone["id"])
+            assert time.monotonic() - t0 < 5
+            wait_settled(pool)
+        assert lane_restores(daemon) == before + 2
+    finally:
+        pool.discard_prepared = original
+        other.close()

@@ -255,9 +255,11 @@ class CloneOps:
         finally:
             self.lane.settle(out.token)
 
-    def _clone(self, clone_id: str) -> Clone:
+    def _clone(self, clone_id: str, wait: bool = True) -> Clone:
+        """The clone's record; ``wait``: for one the lane has answered but not yet recorded (never with
+        ``self.lock`` held: the recording needs it)."""
         clone = self.clones.get(clone_id)
-        if clone is None:
+        if clone is None and wait:
             self.lane.wait_if_in_flight(clone_id, self.config.restore_timeout)
             clone = self.clones.get(clone_id)
         if clone is None:
@@ -321,8 +323,9 @@ class CloneOps:
         return {"state_path": state_path, "mem_path": mem_path}
 
     def delete_clone(self, clone_id: str) -> None:
+        self._clone(clone_id)  # waits, outside the lock, if the lane's record of it is still to come
         with self.lock:
-            clone = self._clone(clone_id)
+            clone = self._clone(clone_id, wait=False)
             del self.clones[clone_id]
             self.deleted.add(clone_id)
             if self.watched.pop(clone.worker.fileno(), None) is not None:
