@@ -334,32 +334,51 @@ def test_the_clone_limit_holds_on_both_paths(tmp_path, lane):
         daemon.close()
 
 
-def test_a_clone_asked_for_before_the_lane_recorded_it_is_waited_for(running):
+class SlowEpoll:
+    """The daemon's epoll with a slow register: the step of a record that used to follow its publication."""
+
+    def __init__(self, epoll):
+        self.epoll = epoll
+
+    def register(self, fd, events):
+        time.sleep(0.3)
+        self.epoll.register(fd, events)
+
+    def __getattr__(self, name):
+        return getattr(self.epoll, name)
+
+
+@pytest.mark.parametrize("slow_step", ["taking the worker", "watching it"])
+def test_a_clone_asked_for_before_the_lane_recorded_it_is_waited_for(running, slow_step):
     """The lane writes the 201 before the daemon's Python records the clone: a request about it on another
-    connection in between must wait for the record (it used to answer 404, and a DELETE held the lock the
-    record needed)."""
+    connection in between must wait for the whole record (a DELETE used to hold the lock the record needed,
+    30 s then 404; or to come between the clone's publication and its epoll registration, leaving a deleted
+    clone's worker watched: the worker's next clone then failed to register)."""
     daemon, image, _, _ = running
     wait_settled(daemon.daemon.pool)
     pool = daemon.daemon.pool
-    original = pool.discard_prepared
+    original_discard, original_epoll = pool.discard_prepared, daemon.daemon.epoll
 
-    def slow_discard(worker, image_id):  # the first step of the record, slowed down
+    def slow_discard(worker, image_id):
         time.sleep(0.3)
-        original(worker, image_id)
+        original_discard(worker, image_id)
 
-    pool.discard_prepared = slow_discard
+    if slow_step == "taking the worker":
+        pool.discard_prepared = slow_discard
+    else:
+        daemon.daemon.epoll = SlowEpoll(original_epoll)
     other = SnapdClient(daemon.socket_path)
     try:
         before = lane_restores(daemon)
-        for ask in ("delete", "get"):
-            (clone,) = daemon.client.create_clones(image)
+        for ask in ("delete", "get", "delete"):
+            (clone,) = daemon.client.create_clones(image, payload=b"x")
             t0 = time.monotonic()
             if ask == "get":
                 assert other.clone(clone["id"])["id"] == clone["id"]
             other.delete_clone(clone["id"])
             assert time.monotonic() - t0 < 5
             wait_settled(pool)
-        assert lane_restores(daemon) == before + 2
+        assert lane_restores(daemon) == before + 3
     finally:
-        pool.discard_prepared = original
+        pool.discard_prepared, daemon.daemon.epoll = original_discard, original_epoll
         other.close()

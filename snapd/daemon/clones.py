@@ -183,10 +183,10 @@ class CloneOps:
         self.counters["restores"] += 1
         clone = Clone(clone_id, runtime, shard, worker, created or time.time(), elapsed * 1e6, reply["timings"],
                       reply["regions"])
-        with self.lock:
-            self.clones[clone_id] = clone
+        with self.lock:  # watched before anyone can see it: a DELETE may come at once (the lane answered first)
+            self.epoll.register(worker.fileno(), select.EPOLLRDHUP | select.EPOLLHUP)
             self.watched[worker.fileno()] = clone
-        self.epoll.register(worker.fileno(), select.EPOLLRDHUP | select.EPOLLHUP)
+            self.clones[clone_id] = clone
         return clone
 
     def _clone_reply(self, clone: Clone, reply: dict, result: bytes, invoked: bool) -> dict:
