@@ -29,13 +29,15 @@ PLAN = [
     # optional: run only if the module exists (bench.clones takes a sub-command: latency | memory | rate)
     ("clones-latency", "bench.clones", ["latency"], ["latency", "--n", "20", "--warmup", "2"]),
     ("clones-latency-gaps", "bench.clones", ["latency-gaps"], ["latency-gaps", "--n", "15", "--warmup", "2"]),
+    ("clones-lane-ab", "bench.clones", ["latency-ab", "--ab", "lane"],
+     ["latency-ab", "--ab", "lane", "--n", "15", "--warmup", "2"]),
     ("cold_cpu", "bench.cold_cpu", [], ["--n", "20"]),
     ("clones-memory", "bench.clones", ["memory"], ["memory", "--counts", "1,10"]),
     ("clones-rate", "bench.clones", ["rate"], ["rate", "--seconds", "3"]),
     ("prefetch", "bench.prefetch", [], ["--quick"]),
     ("peers", "bench.peers", [], ["--runs", "5"]),  # runs only where qemu-system-x86_64 is installed
 ]
-OPTIONAL = {"clones-latency", "clones-latency-gaps", "clones-memory", "clones-rate", "prefetch"}
+OPTIONAL = {"clones-latency", "clones-latency-gaps", "clones-lane-ab", "clones-memory", "clones-rate", "prefetch"}
 
 
 def main(argv=None) -> int:
