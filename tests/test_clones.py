@@ -50,7 +50,7 @@ def snapshot_memory(mem_path: str) -> bytes:
 def clone_memory(daemon, clone_id: str) -> bytes:
     """Guest memory as the clone sees it, read by its worker (pages not yet fetched fault through the page
     server, as a guest access would)."""
-    worker = daemon.daemon.clones[clone_id].worker
+    worker = daemon.daemon._clone(clone_id).worker
     pieces = []
     for gpa in range(0, MEM_MIB << 20, 1 << 20):
         _, data = worker.request({"op": "read_memory", "gpa": gpa, "size": 1 << 20})
@@ -80,7 +80,7 @@ def test_clone_memory_equals_the_snapshot_before_and_after_other_clones_write(ru
         # Clone b writes: through its guest (invocations) and, like a guest store, into pages all over memory.
         for i in range(3):
             daemon.client.invoke(b["id"], f"write {i}".encode())
-        worker_b = daemon.daemon.clones[b["id"]]
+        worker_b = daemon.daemon._clone(b["id"])
         written = list(range(0, MEM_MIB << 20, 1 << 20))
         for gpa in written:
             write_process_memory(worker_b.worker.pid, worker_b.regions[0][2] + gpa, b"\xee" * PAGE)
@@ -158,7 +158,7 @@ def test_a_reused_worker_starts_from_the_snapshot_with_a_new_generation(running)
         old, other = daemon.client.create_clones(image, count=2, payload=request)
         first = workloads.verify_hello(request, old["result"], 1)
         daemon.client.invoke(old["id"], b"write more")
-        worker = daemon.daemon.clones[old["id"]]
+        worker = daemon.daemon._clone(old["id"])
         clone_memory(daemon, old["id"])  # every page faulted in (a write to a missing page fails with EIO)
         for gpa in range(0, MEM_MIB << 20, 1 << 20):  # dirty the old clone all over its memory
             write_process_memory(old["pid"], worker.regions[0][2] + gpa, b"\xee" * PAGE)
@@ -185,7 +185,7 @@ def test_a_failed_clones_worker_is_not_reused(running):
     (clone,) = daemon.client.create_clones(image)
     os.kill(clone["pid"], signal.SIGSTOP)  # alive but failing: the daemon must not take it back
     try:
-        daemon.daemon._mark_failed(daemon.daemon.clones[clone["id"]], "marked failed by the test")
+        daemon.daemon._mark_failed(daemon.daemon._clone(clone["id"]), "marked failed by the test")
         daemon.client.delete_clone(clone["id"])
         wait_settled(daemon.daemon.pool)
         assert clone["pid"] not in {w.pid for w in daemon.daemon.pool.warm_workers()}
@@ -224,7 +224,7 @@ def test_a_prepared_clone_answers_its_first_and_later_invocations(kv_daemon):
     try:
         assert "prepare_us" in clone["timings_us"], "the clone was not served by a prepared worker"
         workloads.verify_kv(1, 1, first, clone["result"])
-        status, _ = daemon.daemon.clones[clone["id"]].worker.request({"op": "status"})
+        status, _ = daemon.daemon._clone(clone["id"]).worker.request({"op": "status"})
         assert status["lane"]["served"] >= 1, "the held clone's restore was not answered by the lane (C)"
         for seed in (8, 9, 10):
             request = workloads.kv_request(5000, seed)
