@@ -57,6 +57,8 @@ def schema_errors(doc, value, schema, where="$") -> list[str]:
         errors.append(f"{where}: {value!r} is not one of {schema['enum']}")
     if "minimum" in schema and value < schema["minimum"]:
         errors.append(f"{where}: {value!r} is below {schema['minimum']}")
+    if "maximum" in schema and value > schema["maximum"]:
+        errors.append(f"{where}: {value!r} is above {schema['maximum']}")
     if schema.get("format") == "byte":
         try:
             base64.b64decode(value, validate=True)
@@ -116,6 +118,7 @@ def check_spec(doc, schema, spec: fields.ObjectSpec, where: str) -> None:
         assert prop["type"] == rule.json_type, f"{where}.{name}"
         assert tuple(prop.get("enum", ())) == rule.enum, f"{where}.{name}"
         assert prop.get("minimum") == rule.minimum, f"{where}.{name}"
+        assert prop.get("maximum") == rule.maximum, f"{where}.{name}"
         if rule.spec is not None:
             check_spec(doc, prop, rule.spec, f"{where}.{name}")
 

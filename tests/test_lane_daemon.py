@@ -192,18 +192,21 @@ def test_a_refusal_an_early_event_and_a_gone_worker_are_handed_over(lane):
             worker.close()
 
 
+class Handle:
+    """What the lane needs of a WorkerHandle."""
+
+    def __init__(self, fd):
+        self.pid, self.lane_token, self.prepared, self.fd = 7, 0, {"held": True, "req_cap": 64, "timings": {}}, fd
+        self.ids = iter(range(1, 100))
+
+    def fileno(self):
+        return self.fd
+
+    def next_request_id(self):
+        return next(self.ids)
+
+
 def test_claims_withdraw_offered_tickets_and_closing_an_image_counts_taken_ones(lane):
-    class Handle:
-        def __init__(self, fd):
-            self.pid, self.lane_token, self.prepared, self.fd = 7, 0, {"held": True, "req_cap": 64, "timings": {}}, fd
-            self.ids = iter(range(1, 100))
-
-        def fileno(self):
-            return self.fd
-
-        def next_request_id(self):
-            return next(self.ids)
-
     worker = StandInWorker(ok_reply)
     client, server = socket.socketpair()
     try:
@@ -223,4 +226,42 @@ def test_claims_withdraw_offered_tickets_and_closing_an_image_counts_taken_ones(
     finally:
         client.close()
         server.close()
+        worker.close()
+
+
+def test_settling_an_old_ticket_leaves_the_reused_workers_new_one_alone(lane):
+    """A clone's record can settle after its worker was deleted, reused and offered again: the late settle must
+    not wipe the new ticket's token, or Python would hand the worker out while the lane can still take it."""
+    worker = StandInWorker(ok_reply)
+    client, server = socket.socketpair()
+    try:
+        handle = Handle(worker.daemon_end.fileno())
+        lane.offer(handle, IMAGE)
+        old = handle.lane_token
+        client.sendall(clone_request({"image": IMAGE}))
+        assert lane.connection(server.fileno()).serve() == restore_lane.SERVED
+        lane.offer(handle, IMAGE)  # reused and prepared again before the old record settled
+        new = handle.lane_token
+        lane.settle(old)
+        assert handle.lane_token == new
+        assert lane.claim(handle) and lib.lane_board_withdraw(lane.board, new) == lib.LANE_TICKET_UNKNOWN
+    finally:
+        client.close()
+        server.close()
+        worker.close()
+
+
+def test_an_image_being_deleted_gets_no_new_tickets_and_a_refused_offer_leaves_no_trace(lane):
+    worker = StandInWorker(ok_reply)
+    try:
+        handle = Handle(worker.daemon_end.fileno())
+        assert lane.close_image(IMAGE) == 0
+        lane.offer(handle, IMAGE)
+        assert handle.lane_token == 0 and lane.tickets == {}
+        lane.reopen_image(IMAGE)
+        lane.offer(handle, "i-" + "x" * 80)  # the board refuses an image id it cannot hold
+        assert handle.lane_token == 0 and lane.tickets == {} and lane.by_clone == {}
+        lane.offer(handle, IMAGE)
+        assert handle.lane_token and len(lane.tickets) == 1
+    finally:
         worker.close()

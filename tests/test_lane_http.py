@@ -295,6 +295,7 @@ SLOW_CASES = {
     "count-int64-overflow": make(b'{"image":"a","count":9223372036854775808}'),
     "timeout-zero": make(b'{"image":"a","timeout_ms":0}'),
     "timeout-negative": make(b'{"image":"a","timeout_ms":-5}'),
+    "timeout-above-the-api-maximum": make(b'{"image":"a","timeout_ms":3600001}'),
     "timeout-object": make(b'{"image":"a","timeout_ms":{}}'),
     "image-empty": make(b'{"image":""}'),
     "image-65": make(b'{"image":"' + b"x" * 65 + b'"}'),

@@ -30,6 +30,7 @@
 #define REPLY_CAP ((size_t)MAX_MESSAGE)
 #define BODY_CAP (16384 + (MAX_MESSAGE / 3 + 1) * 4)
 #define REPLY_WAIT_MARGIN_MS 10000  /* past the invocation's own timeout: then Python waits, and judges */
+#define TRIM_ABOVE (256u << 10)      /* a keep-alive connection gives back the pages of a message larger than this */
 
 enum { FREE, OFFERED, TAKEN };
 
@@ -277,7 +278,9 @@ int lane_conn_push(struct lane_conn *c, const uint8_t *data, size_t len)
 
 const uint8_t *lane_conn_data(struct lane_conn *c) { return c->data; }
 
-/* Until a whole request is buffered: LANE_FAST / LANE_SLOW, or LANE_CONN_EOF (-1) / -errno. */
+#define READ_EOF 3  /* read_request: EOF before a request's first byte (not one of lane_http.h's answers) */
+
+/* Until a whole request is buffered: LANE_FAST / LANE_SLOW, READ_EOF, or -errno. */
 static int read_request(struct lane_conn *c, struct lane_request *req)
 {
     for (;;) {
@@ -289,9 +292,15 @@ static int read_request(struct lane_conn *c, struct lane_request *req)
         if (n < 0 && errno == EINTR)
             continue;
         if (n <= 0)  /* EOF or an error mid-request: Python's reader sees it and answers as it always does */
-            return c->len ? LANE_SLOW : (n == 0 ? -1 : -errno);
+            return c->len ? LANE_SLOW : (n == 0 ? READ_EOF : -errno);
         c->len += (size_t)n;
     }
+}
+
+static void trim(uint8_t *buffer, size_t used)
+{
+    if (used > TRIM_ABOVE)
+        madvise(buffer, (used + 4095) & ~(size_t)4095, MADV_DONTNEED);
 }
 
 static int send_all(int fd, struct iovec *iov, int n)
@@ -351,7 +360,7 @@ int lane_conn_serve(struct lane_conn *c, struct lane_board *b, struct lane_serve
     struct lane_request req;
     int r = read_request(c, &req);
     if (r != LANE_FAST)
-        return r == -1 ? LANE_CONN_EOF : r == LANE_SLOW ? LANE_CONN_SLOW : r;
+        return r == READ_EOF ? LANE_CONN_EOF : r == LANE_SLOW ? LANE_CONN_SLOW : r;
     if (req.count != 1)
         return LANE_CONN_SLOW;
     struct lane_restore_msg *msg = (struct lane_restore_msg *)c->msg;
@@ -430,7 +439,11 @@ int lane_conn_serve(struct lane_conn *c, struct lane_board *b, struct lane_serve
                             "Content-Type: application/json\r\nContent-Length: %zu\r\n\r\n", b->server, date,
                             out->keep_alive ? "" : "Connection: close\r\n", len);
     struct iovec iov[2] = { { head, (size_t)head_len }, { body, len } };
-    if (send_all(c->fd, iov, 2) < 0) {
+    int written = send_all(c->fd, iov, 2);
+    trim(c->msg, sizeof(*msg) + (size_t)payload_len);
+    trim(c->reply, n);
+    trim(c->body, len);
+    if (written < 0) {
         out->stage = LANE_STAGE_UNWRITTEN;
         return LANE_CONN_HANDOFF;
     }

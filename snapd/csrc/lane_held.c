@@ -29,6 +29,7 @@
 #define OFF_GENERATION 24
 #define OFF_REQ_LEN 64
 #define NEXT_DELIVERED 1u
+#define LANE_TRIM_ABOVE (256u << 10)
 
 struct lane_channel {
     int fd;
@@ -68,6 +69,13 @@ void lane_channel_free(struct lane_channel *ch)
         return;
     munmap(ch->buf, 2 * (size_t)LANE_HELD_MAX_MESSAGE);
     free(ch);
+}
+
+/* A keep-alive buffer that held a large message gives its pages back (it is touched only as far as used). */
+static void trim(uint8_t *buffer, size_t used)
+{
+    if (used > LANE_TRIM_ABOVE)
+        madvise(buffer, (used + 4095) & ~(size_t)4095, MADV_DONTNEED);
 }
 
 static int self_write(uint64_t dst, const void *src, size_t len)
@@ -127,9 +135,8 @@ static int alarm_is_handled(void)
 
 static void set_alarm(uint64_t ns)
 {
-    struct itimerval t = { { 0, 0 }, { (time_t)(ns / 1000000000ull), (suseconds_t)(ns % 1000000000ull / 1000) } };
-    if (ns && !t.it_value.tv_sec && !t.it_value.tv_usec)
-        t.it_value.tv_usec = 1;
+    uint64_t us = (ns + 999) / 1000;  /* rounded up: the alarm never comes before the deadline */
+    struct itimerval t = { { 0, 0 }, { (time_t)(us / 1000000), (suseconds_t)(us % 1000000) } };
     setitimer(ITIMER_REAL, &t, NULL);
 }
 
@@ -145,8 +152,11 @@ static int run_to_reply(struct lane_held *held, struct lane_held_result *res, ui
     int done = 0;
     for (;;) {
         if (ioctl(held->vcpu_fd, KVM_RUN, 0) < 0) {
-            if (errno == EINTR && !run->immediate_exit && now_ns() < res->deadline_ns)
+            now = now_ns();
+            if (errno == EINTR && !run->immediate_exit && now < res->deadline_ns) {
+                set_alarm(res->deadline_ns - now);  /* another signal, or the alarm's rounding: armed again */
                 continue;
+            }
             if (errno != EINTR)
                 res->run_errno = errno;
             break;  /* the deadline, a stop request (immediate_exit) or an error: Python's run_here decides */
@@ -163,7 +173,8 @@ static int run_to_reply(struct lane_held *held, struct lane_held_result *res, ui
     return done;
 }
 
-static void send_reply(struct lane_channel *ch, const struct lane_held_result *res, uint64_t t0, size_t result_len)
+/* 0, or -errno: the reply did not go (the caller's Python gives up on the channel, as protocol.send would). */
+static int send_reply(struct lane_channel *ch, const struct lane_held_result *res, uint64_t t0, size_t result_len)
 {
     struct lane_reply_msg *reply = (struct lane_reply_msg *)ch->reply;
     memcpy(reply->magic, LANE_REPLY_MAGIC, 4);
@@ -173,12 +184,16 @@ static void send_reply(struct lane_channel *ch, const struct lane_held_result *r
     reply->generation_ns = res->generation_ns;
     reply->invoke_ns = res->invoke_ns;
     reply->total_ns = now_ns() - t0;
-    /* A daemon gone now is seen as EOF on the next receive. */
-    (void)send(ch->fd, reply, sizeof(*reply) + result_len, MSG_NOSIGNAL);
+    ssize_t sent = send(ch->fd, reply, sizeof(*reply) + result_len, MSG_NOSIGNAL);
+    trim(ch->reply, sizeof(*reply) + result_len);
+    if (sent < 0)
+        return errno == EPIPE || errno == ECONNRESET ? 0 : -errno;  /* a daemon gone: EOF on the next receive */
+    return 0;
 }
 
 int lane_held_serve(struct lane_channel *ch, struct lane_held *held, struct lane_held_result *res)
 {
+    trim(ch->buf, res->message_len);  /* the last message's pages, now that Python is done with them */
     memset(res, 0, sizeof(*res));
     long n = receive(ch, res);
     if (n <= 0)
@@ -212,8 +227,8 @@ int lane_held_serve(struct lane_channel *ch, struct lane_held *held, struct lane
     res->generation_ns = t1 - t0;
     held->armed = 0;  /* the clone is the request's now, whatever happens next */
     if (!invoke) {
-        send_reply(ch, res, t0, 0);
-        return LANE_HELD_SERVED;
+        int sent = send_reply(ch, res, t0, 0);
+        return sent < 0 ? sent : LANE_HELD_SERVED;
     }
 
     /* The invocation, as fnport._next hands it over: payload, then sequence number and length. */
@@ -238,6 +253,6 @@ int lane_held_serve(struct lane_channel *ch, struct lane_held *held, struct lane
         return LANE_HELD_FALLBACK;
     }
     res->invoke_ns = now_ns() - t1;
-    send_reply(ch, res, t0, length);
-    return LANE_HELD_SERVED;
+    int sent = send_reply(ch, res, t0, length);
+    return sent < 0 ? sent : LANE_HELD_SERVED;
 }

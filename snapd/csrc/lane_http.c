@@ -269,7 +269,7 @@ int lane_parse_clone_request(const char *buf, size_t len, size_t max_head, size_
 	memset(out, 0, sizeof(*out));
 	out->count = 1;
 	out->timeout_ms = 10000;
-	if (parse_body(buf + head_len, length, out) != LANE_FAST)
+	if (parse_body(buf + head_len, length, out) != LANE_FAST || out->timeout_ms > LANE_MAX_TIMEOUT_MS)
 		return LANE_SLOW;
 	out->consumed = head_len + length;
 	out->keep_alive = !close;

@@ -11,6 +11,7 @@
 #define LANE_NEED_MORE 0  /* not complete yet and still possibly a fast request: read more bytes */
 #define LANE_FAST 1       /* a complete request the lane serves: fields in *out */
 #define LANE_SLOW 2       /* anything else: the Python reader takes it from the same bytes */
+#define LANE_MAX_TIMEOUT_MS 3600000  /* snapd/daemon/http.py MAX_TIMEOUT_MS: above it, Python's 400 */
 
 struct lane_request {
 	size_t consumed;                          /* bytes of buf this request takes (head + body) */

@@ -177,16 +177,15 @@ class CloneOps:
     def _record(self, clone_id: str, runtime: ImageRuntime, worker: WorkerHandle, reply: dict, elapsed: float,
                 created: float | None = None) -> Clone:
         """The restored clone enters the daemon's books (its slot in the count is already reserved)."""
-        with self.lock:
-            shard, worker.shard = worker.shard, None  # the slot is the clone's now (freed by delete_clone)
-        self.latency.observe(elapsed)
-        self.counters["restores"] += 1
-        clone = Clone(clone_id, runtime, shard, worker, created or time.time(), elapsed * 1e6, reply["timings"],
-                      reply["regions"])
+        clone = Clone(clone_id, runtime, worker.shard, worker, created or time.time(), elapsed * 1e6,
+                      reply["timings"], reply["regions"])
         with self.lock:  # watched before anyone can see it: a DELETE may come at once (the lane answered first)
             self.epoll.register(worker.fileno(), select.EPOLLRDHUP | select.EPOLLHUP)
+            worker.shard = None  # the slot is the clone's now (freed by delete_clone)
             self.watched[worker.fileno()] = clone
             self.clones[clone_id] = clone
+        self.latency.observe(elapsed)
+        self.counters["restores"] += 1
         return clone
 
     def _clone_reply(self, clone: Clone, reply: dict, result: bytes, invoked: bool) -> dict:
@@ -197,16 +196,15 @@ class CloneOps:
         return out
 
     # -- restores the lane (snapd.daemon.lane) took
-    def _lane_taken(self, out) -> tuple:
+    def _lane_taken(self, ticket) -> ImageRuntime:
         """The ticket's worker leaves the pool and its image counts the clone (the image cannot have been
         deleted: delete_image refuses while a ticket of it is taken)."""
-        ticket = self.lane.ticket(out.token)
         self.pool.discard_prepared(ticket.worker, ticket.image_id)
         with self.lock:
             runtime = self._image(ticket.image_id)
             runtime.clones += 1
             self.clones[ticket.clone_id] = None
-        return ticket, runtime
+        return runtime
 
     @staticmethod
     def _lane_reply(worker: WorkerHandle, reply: dict) -> dict:
@@ -216,19 +214,45 @@ class CloneOps:
 
     def lane_served(self, out) -> None:
         """The lane restored a clone and answered its request: record it (the HTTP handler calls this)."""
-        ticket, runtime = self._lane_taken(out)
-        reply = self._lane_reply(ticket.worker, {"timings": {"new_generation_us": out.generation_ns / 1e3}})
-        self._record(ticket.clone_id, runtime, ticket.worker, reply, out.restore_us / 1e6, out.created)
+        ticket = self.lane.ticket(out.token)
+        try:
+            runtime = self._lane_taken(ticket)
+            if self.closed:  # the daemon stopped its clones meanwhile: this one goes too
+                raise Unavailable("the daemon is stopping")
+            reply = self._lane_reply(ticket.worker, {"timings": {"new_generation_us": out.generation_ns / 1e3}})
+            self._record(ticket.clone_id, runtime, ticket.worker, reply, out.restore_us / 1e6, out.created)
+        except BaseException:
+            self._lane_dropped(ticket)
+            raise
+        finally:
+            self.lane.settle(out.token)
         self.counters["lane_restores"] += 1
-        self.lane.settle(out.token)
         self.pool.restored_elsewhere()
+
+    def _lane_dropped(self, ticket) -> None:
+        """A clone the lane restored that the daemon cannot keep: its worker and its place in the books go."""
+        self._retire(ticket.worker)
+        with self.lock:
+            runtime = self.images.get(ticket.image_id)
+            placeholder = ticket.clone_id in self.clones and self.clones[ticket.clone_id] is None
+            if placeholder:
+                self.clones.pop(ticket.clone_id)
+                if runtime is not None:
+                    runtime.clones -= 1
+        self.lane.release()
+        self.counters["restore_failures"] += 1
 
     def lane_handoff(self, out, data: bytes) -> dict:
         """The lane took a ticket, then stopped (out.stage): finish the request here, as _restore_one would."""
         t0 = time.perf_counter()
-        ticket, runtime = self._lane_taken(out)
+        ticket = self.lane.ticket(out.token)
         worker, invoked, invoke_timeout = ticket.worker, bool(out.invoke), out.timeout_ms / 1e3
         try:
+            try:
+                runtime = self._lane_taken(ticket)
+            except BaseException:
+                self._lane_dropped(ticket)
+                raise
             if out.stage == lane_lib.LANE_STAGE_UNWRITTEN:  # restored: the client is gone, the clone is not
                 self._record(ticket.clone_id, runtime, worker, self._lane_reply(worker, {}), out.restore_us / 1e6)
                 return {}
@@ -239,18 +263,24 @@ class CloneOps:
                     raise WorkerFailed(f"worker {worker.pid} did not take the restore: {worker.failure or 'gone'}")
                 reply, result = worker.await_reply("restore", out.request_id,
                                                    invoke_timeout + self.config.restore_timeout)
+                reply = self._lane_reply(worker, reply)
+                clone = self._record(ticket.clone_id, runtime, worker, reply, time.perf_counter() - t0)
             except WorkerError as exc:
                 self._restore_undone(ticket.clone_id, runtime)
                 raise self._restore_refused(worker, exc, ticket.image_id, invoke_timeout) from None
-            except WorkerFailed:
+            except WorkerFailed as exc:
                 self._retire(worker)
                 self._restore_undone(ticket.clone_id, runtime)
+                if out.stage != lane_lib.LANE_STAGE_UNSENT:  # it may have run: never twice
+                    raise CloneFailed(f"clones: restore of {ticket.image_id} failed: {exc}") from None
                 body = {"image": ticket.image_id, "timeout_ms": out.timeout_ms}
                 if invoked:
                     body["payload"] = base64.b64encode(data).decode()
-                return self.create_clones(body)  # another worker, the ordinary way
-            reply = self._lane_reply(worker, reply)
-            clone = self._record(ticket.clone_id, runtime, worker, reply, time.perf_counter() - t0)
+                return self.create_clones(body)  # the restore never reached it: another worker, the ordinary way
+            except BaseException:
+                self._retire(worker)
+                self._restore_undone(ticket.clone_id, runtime)
+                raise
             return {"clones": [self._clone_reply(clone, reply, result, invoked)]}
         finally:
             self.lane.settle(out.token)

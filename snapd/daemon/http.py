@@ -34,15 +34,16 @@ IMAGE_REGISTER = ObjectSpec("images", {
     "loading_set": Field("string"),  # a loading-set file: pre-filled into the shared memfd (snapd.daemon.images)
 })
 LOADING_SET = ObjectSpec("loading_set", {"path": Field("string")})  # {}: record from the clones' faults
+MAX_TIMEOUT_MS = 3_600_000  # an hour: also what the restore lane takes (snapd/csrc/lane_http.c LANE_MAX_TIMEOUT_MS)
 CLONES_CREATE = ObjectSpec("clones", {
     "image": Field("string", required=True),
     "count": Field("integer", minimum=1),
     "payload": Field("string"),  # base64: a first invocation, answered in the same reply
-    "timeout_ms": Field("integer", minimum=1),
+    "timeout_ms": Field("integer", minimum=1, maximum=MAX_TIMEOUT_MS),
 })
 INVOKE = ObjectSpec("invoke", {
     "payload": Field("string", required=True),
-    "timeout_ms": Field("integer", minimum=1),
+    "timeout_ms": Field("integer", minimum=1, maximum=MAX_TIMEOUT_MS),
 })
 SNAPSHOT = ObjectSpec("snapshot", {
     "state_path": Field("string"),
@@ -106,7 +107,11 @@ class SnapdRequestHandler(socketserver.BaseRequestHandler):
                     if kind == restore_lane.EOF_:
                         return
                     if kind == restore_lane.SERVED:
-                        daemon.lane_served(lane.out)
+                        try:
+                            daemon.lane_served(lane.out)
+                        except ApiError as exc:  # answered, but the daemon could not keep the clone (stopping)
+                            log.warning("a clone the lane restored was dropped: %s", exc)
+                            return
                         if not lane.out.keep_alive:
                             return
                         continue

@@ -57,6 +57,7 @@ class DaemonLane:
         self.lock = threading.Condition()
         self.tickets: dict[int, Ticket] = {}     # token -> ticket, offered or taken and not yet settled
         self.by_clone: dict[str, Ticket] = {}
+        self.closed_images: set[str] = set()     # being deleted: no ticket of theirs is offered or taken
         self.tokens = itertools.count(1)
 
     # -- the clone count, both paths
@@ -75,18 +76,19 @@ class DaemonLane:
             return
         token, clone_id = next(self.tokens), "c-" + os.urandom(6).hex()
         fields = render_fields(clone_id, image_id, worker.pid, self.socket_path, prepared.get("timings", {}))
-        request_id = worker.next_request_id()
+        ticket = Ticket(token, worker, image_id, clone_id, worker.next_request_id())
         data = fields.encode()
-        rc = lib.lane_board_offer(self.board, token, image_id.encode(), worker.fileno(), prepared.get("req_cap", 0),
-                                  request_id, data, len(data))
-        if rc < 0:
-            log.warning("the lane did not take worker %d for %s: %s", worker.pid, image_id, os.strerror(-rc))
-            return
-        ticket = Ticket(token, worker, image_id, clone_id, request_id)
-        with self.lock:
+        with self.lock:  # in Python's books first: the C side may take it the moment it is on the board
+            if image_id in self.closed_images:
+                return
             self.tickets[token] = ticket
             self.by_clone[clone_id] = ticket
-        worker.lane_token = token
+            worker.lane_token = token
+            rc = lib.lane_board_offer(self.board, token, image_id.encode(), worker.fileno(),
+                                      prepared.get("req_cap", 0), ticket.request_id, data, len(data))
+        if rc < 0:
+            self._forget(token)
+            log.warning("the lane did not take worker %d for %s: %s", worker.pid, image_id, os.strerror(-rc))
 
     def claim(self, worker) -> bool:
         """Take a prepared worker's ticket back before anyone else uses it; False: the lane has taken it (it is
@@ -114,7 +116,8 @@ class DaemonLane:
             ticket = self.tickets.pop(token, None)
             if ticket is not None:
                 self.by_clone.pop(ticket.clone_id, None)
-                ticket.worker.lane_token = 0
+                if ticket.worker.lane_token == token:  # not a newer ticket of the same (reused) worker
+                    ticket.worker.lane_token = 0
             self.lock.notify_all()
 
     def wait_if_in_flight(self, clone_id: str, timeout: float) -> None:
@@ -127,11 +130,16 @@ class DaemonLane:
             self.lock.wait_for(lambda: clone_id not in self.by_clone, timeout)
 
     def close_image(self, image_id: str) -> int:
-        """Stop taking the image's tickets; returns how many are taken and not settled (restores in flight)."""
-        return lib.lane_board_close_image(self.board, image_id.encode(), 1)
+        """Stop offering and taking the image's tickets (it is being deleted); returns how many are taken and
+        not settled (restores in flight)."""
+        with self.lock:  # serialised with offer: a ticket offered after this would not be marked closed
+            self.closed_images.add(image_id)
+            return lib.lane_board_close_image(self.board, image_id.encode(), 1)
 
     def reopen_image(self, image_id: str) -> None:
-        lib.lane_board_close_image(self.board, image_id.encode(), 0)
+        with self.lock:
+            self.closed_images.discard(image_id)
+            lib.lane_board_close_image(self.board, image_id.encode(), 0)
 
     def connection(self, fd: int) -> "LaneConnection":
         return LaneConnection(self, fd)

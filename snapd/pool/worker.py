@@ -376,7 +376,8 @@ class Worker:
         t0 = time.perf_counter()
         try:
             if here or delivered is not None:
-                if delivered is not None:
+                deadline = time.monotonic() + timeout
+                if delivered is not None:  # the lane's clock started at its own delivery, not here
                     invocation, deadline, exit_pending = delivered
                     first = machine.runners[0].dispatch_pending_exit if exit_pending else None
                     machine.continue_paused(invocation, deadline, first)
@@ -384,7 +385,7 @@ class Worker:
                     invocation = machine.invoke_paused(payload, timeout)
                 if not invocation.done.is_set():
                     self._release_held()  # the vCPU thread carries on (or the VM is stopping)
-                result = invocation.wait(max(0.0, timeout - (time.perf_counter() - t0)))
+                result = invocation.wait(max(0.0, deadline - time.monotonic()))
             else:
                 result = machine.invoke(payload, timeout)
         except InvocationError as exc:

@@ -20,6 +20,7 @@ class Field:
     required: bool = False
     enum: tuple[str, ...] = ()
     minimum: int | None = None
+    maximum: int | None = None
     spec: "ObjectSpec | None" = None  # for json_type "object"
 
 
@@ -59,6 +60,8 @@ def check_object(value, spec: ObjectSpec, where: str = "") -> dict:
             raise BadRequest(f"{where}.{name} must be one of {', '.join(rule.enum)}, not {json.dumps(item)}")
         if rule.minimum is not None and item < rule.minimum:
             raise BadRequest(f"{where}.{name} must be at least {rule.minimum}, not {item}")
+        if rule.maximum is not None and item > rule.maximum:
+            raise BadRequest(f"{where}.{name} must be at most {rule.maximum}, not {item}")
         if rule.spec is not None:
             check_object(item, rule.spec, f"{where}.{name}")
     return value
