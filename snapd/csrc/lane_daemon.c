@@ -17,6 +17,7 @@
 #include <sys/socket.h>
 #include <sys/uio.h>
 #include <time.h>
+#include "lane_buffer.h"
 #include "lane_daemon.h"
 #include "lane_http.h"
 #include "lane_proto.h"
@@ -30,7 +31,6 @@
 #define REPLY_CAP ((size_t)MAX_MESSAGE)
 #define BODY_CAP (16384 + (MAX_MESSAGE / 3 + 1) * 4)
 #define REPLY_WAIT_MARGIN_MS 10000  /* past the invocation's own timeout: then Python waits, and judges */
-#define TRIM_ABOVE (256u << 10)      /* a keep-alive connection gives back the pages of a message larger than this */
 
 enum { FREE, OFFERED, TAKEN };
 
@@ -234,13 +234,12 @@ struct lane_conn *lane_conn_new(int fd)
         return NULL;
     /* One reservation for all buffers: only the pages a request or reply reaches are ever touched. */
     c->map_size = IN_CAP + MSG_CAP + REPLY_CAP + BODY_CAP;
-    void *mem = mmap(NULL, c->map_size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
-    if (mem == MAP_FAILED) {
+    c->in = lane_buffer_map(c->map_size);
+    if (!c->in) {
         free(c);
         return NULL;
     }
     c->fd = fd;
-    c->in = mem;
     c->msg = c->in + IN_CAP;
     c->reply = c->msg + MSG_CAP;
     c->body = c->reply + REPLY_CAP;
@@ -295,12 +294,6 @@ static int read_request(struct lane_conn *c, struct lane_request *req)
             return c->len ? LANE_SLOW : (n == 0 ? READ_EOF : -errno);
         c->len += (size_t)n;
     }
-}
-
-static void trim(uint8_t *buffer, size_t used)
-{
-    if (used > TRIM_ABOVE)
-        madvise(buffer, (used + 4095) & ~(size_t)4095, MADV_DONTNEED);
 }
 
 static int send_all(int fd, struct iovec *iov, int n)
@@ -440,9 +433,9 @@ int lane_conn_serve(struct lane_conn *c, struct lane_board *b, struct lane_serve
                             out->keep_alive ? "" : "Connection: close\r\n", len);
     struct iovec iov[2] = { { head, (size_t)head_len }, { body, len } };
     int written = send_all(c->fd, iov, 2);
-    trim(c->msg, sizeof(*msg) + (size_t)payload_len);
-    trim(c->reply, n);
-    trim(c->body, len);
+    lane_buffer_trim(c->msg, sizeof(*msg) + (size_t)payload_len);
+    lane_buffer_trim(c->reply, n);
+    lane_buffer_trim(c->body, len);
     if (written < 0) {
         out->stage = LANE_STAGE_UNWRITTEN;
         return LANE_CONN_HANDOFF;

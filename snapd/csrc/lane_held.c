@@ -21,6 +21,7 @@
 #include <time.h>
 #include <unistd.h>
 #include <linux/kvm.h>
+#include "lane_buffer.h"
 #include "lane_held.h"
 
 /* mailbox layout and FN_NEXT answers: docs/function-port.md, vmm/devices/fnport.py */
@@ -29,7 +30,6 @@
 #define OFF_GENERATION 24
 #define OFF_REQ_LEN 64
 #define NEXT_DELIVERED 1u
-#define LANE_TRIM_ABOVE (256u << 10)
 
 struct lane_channel {
     int fd;
@@ -49,14 +49,12 @@ struct lane_channel *lane_channel_new(int fd)
     struct lane_channel *ch = calloc(1, sizeof(*ch));
     if (!ch)
         return NULL;
-    size_t size = 2 * (size_t)LANE_HELD_MAX_MESSAGE;
-    void *mem = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    if (mem == MAP_FAILED) {
+    ch->buf = lane_buffer_map(2 * (size_t)LANE_HELD_MAX_MESSAGE);
+    if (!ch->buf) {
         free(ch);
         return NULL;
     }
     ch->fd = fd;
-    ch->buf = mem;
     ch->reply = ch->buf + LANE_HELD_MAX_MESSAGE;
     return ch;
 }
@@ -69,13 +67,6 @@ void lane_channel_free(struct lane_channel *ch)
         return;
     munmap(ch->buf, 2 * (size_t)LANE_HELD_MAX_MESSAGE);
     free(ch);
-}
-
-/* A keep-alive buffer that held a large message gives its pages back (it is touched only as far as used). */
-static void trim(uint8_t *buffer, size_t used)
-{
-    if (used > LANE_TRIM_ABOVE)
-        madvise(buffer, (used + 4095) & ~(size_t)4095, MADV_DONTNEED);
 }
 
 static int self_write(uint64_t dst, const void *src, size_t len)
@@ -185,7 +176,7 @@ static int send_reply(struct lane_channel *ch, const struct lane_held_result *re
     reply->invoke_ns = res->invoke_ns;
     reply->total_ns = now_ns() - t0;
     ssize_t sent = send(ch->fd, reply, sizeof(*reply) + result_len, MSG_NOSIGNAL);
-    trim(ch->reply, sizeof(*reply) + result_len);
+    lane_buffer_trim(ch->reply, sizeof(*reply) + result_len);
     if (sent < 0)
         return errno == EPIPE || errno == ECONNRESET ? 0 : -errno;  /* a daemon gone: EOF on the next receive */
     return 0;
@@ -193,7 +184,7 @@ static int send_reply(struct lane_channel *ch, const struct lane_held_result *re
 
 int lane_held_serve(struct lane_channel *ch, struct lane_held *held, struct lane_held_result *res)
 {
-    trim(ch->buf, res->message_len);  /* the last message's pages, now that Python is done with them */
+    lane_buffer_trim(ch->buf, res->message_len);  /* the last message's pages, now that Python is done with them */
     memset(res, 0, sizeof(*res));
     long n = receive(ch, res);
     if (n <= 0)
