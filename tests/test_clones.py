@@ -280,8 +280,9 @@ def test_the_lane_and_the_python_path_answer_a_restore_alike(running):
     try:
         assert lane_restores(daemon) == before + 1, "the count-1 restore did not go through the lane"
         assert f"snapd_lane_restores_total {before + 1}" in daemon.client.metrics()
-        for clone in [fast, *slow]:
-            workloads.verify_hello(request, clone["result"], 1)
+        replies = [workloads.verify_hello(request, clone["result"], 1) for clone in [fast, *slow]]
+        assert len({r.generation for r in replies}) == 3 and len({r.random for r in replies}) == 3, \
+            "a clone the lane restored must get its own generation and entropy, as every other does"
         assert set(fast) == set(slow[0])
         assert set(fast["timings_us"]) >= {"prepare_us", "populate_us", "new_generation_us"}
         listed = daemon.client.clone(fast["id"])
