@@ -36,6 +36,7 @@ size_t lane_base64_encode(const uint8_t *in, size_t len, char *out);
 HELD_CDEF = """
 /* lane_proto.h */
 #define LANE_IMAGE_MAX ...
+#define LANE_MAX_MESSAGE ...
 #define LANE_FLAG_INVOKE ...
 #define LANE_OK ...
 #define LANE_ERR_TIMEOUT ...
@@ -47,7 +48,6 @@ struct lane_reply_msg { int32_t status; uint64_t id; uint64_t generation; uint64
                         uint64_t invoke_ns; uint64_t total_ns; ...; };
 
 /* lane_held.h */
-#define LANE_HELD_MAX_MESSAGE ...
 #define LANE_HELD_MAX_FDS ...
 #define LANE_HELD_EOF ...
 #define LANE_HELD_MESSAGE ...
@@ -61,7 +61,7 @@ struct lane_held {
 struct lane_held_result {
     uint64_t message_len; int32_t nfds; int32_t fds[...]; int32_t truncated;
     uint64_t id, generation, seq; uint32_t flags; uint64_t timeout_ns; uint64_t payload_offset, payload_len;
-    int32_t exit_pending; int32_t run_errno; uint64_t deadline_ns; uint64_t generation_ns, invoke_ns, total_ns;
+    int32_t exit_pending; int32_t run_errno; uint64_t deadline_ns; uint64_t generation_ns, invoke_ns;
     ...;
 };
 struct lane_channel;
@@ -86,7 +86,7 @@ DAEMON_CDEF = """
 #define LANE_TICKET_TAKEN ...
 struct lane_served {
     uint64_t token; uint64_t request_id; int32_t keep_alive; int32_t stage; int32_t status; int32_t invoke;
-    int64_t timeout_ms; uint64_t generation; uint64_t generation_ns, invoke_ns, worker_ns;
+    int64_t timeout_ms; uint64_t generation; uint64_t generation_ns, invoke_ns;
     double restore_us; double created; uint64_t data_len;
     ...;
 };

@@ -22,14 +22,13 @@
 #include "lane_http.h"
 #include "lane_proto.h"
 
-/* as snapd/http_wire.py MAX_HEAD and MAX_BODY, and snapd/pool/protocol.py MAX_MESSAGE */
+/* as snapd/http_wire.py MAX_HEAD and MAX_BODY */
 #define MAX_HEAD (64u << 10)
 #define MAX_BODY (1u << 20)
-#define MAX_MESSAGE (4u << 20)
 #define IN_CAP (MAX_HEAD + MAX_BODY)
 #define MSG_CAP (sizeof(struct lane_restore_msg) + MAX_BODY)
-#define REPLY_CAP ((size_t)MAX_MESSAGE)
-#define BODY_CAP (16384 + (MAX_MESSAGE / 3 + 1) * 4)
+#define REPLY_CAP ((size_t)LANE_MAX_MESSAGE)
+#define BODY_CAP (16384 + (LANE_MAX_MESSAGE / 3 + 1) * 4)
 #define REPLY_WAIT_MARGIN_MS 10000  /* past the invocation's own timeout: then Python waits, and judges */
 
 enum { FREE, OFFERED, TAKEN };
@@ -58,13 +57,6 @@ struct lane_conn {
     const uint8_t *data;  /* lane_conn_data */
     size_t map_size;
 };
-
-static uint64_t mono_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
-}
 
 /* -- the board */
 
@@ -225,6 +217,27 @@ static struct ticket take(struct lane_board *b, const char *image, size_t image_
     return taken;
 }
 
+/* A ticket taken for a request the lane then leaves to Python after all: offered again, its room given back. */
+static void untake(struct lane_board *b, uint64_t token)
+{
+    pthread_mutex_lock(&b->lock);
+    struct ticket *t = find(b, token);
+    if (t && t->state == TAKEN) {
+        t->state = OFFERED;
+        b->room++;
+    }
+    pthread_mutex_unlock(&b->lock);
+}
+
+/* The bytes `len` characters of padded base64 decode to (-1: not a padded length). */
+static int64_t decoded_length(const char *text, size_t len)
+{
+    if (len % 4)
+        return -1;
+    size_t pad = len && text[len - 1] == '=' ? (text[len - 2] == '=' ? 2 : 1) : 0;
+    return (int64_t)(len / 4 * 3 - pad);
+}
+
 /* -- a connection */
 
 struct lane_conn *lane_conn_new(int fd)
@@ -358,16 +371,18 @@ int lane_conn_serve(struct lane_conn *c, struct lane_board *b, struct lane_serve
         return LANE_CONN_SLOW;
     struct lane_restore_msg *msg = (struct lane_restore_msg *)c->msg;
     uint8_t *payload = c->msg + sizeof(*msg);
-    int64_t payload_len = 0;
-    if (req.payload) {
-        payload_len = lane_base64_decode(req.payload, req.payload_len, payload, MAX_BODY);
-        if (payload_len < 0)
-            return LANE_CONN_SLOW;
-    }
+    int64_t payload_len = req.payload ? decoded_length(req.payload, req.payload_len) : 0;
+    if (payload_len < 0)
+        return LANE_CONN_SLOW;
     struct ticket t = take(b, req.image, req.image_len, payload_len);
     if (t.state != TAKEN)
         return LANE_CONN_SLOW;  /* no held worker for it, or no room: Python waits for one, or says why not */
-    uint64_t t0 = mono_ns();
+    /* decoded only now: a request the lane does not take is decoded once, by Python */
+    if (req.payload && lane_base64_decode(req.payload, req.payload_len, payload, MAX_BODY) != payload_len) {
+        untake(b, t.token);
+        return LANE_CONN_SLOW;  /* not strict base64: Python's answer */
+    }
+    uint64_t t0 = lane_now_ns();
     out->token = t.token;
     out->request_id = t.request_id;
     out->keep_alive = req.keep_alive;
@@ -393,7 +408,7 @@ int lane_conn_serve(struct lane_conn *c, struct lane_board *b, struct lane_serve
         out->stage = LANE_STAGE_SENT;
         return LANE_CONN_HANDOFF;
     }
-    out->restore_us = (double)(mono_ns() - t0) / 1e3;
+    out->restore_us = (double)(lane_now_ns() - t0) / 1e3;
     const struct lane_reply_msg *reply = (const struct lane_reply_msg *)c->reply;
     const uint8_t *result = c->reply + sizeof(*reply);
     size_t result_len = n - sizeof(*reply);
@@ -401,7 +416,6 @@ int lane_conn_serve(struct lane_conn *c, struct lane_board *b, struct lane_serve
     out->generation = reply->generation;
     out->generation_ns = reply->generation_ns;
     out->invoke_ns = reply->invoke_ns;
-    out->worker_ns = reply->total_ns;
     if (reply->status != LANE_OK) {
         out->stage = LANE_STAGE_REFUSED;
         c->data = result;

@@ -33,7 +33,7 @@ struct lane_served {
     int32_t invoke;            /* the request carried a payload */
     int64_t timeout_ms;
     uint64_t generation;
-    uint64_t generation_ns, invoke_ns, worker_ns;
+    uint64_t generation_ns, invoke_ns;
     double restore_us;         /* request read -> the worker's reply (the daemon's restore latency) */
     double created;            /* the clone's creation time (wall clock, s), as in its JSON */
     uint64_t data_len;         /* HANDOFF: the payload (UNSENT, SENT), the error text (REFUSED) */

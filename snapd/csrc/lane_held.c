@@ -37,25 +37,18 @@ struct lane_channel {
     uint8_t *reply;   /* the reply being sent: header + result */
 };
 
-static uint64_t now_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
-}
-
 struct lane_channel *lane_channel_new(int fd)
 {
     struct lane_channel *ch = calloc(1, sizeof(*ch));
     if (!ch)
         return NULL;
-    ch->buf = lane_buffer_map(2 * (size_t)LANE_HELD_MAX_MESSAGE);
+    ch->buf = lane_buffer_map(2 * (size_t)LANE_MAX_MESSAGE);
     if (!ch->buf) {
         free(ch);
         return NULL;
     }
     ch->fd = fd;
-    ch->reply = ch->buf + LANE_HELD_MAX_MESSAGE;
+    ch->reply = ch->buf + LANE_MAX_MESSAGE;
     return ch;
 }
 
@@ -65,15 +58,17 @@ void lane_channel_free(struct lane_channel *ch)
 {
     if (!ch)
         return;
-    munmap(ch->buf, 2 * (size_t)LANE_HELD_MAX_MESSAGE);
+    munmap(ch->buf, 2 * (size_t)LANE_MAX_MESSAGE);
     free(ch);
 }
 
-static int self_write(uint64_t dst, const void *src, size_t len)
-{
-    struct iovec local = { (void *)src, len }, remote = { (void *)dst, len };
-    return process_vm_writev(getpid(), &local, 1, &remote, 1, 0) == (ssize_t)len ? 0 : -1;
-}
+/* The mailbox fields a restore writes, in their order there: OFF_SEQ .. OFF_REQ_LEN + 4, one block. */
+struct mailbox_fields {
+    uint64_t seq;
+    struct { uint64_t id, entropy[4]; } generation;  /* 40 bytes, written on every restore */
+    uint32_t req_len;
+} __attribute__((packed));
+_Static_assert(OFF_GENERATION - OFF_SEQ == 8 && OFF_REQ_LEN - OFF_SEQ == 48, "mailbox layout");
 
 static int self_read(void *dst, uint64_t src, size_t len)
 {
@@ -85,7 +80,7 @@ static int self_read(void *dst, uint64_t src, size_t len)
 static long receive(struct lane_channel *ch, struct lane_held_result *res)
 {
     union { char space[CMSG_SPACE(LANE_HELD_MAX_FDS * sizeof(int))]; struct cmsghdr align; } control;
-    struct iovec iov = { ch->buf, LANE_HELD_MAX_MESSAGE };
+    struct iovec iov = { ch->buf, LANE_MAX_MESSAGE };
     struct msghdr msg = { .msg_iov = &iov, .msg_iovlen = 1, .msg_control = control.space,
                           .msg_controllen = sizeof(control.space) };
     ssize_t n;
@@ -117,11 +112,16 @@ static int parked_in_next(const struct lane_held *held)
            && run->io.port == held->fn_next_port && run->io.size == 4 && run->io.count == 1;
 }
 
-static int alarm_is_handled(void)
+/* SIGALRM has a handler (held_lane.HeldLane installs one and nothing resets it): checked until it is seen
+ * once, so a restore pays the sigaction call only before that. */
+static int alarm_ready(void)
 {
+    static int ready;
     struct sigaction current;
-    return sigaction(SIGALRM, NULL, &current) == 0 && current.sa_handler != SIG_DFL
-           && current.sa_handler != SIG_IGN;
+    if (!ready)
+        ready = sigaction(SIGALRM, NULL, &current) == 0 && current.sa_handler != SIG_DFL
+                && current.sa_handler != SIG_IGN;
+    return ready;
 }
 
 static void set_alarm(uint64_t ns)
@@ -135,7 +135,7 @@ static void set_alarm(uint64_t ns)
 static int run_to_reply(struct lane_held *held, struct lane_held_result *res, uint32_t *length)
 {
     struct kvm_run *run = held->run;
-    uint64_t now = now_ns();
+    uint64_t now = lane_now_ns();
     if (now >= res->deadline_ns)
         return 0;
     run->immediate_exit = 0;
@@ -143,7 +143,7 @@ static int run_to_reply(struct lane_held *held, struct lane_held_result *res, ui
     int done = 0;
     for (;;) {
         if (ioctl(held->vcpu_fd, KVM_RUN, 0) < 0) {
-            now = now_ns();
+            now = lane_now_ns();
             if (errno == EINTR && !run->immediate_exit && now < res->deadline_ns) {
                 set_alarm(res->deadline_ns - now);  /* another signal, or the alarm's rounding: armed again */
                 continue;
@@ -174,7 +174,7 @@ static int send_reply(struct lane_channel *ch, const struct lane_held_result *re
     reply->generation = res->generation;
     reply->generation_ns = res->generation_ns;
     reply->invoke_ns = res->invoke_ns;
-    reply->total_ns = now_ns() - t0;
+    reply->total_ns = lane_now_ns() - t0;
     ssize_t sent = send(ch->fd, reply, sizeof(*reply) + result_len, MSG_NOSIGNAL);
     lane_buffer_trim(ch->reply, sizeof(*reply) + result_len);
     if (sent < 0)
@@ -189,11 +189,11 @@ int lane_held_serve(struct lane_channel *ch, struct lane_held *held, struct lane
     long n = receive(ch, res);
     if (n <= 0)
         return n == 0 ? LANE_HELD_EOF : (int)n;
-    uint64_t t0 = now_ns();
+    uint64_t t0 = lane_now_ns();
     const struct lane_restore_msg *msg = (const struct lane_restore_msg *)ch->buf;
     if ((size_t)n < sizeof(*msg) || memcmp(msg->magic, LANE_RESTORE_MAGIC, 4) != 0 || res->nfds || res->truncated
         || !held->armed || strncmp(msg->image, held->image, LANE_IMAGE_MAX) != 0 || !parked_in_next(held)
-        || !alarm_is_handled())
+        || !alarm_ready())
         return LANE_HELD_MESSAGE;
     res->id = msg->id;
     res->flags = msg->flags;
@@ -204,17 +204,29 @@ int lane_held_serve(struct lane_channel *ch, struct lane_held *held, struct lane
     if (invoke && res->payload_len > held->req_cap)
         return LANE_HELD_MESSAGE;  /* Python refuses it with the function port's own words */
 
-    /* A new generation id and fresh entropy, as on every resume from a snapshot (VMGenID). */
-    uint64_t fresh[5];
-    if (getrandom(fresh, sizeof(fresh), 0) != (ssize_t)sizeof(fresh))
+    /* A new generation id and fresh entropy, as on every resume from a snapshot (VMGenID), and with a payload
+     * the invocation as fnport._next hands it over (payload, sequence number, length): one write. */
+    struct mailbox_fields fields;
+    if (getrandom(&fields.generation, sizeof(fields.generation), 0) != (ssize_t)sizeof(fields.generation))
         return LANE_HELD_MESSAGE;
-    if (!fresh[0])
-        fresh[0] = 1;
-    if (self_write(held->mailbox + OFF_GENERATION, fresh, sizeof(fresh)) < 0)
-        return LANE_HELD_MESSAGE;
-    res->generation = fresh[0];
-    res->seq = held->seq;
-    uint64_t t1 = now_ns();
+    if (!fields.generation.id)
+        fields.generation.id = 1;
+    fields.seq = held->seq + (uint64_t)invoke;
+    fields.req_len = (uint32_t)res->payload_len;
+    struct iovec local[2] = { { &fields.generation, sizeof(fields.generation) },
+                              { ch->buf + res->payload_offset, res->payload_len } };
+    struct iovec remote[2] = { { (void *)(held->mailbox + OFF_GENERATION), sizeof(fields.generation) },
+                               { (void *)(held->mailbox + MAILBOX_HEADER), res->payload_len } };
+    if (invoke) {
+        local[0] = (struct iovec){ &fields, sizeof(fields) };
+        remote[0] = (struct iovec){ (void *)(held->mailbox + OFF_SEQ), sizeof(fields) };
+    }
+    ssize_t want = (ssize_t)(local[0].iov_len + (invoke ? res->payload_len : 0));
+    if (process_vm_writev(getpid(), local, invoke ? 2 : 1, remote, invoke ? 2 : 1, 0) != want)
+        return LANE_HELD_MESSAGE;  /* nothing the guest acts on yet: Python writes a generation and all again */
+    res->generation = fields.generation.id;
+    res->seq = fields.seq;
+    uint64_t t1 = lane_now_ns();
     res->generation_ns = t1 - t0;
     held->armed = 0;  /* the clone is the request's now, whatever happens next */
     if (!invoke) {
@@ -222,28 +234,21 @@ int lane_held_serve(struct lane_channel *ch, struct lane_held *held, struct lane
         return sent < 0 ? sent : LANE_HELD_SERVED;
     }
 
-    /* The invocation, as fnport._next hands it over: payload, then sequence number and length. */
-    uint64_t seq = held->seq + 1;
-    uint32_t len32 = (uint32_t)res->payload_len;
-    if (self_write(held->mailbox + MAILBOX_HEADER, ch->buf + res->payload_offset, res->payload_len) < 0
-        || self_write(held->mailbox + OFF_SEQ, &seq, 8) < 0 || self_write(held->mailbox + OFF_REQ_LEN, &len32, 4) < 0)
-        return LANE_HELD_MESSAGE;  /* nothing reached the guest: Python writes a generation and all again */
     struct kvm_run *run = held->run;
     uint32_t delivered = NEXT_DELIVERED;
     memcpy((uint8_t *)run + run->io.data_offset, &delivered, 4);
-    res->seq = seq;
     res->deadline_ns = t1 + res->timeout_ns;
 
     uint32_t length = 0;
     uint8_t *result = ch->reply + sizeof(struct lane_reply_msg);
     if (!run_to_reply(held, res, &length)
         || self_read(result, held->mailbox + MAILBOX_HEADER + held->req_cap, length) < 0) {
-        res->invoke_ns = now_ns() - t1;
+        res->invoke_ns = lane_now_ns() - t1;
         if (length && !res->exit_pending)
             res->exit_pending = 1;  /* the FN_DONE whose reply could not be read: Python's _done reports it */
         return LANE_HELD_FALLBACK;
     }
-    res->invoke_ns = now_ns() - t1;
+    res->invoke_ns = lane_now_ns() - t1;
     int sent = send_reply(ch, res, t0, length);
     return sent < 0 ? sent : LANE_HELD_SERVED;
 }

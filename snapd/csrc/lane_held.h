@@ -8,7 +8,6 @@
 #include <stdint.h>
 #include "lane_proto.h"
 
-#define LANE_HELD_MAX_MESSAGE (4u << 20)  /* as protocol.MAX_MESSAGE */
 #define LANE_HELD_MAX_FDS 4
 
 /* what lane_held_serve returns */
@@ -43,7 +42,7 @@ struct lane_held_result {
     int32_t exit_pending;         /* FALLBACK: an exit in kvm_run waits for Python's dispatch */
     int32_t run_errno;            /* FALLBACK: KVM_RUN failed with this */
     uint64_t deadline_ns;         /* CLOCK_MONOTONIC */
-    uint64_t generation_ns, invoke_ns, total_ns;
+    uint64_t generation_ns, invoke_ns;
 };
 
 struct lane_channel;

@@ -9,7 +9,8 @@
 
 #define LANE_RESTORE_MAGIC "SNL1"  /* daemon -> worker: restore the prepared clone (and invoke it) */
 #define LANE_REPLY_MAGIC "SNL2"    /* worker -> daemon: its answer */
-#define LANE_IMAGE_MAX 64
+#define LANE_IMAGE_MAX 64           /* the daemon's image ids: [A-Za-z0-9_-]{1,64} */
+#define LANE_MAX_MESSAGE (4u << 20) /* any message on the channel, as snapd/pool/protocol.py MAX_MESSAGE */
 #define LANE_FLAG_INVOKE 1u        /* the payload that follows is the clone's first invocation */
 
 /* status of a reply; anything but OK is followed by the error text instead of a result */
@@ -32,7 +33,7 @@ struct lane_reply_msg {
     int32_t status;
     uint64_t id;
     uint64_t generation;          /* the clone's new generation id */
-    uint64_t generation_ns;       /* writing it and the entropy */
+    uint64_t generation_ns;       /* writing it and the entropy (and the request, if any) */
     uint64_t invoke_ns;           /* the first invocation, request to reply */
     uint64_t total_ns;            /* message received to reply sent */
 };                                /* then the result, or the error text */

@@ -135,8 +135,7 @@ class CloneOps:
                     timeout = max(1.0, deadline - time.monotonic()) + invoke_timeout
                     if lane:  # the worker answers from C: a struct each way, its records known from the prepare
                         reply, result = worker.restore_held(image_id, payload, invoke_timeout, timeout)
-                        reply["regions"] = worker.prepared["regions"]
-                        reply["timings"] = dict(worker.prepared["timings"], **reply["timings"])
+                        reply = self._lane_reply(worker, reply)
                     else:
                         reply, result = worker.request(header, payload or b"", fds, timeout=timeout)
                     first = reply.get("invoke")

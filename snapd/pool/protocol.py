@@ -17,6 +17,8 @@ import os
 import socket
 import struct
 
+from snapd._lane_native import lib as lane_lib
+
 MAX_MESSAGE = 4 << 20  # an invocation payload the guest takes is far smaller (its mailbox caps it)
 MAX_FDS = 4
 _PEEK = bytearray(1)  # receives the peeked byte; never read
@@ -24,7 +26,8 @@ LANE_RESTORE = struct.Struct("<4sIQQ64s")   # magic, flags, id, timeout_ns, imag
 LANE_REPLY = struct.Struct("<4siQQQQQ")     # magic, status, id, generation, generation_ns, invoke_ns, total_ns
 LANE_RESTORE_MAGIC, LANE_REPLY_MAGIC = b"SNL1", b"SNL2"
 LANE_FLAG_INVOKE = 1
-LANE_KINDS = {1: "timeout", 2: "invocation", 3: "vmm", 4: "protocol"}  # a reply's status -> WorkerError kind
+LANE_KINDS = {lane_lib.LANE_ERR_TIMEOUT: "timeout", lane_lib.LANE_ERR_INVOCATION: "invocation",  # a reply's
+              lane_lib.LANE_ERR_VMM: "vmm", lane_lib.LANE_ERR_PROTOCOL: "protocol"}       # status -> error kind
 LANE_STATUS = {kind: status for status, kind in LANE_KINDS.items()}
 
 
@@ -98,7 +101,7 @@ def _decode_lane(message: bytes) -> tuple[dict, bytes] | None:
         if status:
             return {"ok": False, "id": request_id, "kind": LANE_KINDS.get(status, "vmm"),
                     "error": rest.decode("utf-8", "replace")}, b""
-        return ({"ok": True, "id": request_id, "generation": generation, "lane": True,
+        return ({"ok": True, "id": request_id, "generation": generation,
                  "timings": {"new_generation_us": generation_ns / 1e3},
                  "invoke": {"ok": True, "latency_us": invoke_ns / 1e3}, "total_us": total_ns / 1e3}, rest)
     return None
