@@ -116,6 +116,8 @@ class LoadingSet:
                 data = f.read()
         except FileNotFoundError:
             raise LoadingSetCorrupt(path, "loading set file not found") from None
+        except OSError as exc:  # a directory, no permission, an I/O error: the caller's mistake, named
+            raise LoadingSetCorrupt(path, f"cannot read it: {exc.strerror or exc}") from None
         return cls.from_bytes(data, path)
 
     # -- use --------------------------------------------------------------------------------------

@@ -16,15 +16,33 @@ from snapd.cli import CliError
 log = logging.getLogger("snapd")
 
 
+def _count(text: str) -> int:
+    """A whole number >= 1 (argparse turns the ValueError into a usage error naming the option)."""
+    value = int(text)
+    if value < 1:
+        raise ValueError(text)
+    return value
+
+
+def _port(text: str) -> int:
+    value = int(text)
+    if not 1 <= value <= 65535:
+        raise ValueError(text)
+    return value
+
+
+_count.__name__, _port.__name__ = "whole number >= 1", "port (1-65535)"  # argparse's words for a bad value
+
+
 def register(subparsers) -> None:
     p = subparsers.add_parser("serve", help="run the clone daemon: HTTP/JSON API on a Unix socket")
     p.add_argument("--state-dir", required=True, help="images, chunk store, snapshots and runtime records")
     p.add_argument("--socket", default=None, help="API socket (default: STATE_DIR/snapd.sock)")
-    p.add_argument("--tcp-port", type=int, default=None, help="also serve the API on 127.0.0.1:PORT")
-    p.add_argument("--pool-size", type=int, default=2, help="warm workers kept ready per VM shape (default 2)")
-    p.add_argument("--max-spawning", type=int, default=4, help="worker forks in flight at once (default 4)")
-    p.add_argument("--max-clones", type=int, default=1024, help="live clones, all images (default 1024)")
-    p.add_argument("--max-count", type=int, default=64, help="clones per request (default 64)")
+    p.add_argument("--tcp-port", type=_port, default=None, help="also serve the API on 127.0.0.1:PORT")
+    p.add_argument("--pool-size", type=_count, default=2, help="warm workers kept ready per VM shape (default 2)")
+    p.add_argument("--max-spawning", type=_count, default=4, help="worker forks in flight at once (default 4)")
+    p.add_argument("--max-clones", type=_count, default=1024, help="live clones, all images (default 1024)")
+    p.add_argument("--max-count", type=_count, default=64, help="clones per request (default 64)")
     p.add_argument("--restore-timeout", type=float, default=30.0, help="seconds to get a worker and restore")
     p.add_argument("--huge-pages", default="auto", choices=("auto", "on", "off"),
                    help="keep shared images on 2 MiB pages, in a tmpfs mounted in the daemon's own mount "
@@ -59,7 +77,7 @@ def huge_pages_dir(mode: str, state_dir: str) -> str | None:
 
 
 def _serve(args) -> int:
-    from snapd.daemon.core import Daemon, DaemonConfig
+    from snapd.daemon.core import Daemon, DaemonConfig, DaemonConfigError
     from snapd.daemon.http import SnapdTcpServer, SnapdUnixServer
     from vmm.api.server import remove_stale_socket
     from vmm.errors import VmmError
@@ -84,7 +102,10 @@ def _serve(args) -> int:
                           max_clones=args.max_clones, max_count=args.max_count, restore_timeout=args.restore_timeout,
                           lane=args.lane == "on",
                           huge_dir=huge_dir)
-    daemon = Daemon(config, socket_path)
+    try:
+        daemon = Daemon(config, socket_path)
+    except DaemonConfigError as exc:
+        raise CliError(str(exc)) from None
     servers = []
     try:
         old_umask = os.umask(0o077)  # the API starts VMs: only our user may talk to it

@@ -84,3 +84,26 @@ def test_snapd_serve_keeps_images_on_huge_pages_in_a_mount_the_host_never_sees(t
         with open(f"/proc/{daemon.process.pid}/mountinfo") as f:
             assert any(line.split()[4] == huge_dir and "huge=always" in line for line in f), "no huge tmpfs"
         daemon.client.delete_clone(clone["id"])
+
+
+def test_a_daemon_starts_past_a_damaged_image_record_and_serves_the_others(tmp_path):
+    from tests.daemon_helpers import RunningDaemon
+    state, mem = hello_snapshot(tmp_path)
+    state_dir = str(tmp_path / "state")
+    first = RunningDaemon(state_dir, pool_size=1)
+    try:
+        kept = first.client.register_image(state, mem)["id"]
+        lost = first.client.register_image(state, mem, chunk_size=64 << 10)["id"]
+    finally:
+        first.close()
+    images = os.path.join(state_dir, "images")
+    os.unlink(os.path.join(images, f"{lost}.img"))  # its base image is gone
+    with open(os.path.join(images, "garbage.json"), "w") as f:
+        f.write('{"not": "a record"}')
+    second = RunningDaemon(state_dir, pool_size=1)
+    try:
+        assert [i["id"] for i in second.client.images()] == [kept]
+        (clone,) = second.client.create_clones(kept, payload=b"still here")
+        workloads.verify_hello(b"still here", clone["result"], 1)
+    finally:
+        second.close()

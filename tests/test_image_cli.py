@@ -94,3 +94,16 @@ def test_default_output_and_store_paths(tmp_path):
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "m.mem.img").exists() and (tmp_path / "chunks" / "packs").is_dir()
     assert snapd("image", "verify", "m.mem.img", cwd=tmp_path).returncode == 0
+
+
+@pytest.mark.parametrize("args, env, message", [
+    (["--tcp-port", "70000"], {}, "argument --tcp-port: invalid port (1-65535) value: '70000'"),
+    (["--pool-size", "0"], {}, "argument --pool-size: invalid whole number >= 1 value: '0'"),
+    ([], {"SNAPD_PREPARED": "x"}, "SNAPD_PREPARED must be a whole number >= 0, not 'x'"),
+])
+def test_snapd_serve_refuses_bad_settings_with_a_message_not_a_traceback(tmp_path, args, env, message):
+    r = subprocess.run([sys.executable, "-m", "snapd.cli", "serve", "--state-dir", str(tmp_path), *args],
+                       capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=ROOT, **env), timeout=60)
+    assert r.returncode != 0 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert not os.path.exists(tmp_path / "run" / "procs") or not os.listdir(tmp_path / "run" / "procs"), \
+        "a refused start left a process record (a zygote) behind"

@@ -204,3 +204,9 @@ def test_default_path_is_beside_the_image():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert make_set([]).bytes_covered() == 0
+
+
+def test_a_path_that_cannot_be_read_is_refused_naming_it(tmp_path):
+    with pytest.raises(LoadingSetCorrupt) as err:
+        LoadingSet.load(tmp_path)  # a directory
+    assert str(tmp_path) in str(err.value) and "cannot read it" in str(err.value)

@@ -22,12 +22,30 @@ from snapd.daemon.lane import DaemonLane
 from snapd.daemon.metrics_text import render as render_metrics
 from snapd.daemon.records import ProcessRecords
 from snapd.daemon.shards import VMS_PER_SHARD, ImageRuntime, Shard
+from snapd.image import ImageError
 from snapd.pool.pool import WarmPool, WorkerError, WorkerFailed, WorkerHandle, Zygote
 
 __all__ = ["VMS_PER_SHARD", "Clone", "Daemon", "DaemonConfig", "ImageRuntime", "Shard"]
 
 log = logging.getLogger("snapd")
 SERVER = "snapd/0.1"  # the Server header of every reply (snapd.daemon.http, and the lane's)
+
+
+class DaemonConfigError(ValueError):
+    """A setting the daemon cannot start with (named in the message)."""
+
+
+def _env_count(name: str, default: int) -> int:
+    text = os.environ.get(name)
+    if text is None:
+        return default
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise DaemonConfigError(f"{name} must be a whole number >= 0, not {text!r}")
+    return value
 
 
 @dataclasses.dataclass
@@ -70,14 +88,14 @@ class Daemon(ImageOps, CloneOps):
         self.deleted: set[str] = set()
         self.latency = metrics.Histogram()
         self.counters = {"restores": 0, "lane_restores": 0, "restore_failures": 0, "clones_failed": 0}
-        self.zygote = Zygote()
-        self.records.add(self.zygote.pid, self.zygote.start_time, "zygote")
-        prepared = config.prepared
+        prepared = config.prepared  # settings first: a bad one must not leave a zygote behind
         if prepared is None:  # SNAPD_PREPARED: an operator's (and bench/clones.py's) override without a flag
-            prepared = int(os.environ.get("SNAPD_PREPARED", config.pool_size))
+            prepared = _env_count("SNAPD_PREPARED", config.pool_size)
         reuse = config.reuse_workers
         if reuse is None:
             reuse = os.environ.get("SNAPD_REUSE", "1") != "0"
+        self.zygote = Zygote()
+        self.records.add(self.zygote.pid, self.zygote.start_time, "zygote")
         self.reuse_workers = bool(reuse) and prepared > 0
         self.lane = DaemonLane(config.max_clones, SERVER, socket_path, enabled=config.lane)
         self.pool = WarmPool(self.zygote, config.pool_size, config.max_spawning, on_ready=self._worker_ready,
@@ -87,7 +105,10 @@ class Daemon(ImageOps, CloneOps):
         self.watched: dict[int, Clone] = {}
         self.closed = False
         for record in self.registry.load():
-            self._activate(record)
+            try:
+                self._activate(record)
+            except (ImageError, OSError) as exc:  # its base image is gone or damaged: the others still serve
+                log.error("image %s is not served: %s", record.id, exc)
         self.monitor = threading.Thread(target=self._monitor, name="snapd-monitor", daemon=True)
         self.monitor.start()
 

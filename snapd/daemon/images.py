@@ -68,12 +68,17 @@ class ImageRegistry:
         os.makedirs(self.dir, exist_ok=True)
 
     def load(self) -> list[ImageRecord]:
-        """Every complete record (a build interrupted before its record was written left only leftovers)."""
+        """Every complete record (a build interrupted before its record was written left only leftovers). A
+        record that cannot be read is reported and skipped: one damaged file must not keep the daemon down."""
         records = []
         for name in sorted(os.listdir(self.dir)):
             if name.endswith(".json") and not name.startswith("."):
-                with open(os.path.join(self.dir, name)) as f:
-                    records.append(ImageRecord(**json.load(f)))
+                path = os.path.join(self.dir, name)
+                try:
+                    with open(path) as f:
+                        records.append(ImageRecord(**json.load(f)))
+                except (OSError, ValueError, TypeError) as exc:
+                    log.error("image record %s is skipped: it cannot be read (%s: %s)", path, type(exc).__name__, exc)
         return records
 
     def register(self, state_path: str, mem_path: str, chunk_size: int | None = None,
