@@ -336,5 +336,7 @@ def test_cli_snapshot_restore_and_api(spawn, tmp_path):
     assert info.returncode == 0 and json.loads(info.stdout)["state"] == "Running"
     bad = cli("api", "--api-sock", vmm.socket_path, "PUT", "/machine-config", '{"vcpu_count": 1}')
     assert bad.returncode == 1 and "missing required field mem_size_mib" in bad.stdout
+    spaced = cli("api", "--api-sock", vmm.socket_path, "GET", "/a b")
+    assert spaced.returncode == 1 and "not a request path" in spaced.stderr and "Traceback" not in spaced.stderr
     missing = cli("restore", "--snapshot", snap + ".nope", "--mem-file", mem)
     assert missing.returncode == 1 and "does not exist" in missing.stderr and "Traceback" not in missing.stderr

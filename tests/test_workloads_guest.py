@@ -40,6 +40,7 @@ def test_cli_run_prints_guest_console_and_verified_replies():
     (["--kernel", "/nonexistent.elf"], "does not exist"),
     (["--kernel", "/etc/hostname"], "not an ELF file"),
     (["--boot-args", "workload=nosuch"], "guest stopped before it was ready"),
+    (["--boot-args", "seed=x"], "boot argument seed='x' is not a whole number"),
 ])
 def test_cli_bad_input_is_one_clear_line(args, words):
     out = subprocess.run(vmm_command("run", *args), capture_output=True, text=True, env=subprocess_env(), timeout=60)

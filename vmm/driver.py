@@ -5,7 +5,7 @@ import time
 from dataclasses import dataclass
 
 from vmm import workloads
-from vmm.errors import InvocationError
+from vmm.errors import ConfigError, InvocationError
 
 KV_LOOKUPS = 1000
 SCAN_WINDOW_MIB = 4
@@ -25,9 +25,15 @@ class WorkloadParams:
     def from_boot_args(cls, boot_args: str) -> "WorkloadParams":
         words = dict(w.split("=", 1) for w in boot_args.split() if "=" in w)
         defaults = cls()
-        return cls(workload=words.get("workload", defaults.workload), seed=int(words.get("seed", defaults.seed)),
-                   kv_mib=int(words.get("kv_mib", defaults.kv_mib)),
-                   scan_mib=int(words.get("scan_mib", defaults.scan_mib)))
+
+        def number(name: str, default: int) -> int:
+            try:
+                return int(words.get(name, default))
+            except ValueError:
+                raise ConfigError(f"boot argument {name}={words[name]!r} is not a whole number") from None
+
+        return cls(workload=words.get("workload", defaults.workload), seed=number("seed", defaults.seed),
+                   kv_mib=number("kv_mib", defaults.kv_mib), scan_mib=number("scan_mib", defaults.scan_mib))
 
 
 class WorkloadDriver:

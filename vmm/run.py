@@ -15,12 +15,13 @@ def _stderr_sink(data: bytes) -> None:
 
 
 def run_command(config: MachineConfig, args) -> int:
-    params = WorkloadParams.from_boot_args(config.boot_args)
+    # A kernel's boot arguments are the kernel's: only the built-in guest's name a workload.
+    params = None if config.kernel_image else WorkloadParams.from_boot_args(config.boot_args)
     t_start = time.perf_counter()
     machine = Microvm(config, serial_sink=_stderr_sink if args.json else stdout_sink)
     try:
         machine.boot()
-        if params.workload == "progress" or config.kernel_image:
+        if params is None or params.workload == "progress":
             machine.wait(args.duration)
             machine.stop("run duration elapsed" if not machine.stopped.is_set() else machine.stop_reason)
             return _report_plain_run(machine, args, t_start)

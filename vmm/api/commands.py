@@ -1,4 +1,5 @@
 """`vmm snapshot`, `vmm restore` and `vmm api`: the API's operations for people without an HTTP client."""
+import http.client
 import json
 import sys
 import time
@@ -57,9 +58,11 @@ def restore_command(args) -> int:
             reply = invocation.wait(args.timeout)
             restored.append({"seq": invocation.seq, "payload_size": len(invocation.payload),
                              "reply_size": len(reply)})
-        params = WorkloadParams.from_boot_args(machine.config.boot_args)
+        # A kernel's boot arguments are the kernel's: only the built-in guest's name a workload.
+        params = (WorkloadParams(workload="kernel") if machine.config.kernel_image
+                  else WorkloadParams.from_boot_args(machine.config.boot_args))
         results = []
-        if args.invoke and params.workload != "progress":
+        if args.invoke and params.workload not in ("progress", "kernel"):
             results = invoke_verified(machine, WorkloadDriver(params, first_count=first_count), args.invoke,
                                       args.timeout)
         machine.stop("restore finished")
@@ -88,6 +91,8 @@ def api_command(args) -> int:
             reply = client.request(args.method.upper(), args.path, body)
     except OSError as exc:
         raise VmmError(f"cannot reach the VMM on {args.target_sock}: {exc.strerror or exc}") from None
+    except http.client.InvalidURL as exc:  # http.client refuses the path itself (a space, a control character)
+        raise VmmError(f"{args.method.upper()} {args.path!r}: not a request path: {exc}") from None
     if reply.body:
         print(reply.body.decode(errors="replace"))
     if reply.status >= 300:
