@@ -26,7 +26,7 @@ import zstandard
 from bench.common import machine_line, percentile, table
 from snapd import uffd, uffd_handshake as hs
 from snapd.pageserver import (CODEC_LZ4, CODEC_RAW, CODEC_ZERO, CODEC_ZSTD, ChunkRef, ChunkTable,
-                              PageServer, histogram_percentile)
+                              PageServer)
 from snapd.uffd import ffi, lib
 
 CODEC_NAMES = {CODEC_ZERO: "zero", CODEC_RAW: "raw", CODEC_LZ4: "lz4", CODEC_ZSTD: "zstd"}

@@ -293,7 +293,7 @@ def measure_diff(workdir: str, mem_mib: int, dirty_fraction: float) -> dict:
         diff = create_snapshot(m, f"{d}/diff.state", f"{d}/diff.mem", snapshot_type="Diff")
         diff_ms = (time.perf_counter() - t0) * 1e3
         t0 = time.perf_counter()
-        full2 = create_snapshot(m, f"{d}/full2.state", f"{d}/full2.mem")
+        create_snapshot(m, f"{d}/full2.state", f"{d}/full2.mem")
         full_ms = (time.perf_counter() - t0) * 1e3
     finally:
         m.close()

@@ -124,11 +124,6 @@ struct snapd_server *snapd_server_new(void);
 int snapd_server_run(struct snapd_server *srv);
 void snapd_server_stop(struct snapd_server *srv);
 void snapd_server_free(struct snapd_server *srv);
-int snapd_server_attach(struct snapd_server *srv, struct snapd_image *img, int uffd, int sock,
-                        const struct snapd_region_spec *regions, int nregions, int flags);
-int snapd_server_attach_ex(struct snapd_server *srv, struct snapd_image *img, int uffd, int sock,
-                           const struct snapd_region_spec *regions, int nregions, int flags,
-                           const uint32_t *prefetch, uint32_t nprefetch);
 int snapd_server_record_start(struct snapd_server *srv, int id);
 int snapd_server_record_stop(struct snapd_server *srv, int id);
 int64_t snapd_server_record_take(struct snapd_server *srv, int id, uint32_t *out, uint32_t cap);

@@ -22,7 +22,7 @@ import hashlib
 import os
 import struct
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Sequence
 
 from snapd.atomic import atomic_write
 from snapd.image.errors import ImageError
@@ -164,6 +164,3 @@ def merge(sets: Sequence[LoadingSet], path: str = "") -> LoadingSet:
     ordered = sorted(best, key=lambda c: best[c])
     return LoadingSet(first.identity, first.chunk_size, first.mem_size, tuple(ordered), path)
 
-
-def from_chunks(chunks: Iterable[int], identity: bytes, chunk_size: int, mem_size: int) -> LoadingSet:
-    return LoadingSet(identity, chunk_size, mem_size, tuple(chunks))

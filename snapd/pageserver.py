@@ -145,7 +145,7 @@ class PageServer:
             os.close(uffd_fd)
             if conn is not None:
                 conn.close()
-            check(rc, "snapd_server_attach")
+            check(rc, "snapd_server_attach_staged")
         if conn is not None:
             conn.detach()  # the C loop owns the fd now
         self._vm_images[rc] = image

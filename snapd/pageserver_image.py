@@ -72,10 +72,6 @@ class Prefill:
             log.warning("pre-fill of %s from %s failed: %s", self.image.name, self.loading_set.name,
                         os.strerror(-self.rc))
 
-    @property
-    def finished(self) -> bool:
-        return not self._thread.is_alive()
-
     def wait(self, timeout: float | None = None) -> PrefillStats:
         self._thread.join(timeout)
         if self._thread.is_alive():

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import socket
 import threading
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 from snapd import uffd_handshake as hs
 from snapd.loadset import LoadingSet, LoadingSetError
@@ -24,7 +24,7 @@ class Listener:
     """Accepts VMM connections on a socket path and attaches each to the server (a Python thread)."""
 
     def __init__(self, server: "PageServer", sock_path: str, image: Image, mode: str, minor: bool = False,
-                 on_error: Callable[[Exception], None] | None = None, loading_set: LoadingSet | None = None,
+                 loading_set: LoadingSet | None = None,
                  record: bool = False, stage: "Stage | None" = None):
         self.server, self.sock_path, self.image, self.mode, self.minor = server, sock_path, image, mode, minor
         self.loading_set, self.record = loading_set, record
@@ -33,7 +33,6 @@ class Listener:
         self.vm_ids: list[int] = []
         self._attached = threading.Condition()
         self.errors: list[Exception] = []
-        self._on_error = on_error
         self._sock = hs.listen(sock_path)
         self._thread = threading.Thread(target=self._accept_loop, name=f"snapd-accept:{sock_path}",
                                         daemon=True)
@@ -56,8 +55,6 @@ class Listener:
                 self.errors.append(e)
                 hs.send_message(conn, {"error": f"handshake rejected: {e}"})
                 conn.close()
-                if self._on_error:
-                    self._on_error(e)
 
     def wait_for_vms(self, n: int, timeout: float = 5.0) -> list[int]:
         """The ids of the first n VMs attached through this listener (ready may arrive first)."""

@@ -69,10 +69,6 @@ class Stage:
     def _run(self) -> None:
         self.rc = lib.snapd_stage_run(self._ptr)  # GIL released
 
-    @property
-    def finished(self) -> bool:
-        return not self._thread.is_alive()
-
     def wait(self, timeout: float | None = None) -> StageStats:
         self._thread.join(timeout)
         if self._thread.is_alive():

@@ -72,7 +72,7 @@ def send_uffd(sock_path: str, uffd_fd: int, regions: list, timeout: float = 5.0)
 
     `regions` holds Region objects, dicts in the wire format, or (addr, size, offset) tuples.
     Returns the connected socket: keep it open for the VM's lifetime and watch it with
-    `read_server_messages` (EOF = the page server died).
+    `ServerMessages` (EOF = the page server died).
     """
     wire = []
     for r in regions:
@@ -140,11 +140,6 @@ class ServerMessages:
                     raise PageServerError(msg["error"])
                 if msg.get("ready"):
                     return
-
-
-def read_server_messages(sock: socket.socket, timeout: float | None = 0.0) -> list[dict]:
-    """One-shot form of ServerMessages(sock).read(timeout) (loses a partial trailing line)."""
-    return ServerMessages(sock).read(timeout)
 
 
 # ---------------------------------------------------------------- server side

@@ -47,7 +47,7 @@ def test_flipped_stored_byte_is_chunk_corrupt(image, chunk):
 def test_pack_truncated_is_out_of_bounds(image):
     r = ref(image, 3)
     os.truncate(r.pack_path, r.offset + 10)
-    with pytest.raises(ChunkOutOfBounds, match=rf"chunk 3: points at bytes .* which has"):
+    with pytest.raises(ChunkOutOfBounds, match=r"chunk 3: points at bytes .* which has"):
         BaseImage.open(image).read_chunk(3)
 
 

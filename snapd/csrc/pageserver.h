@@ -43,7 +43,7 @@ struct snapd_vm_stats {
 	uint64_t errors;
 	uint64_t eager_bytes;
 	uint64_t eager_ns;
-	/* prefetch of a loading set (snapd_server_attach_ex) */
+	/* prefetch of a loading set (snapd_server_attach_staged with prefetch chunks) */
 	uint64_t prefetch_pending;
 	uint64_t prefetch_chunks;  /* chunks the prefetch installed (not counting those a fault got first) */
 	uint64_t prefetch_bytes;
@@ -66,15 +66,6 @@ void snapd_server_stop(struct snapd_server *srv);
 /* Closes every VM's fds. Only after run() has returned. */
 void snapd_server_free(struct snapd_server *srv);
 
-/* Hand a VM to the server: it takes ownership of uffd and sock (sock may be
- * -1). Returns the VM id or -errno. */
-int snapd_server_attach(struct snapd_server *srv, struct snapd_image *img, int uffd, int sock,
-			const struct snapd_region_spec *regions, int nregions, int flags);
-/* Like attach; the server also installs image chunks prefetch[0..n) in that
- * order in the background, between faults (-ERANGE: a chunk past the image). */
-int snapd_server_attach_ex(struct snapd_server *srv, struct snapd_image *img, int uffd, int sock,
-			   const struct snapd_region_spec *regions, int nregions, int flags,
-			   const uint32_t *prefetch, uint32_t nprefetch);
 
 /* Staging of a loading set (REAP, ahead of the restore): the set's chunks
  * are read, checksum-verified and decompressed once into one anonymous

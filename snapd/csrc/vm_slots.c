@@ -199,19 +199,6 @@ int attach_vm(struct snapd_server *srv, struct snapd_image *img, int uffd, int s
 	return slot;
 }
 
-int snapd_server_attach(struct snapd_server *srv, struct snapd_image *img, int uffd, int sock,
-			const struct snapd_region_spec *regions, int nregions, int flags)
-{
-	return snapd_server_attach_ex(srv, img, uffd, sock, regions, nregions, flags, NULL, 0);
-}
-
-int snapd_server_attach_ex(struct snapd_server *srv, struct snapd_image *img, int uffd, int sock,
-			   const struct snapd_region_spec *regions, int nregions, int flags,
-			   const uint32_t *prefetch, uint32_t nprefetch)
-{
-	return snapd_server_attach_staged(srv, img, uffd, sock, regions, nregions, flags, prefetch, nprefetch, NULL);
-}
-
 int snapd_server_attach_staged(struct snapd_server *srv, struct snapd_image *img, int uffd, int sock,
 			       const struct snapd_region_spec *regions, int nregions, int flags,
 			       const uint32_t *prefetch, uint32_t nprefetch, struct snapd_stage *stage)

@@ -12,13 +12,12 @@ import base64
 import dataclasses
 import logging
 import os
-import secrets
 import select
 import time
 
 from snapd._lane_native import lib as lane_lib
 from snapd.daemon.errors import ApiError, BadRequest, CloneFailed, Conflict, GuestTimeout, NotFound, Unavailable
-from snapd.daemon.lane import clone_endpoints
+from snapd.daemon.lane import clone_endpoints, new_clone_id
 from snapd.daemon.shards import ImageRuntime, Shard
 from snapd.pool import protocol
 from snapd.pool.pool import PoolError, WorkerError, WorkerFailed, WorkerHandle
@@ -108,7 +107,7 @@ class CloneOps:
                 raise Conflict(f"the daemon runs {len(self.clones)} clones, its limit (max_clones) "
                                f"is {self.config.max_clones}")
             runtime.clones += 1
-            clone_id = "c-" + secrets.token_hex(6)
+            clone_id = new_clone_id()
             self.clones[clone_id] = None  # reserves the slot against the limit
         deadline = time.monotonic() + self.config.restore_timeout
         try:
@@ -124,9 +123,7 @@ class CloneOps:
                     fds = ()
                 else:
                     with self.lock:
-                        shard = runtime.shard_for_new_clone()
-                        shard.clones += 1
-                        worker.shard = shard
+                        shard = runtime.assign_slot(worker)
                     header = {"op": "restore", "image": image_id, "state_path": runtime.record.state_path,
                               "page_server": shard.sock_path, "invoke": payload is not None,
                               "timeout": invoke_timeout}
@@ -135,9 +132,10 @@ class CloneOps:
                     timeout = max(1.0, deadline - time.monotonic()) + invoke_timeout
                     if lane:  # the worker answers from C: a struct each way, its records known from the prepare
                         reply, result = worker.restore_held(image_id, payload, invoke_timeout, timeout)
-                        reply = self._lane_reply(worker, reply)
                     else:
                         reply, result = worker.request(header, payload or b"", fds, timeout=timeout)
+                    if worker.image == image_id:
+                        reply = self._prepared_reply(worker, reply)
                     first = reply.get("invoke")
                     if first is not None and not first.get("ok"):  # restored, but the first invocation failed
                         raise WorkerError(first.get("error", "the first invocation failed"),
@@ -206,8 +204,9 @@ class CloneOps:
         return runtime
 
     @staticmethod
-    def _lane_reply(worker: WorkerHandle, reply: dict) -> dict:
-        """A lane reply with what the worker's prepare reply said (regions, the prepare's timings)."""
+    def _prepared_reply(worker: WorkerHandle, reply: dict) -> dict:
+        """A prepared clone's restore reply, with what the worker's prepare reply said (regions, the prepare's
+        timings): sent once, at prepare time."""
         return dict(reply, regions=worker.prepared["regions"],
                     timings=dict(worker.prepared["timings"], **reply.get("timings", {})))
 
@@ -218,7 +217,7 @@ class CloneOps:
             runtime = self._lane_taken(ticket)
             if self.closed:  # the daemon stopped its clones meanwhile: this one goes too
                 raise Unavailable("the daemon is stopping")
-            reply = self._lane_reply(ticket.worker, {"timings": {"new_generation_us": out.generation_ns / 1e3}})
+            reply = self._prepared_reply(ticket.worker, {"timings": {"new_generation_us": out.generation_ns / 1e3}})
             self._record(ticket.clone_id, runtime, ticket.worker, reply, out.restore_us / 1e6, out.created)
         except BaseException:
             self._lane_dropped(ticket)
@@ -253,7 +252,7 @@ class CloneOps:
                 self._lane_dropped(ticket)
                 raise
             if out.stage == lane_lib.LANE_STAGE_UNWRITTEN:  # restored: the client is gone, the clone is not
-                self._record(ticket.clone_id, runtime, worker, self._lane_reply(worker, {}), out.restore_us / 1e6)
+                self._record(ticket.clone_id, runtime, worker, self._prepared_reply(worker, {}), out.restore_us / 1e6)
                 return {}
             try:
                 if out.stage == lane_lib.LANE_STAGE_REFUSED:
@@ -262,7 +261,7 @@ class CloneOps:
                     raise WorkerFailed(f"worker {worker.pid} did not take the restore: {worker.failure or 'gone'}")
                 reply, result = worker.await_reply("restore", out.request_id,
                                                    invoke_timeout + self.config.restore_timeout)
-                reply = self._lane_reply(worker, reply)
+                reply = self._prepared_reply(worker, reply)
                 clone = self._record(ticket.clone_id, runtime, worker, reply, time.perf_counter() - t0)
             except WorkerError as exc:
                 self._restore_undone(ticket.clone_id, runtime)
@@ -378,9 +377,7 @@ class CloneOps:
         with self.lock:
             if runtime.deleting or self.closed:
                 raise WorkerFailed("the image is being deleted")
-            shard = runtime.shard_for_new_clone()
-            shard.clones += 1
-            worker.shard = shard
+            shard = runtime.assign_slot(worker)
         worker.image = ""  # not takeable as prepared until the pool has its reply
         return worker.send_request({"op": "recycle", "image": runtime.record.id,
                                     "state_path": runtime.record.state_path, "page_server": shard.sock_path,

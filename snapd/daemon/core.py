@@ -128,25 +128,21 @@ class Daemon(ImageOps, CloneOps):
             if shard is not None:  # a prepared worker that never became a clone: its page-server slot is free
                 shard.clones -= 1
 
-    def _prepare_worker(self, worker: WorkerHandle, image_id: str) -> bool:
+    def _prepare_worker(self, worker: WorkerHandle, image_id: str) -> dict | None:
         """Restore ``image_id`` into an idle worker ahead of any request (the pool's refill thread calls this):
         it registers with a shard's page server now, so that shard's slot is counted from now on."""
         with self.lock:
             runtime = self.images.get(image_id)
             if runtime is None or runtime.deleting or self.closed:
-                return False
-            shard = runtime.shard_for_new_clone()
-            shard.clones += 1
-            worker.shard = shard
+                return None
+            shard = runtime.assign_slot(worker)
         try:
             reply, _ = worker.request({"op": "prepare", "image": image_id, "state_path": runtime.record.state_path,
                             "page_server": shard.sock_path, "timeout": 10.0}, b"", [shard.image.memfd], timeout=30.0)
         except (WorkerFailed, WorkerError) as exc:
             log.warning("could not prepare a worker for %s: %s", image_id, exc)
-            return False  # the pool retires it (which frees the shard slot)
-        worker.image = image_id
-        worker.prepared = reply
-        return True
+            return None  # the pool retires it (which frees the shard slot)
+        return reply  # the pool records it on the worker as it queues it
 
     def _retire(self, worker: WorkerHandle) -> None:
         worker.stop()

@@ -14,6 +14,7 @@ import itertools
 import json
 import logging
 import os
+import secrets
 import threading
 
 from snapd._lane_native import ffi, lib
@@ -33,6 +34,10 @@ class Ticket:
     image_id: str
     clone_id: str
     request_id: int
+
+
+def new_clone_id() -> str:
+    return "c-" + secrets.token_hex(6)
 
 
 def clone_endpoints(socket_path: str, clone_id: str) -> dict:
@@ -74,7 +79,7 @@ class DaemonLane:
         prepared = worker.prepared
         if not self.enabled or not prepared.get("held") or worker.pid <= 0:
             return
-        token, clone_id = next(self.tokens), "c-" + os.urandom(6).hex()
+        token, clone_id = next(self.tokens), new_clone_id()
         fields = render_fields(clone_id, image_id, worker.pid, self.socket_path, prepared.get("timings", {}))
         ticket = Ticket(token, worker, image_id, clone_id, worker.next_request_id())
         data = fields.encode()

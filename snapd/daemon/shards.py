@@ -70,6 +70,14 @@ class ImageRuntime:
         self.shards.append(shard)
         return shard
 
+    def assign_slot(self, worker) -> Shard:
+        """A page-server slot of a shard for ``worker`` (it will restore this image), counted from now on and
+        freed when the worker is gone or its clone deleted. Called with the daemon lock held."""
+        shard = self.shard_for_new_clone()
+        shard.clones += 1
+        worker.shard = shard
+        return shard
+
     def huge_pages(self) -> bool:
         """Whether the image's shared copies are on 2 MiB pages."""
         return bool(self.shards) and all(shard.image.huge for shard in self.shards)

@@ -33,13 +33,14 @@ class WarmPool:
     def __init__(self, zygote: Zygote, target: int = 2, max_spawning: int = 4,
                  on_ready: Callable[[WorkerHandle], None] | None = None,
                  on_gone: Callable[[WorkerHandle], None] | None = None,
-                 prepare: Callable[[WorkerHandle, str], bool] | None = None, prepared_target: int = 0,
+                 prepare: Callable[[WorkerHandle, str], dict | None] | None = None, prepared_target: int = 0,
                  on_prepared: Callable[[WorkerHandle, str], None] | None = None,
                  claim: Callable[[WorkerHandle], bool] | None = None):
         self.zygote = zygote
         self.target = target
         # Prepared workers: restored ahead for one image, guest held in FN_NEXT (worker.py _prepare). The daemon's
-        # ``prepare(worker, image)`` does it (on the refill thread, outside restores); ``take`` prefers them.
+        # ``prepare(worker, image)`` does it (on the refill thread, outside restores) and returns the worker's
+        # reply (None: it failed); ``take`` prefers them.
         self.prepare = prepare
         self.prepared_target = prepared_target if prepare is not None else 0
         self.images: dict[str, VmShape] = {}
@@ -213,7 +214,7 @@ class WarmPool:
         if entry is None:
             return
         worker, image, request_id, _ = entry
-        ok, reply = False, None
+        reply = None
         if expired:
             worker._mark_dead("no reply to recycle in time")
         else:
@@ -221,22 +222,26 @@ class WarmPool:
                 reply = worker.read_reply(request_id)
                 if reply is None:
                     return  # an event only: the reply is still to come
-                ok = True
             except (WorkerFailed, WorkerError) as exc:
                 self._note_failure(f"recycling worker {worker.pid} for {image} failed: {exc}")
         with self.cond:
             self.recycling.pop(fd, None)
-            self.preparing[image] -= 1
-            keep = ok and not self.closed and image in self.images
-            if keep:
-                worker.image = image
-                worker.prepared = reply
-                self.prepared[image].append(worker)
-                self.on_prepared(worker, image)
+            if self._prepared_done_locked(worker, image, reply):
                 self.recycled += 1
-                self.cond.notify_all()
-        if not keep:
-            self._retire(worker)
+                return
+        self._retire(worker)
+
+    def _prepared_done_locked(self, worker: WorkerHandle, image: str, reply: dict | None) -> bool:
+        """A prepare or recycle ended (``reply``: the worker's, None if it failed): the worker is queued as
+        prepared for ``image`` if it succeeded and the image still wants it; False: the caller retires it."""
+        self.preparing[image] -= 1
+        if reply is None or self.closed or image not in self.images:
+            return False
+        worker.image, worker.prepared = image, reply
+        self.prepared[image].append(worker)
+        self.on_prepared(worker, image)
+        self.cond.notify_all()
+        return True
 
     def restore_started(self) -> None:
         with self.cond:
@@ -298,20 +303,15 @@ class WarmPool:
                 image, worker = choice
                 self.preparing[image] += 1
             try:
-                ok = self.prepare(worker, image)
+                reply = self.prepare(worker, image)
             except Exception as exc:  # the daemon's bookkeeping failed: do not lose the refill thread
                 self._note_failure(f"prepare for {image} failed: {exc}")
-                ok = False
+                reply = None
             with self.cond:
-                self.preparing[image] -= 1
-                keep = ok and not self.closed and image in self.images
-                if keep:
-                    self.prepared[image].append(worker)
-                    self.on_prepared(worker, image)
-                    self.cond.notify_all()
-            if not keep:
+                kept = self._prepared_done_locked(worker, image, reply)
+            if not kept:
                 self._retire(worker)
-                if not ok:
+                if reply is None:
                     return  # a failing prepare must not spin: the next wake-up tries again
 
     def _refill_loop(self) -> None:

@@ -278,7 +278,7 @@ class Worker:
         # The guest waits in FN_NEXT (its vCPU thread in the function port, not running guest code): a new
         # generation and entropy now are what it sees with its first invocation.
         machine.fnport.new_generation()
-        timings = dict(self.prepare_timings, new_generation_us=(time.perf_counter() - t0) * 1e6)
+        timings = {"new_generation_us": (time.perf_counter() - t0) * 1e6}
         return self._restored(machine, timings, header, payload, t0, prepared=True)
 
     def _take_prepared(self):
@@ -307,7 +307,7 @@ class Worker:
         invocation = machine.fnport.adopt(res.generation, res.seq, payload)
         self._note_lane_writes(machine, res)
         header = {"id": res.id, "lane": True, "invoke": True, "timeout": res.timeout_ns / 1e9}
-        timings = dict(self.prepare_timings, new_generation_us=res.generation_ns / 1e3)
+        timings = {"new_generation_us": res.generation_ns / 1e3}
         delivered = (invocation, res.deadline_ns / 1e9, bool(res.exit_pending))
         reply, out = self._restored(machine, timings, header, payload, t0, prepared=True, delivered=delivered)
         self._reply(header, reply, out)
@@ -320,12 +320,13 @@ class Worker:
         machine.memory.note_host_write(fnport.mailbox_gpa, MAILBOX_HEADER + (res.payload_len if invoked else 0))
 
     def _restored(self, machine, timings: dict, header: dict, payload: bytes, t0: float,
-                  delivered=None, **extra) -> tuple[dict, bytes]:
-        """The reply to a restore: where the clone's memory and mailbox are and, when the request carried a
-        payload, the first invocation's reply (run on this thread if the clone is held)."""
-        reply = {"ok": True, "pid": os.getpid(), "timings": timings, **extra,
-                 "regions": [[r.guest_phys_addr, r.size, r.host_addr] for r in machine.memory.regions],
-                 "mailbox_gpa": machine.fnport.mailbox_gpa, "generation": machine.fnport.generation}
+                  prepared: bool = False, delivered=None) -> tuple[dict, bytes]:
+        """The reply to a restore: what it made (the generation, its timings) and, when the request carried a
+        payload, the first invocation's reply (run on this thread if the clone is held). Where the clone's memory
+        is goes with a full restore only: a prepared clone's went with the prepare reply, with its timings."""
+        reply = {"ok": True, "timings": timings, "generation": machine.fnport.generation}
+        if not prepared:
+            reply["regions"] = [[r.guest_phys_addr, r.size, r.host_addr] for r in machine.memory.regions]
         result = b""
         if header.get("invoke"):
             reply["invoke"], result = self._invoke(payload, header.get("timeout", 10.0), here=self.held,

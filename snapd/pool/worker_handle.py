@@ -15,7 +15,6 @@ import signal
 import socket
 import threading
 import time
-from typing import Callable
 
 from snapd.pool import protocol
 from vmm.prebuilt import VmShape
@@ -74,7 +73,6 @@ class WorkerHandle:
         self.lock = threading.Lock()
         self.dead = False
         self.failure = ""  # the worker's own report (a page-server failure), or why it died
-        self.on_event: Callable[["WorkerHandle", dict], None] | None = None
         self.image = ""     # the image this worker was prepared for ("" : not prepared)
         self.shard = None   # the daemon's page-server shard a prepared worker is registered with
         self.prepared: dict = {}  # the prepare (or recycle) reply: held, req_cap, regions, timings
@@ -112,27 +110,19 @@ class WorkerHandle:
             return self._await_locked(op, request_id, timeout)
 
     def _await_locked(self, op: str, request_id: int, timeout: float) -> tuple[dict, bytes]:
-        try:
-            deadline = time.monotonic() + timeout
-            while True:
-                left = deadline - time.monotonic()
-                if left <= 0 or not readable(self.channel, left):
-                    self._mark_dead(f"no reply to {op} within {timeout:.1f} s")
-                    self.kill()
-                    raise WorkerFailed(f"worker {self.pid} did not answer {op} within {timeout:.1f} s")
-                reply, out, extra = protocol.recv(self.channel)
-                for fd in extra:
-                    os.close(fd)
-                if "event" in reply:
-                    self._event(reply)
-                    continue
-                if reply.get("id") != request_id:
-                    continue  # the late reply of a request that timed out: not ours
-                break
-        except (protocol.ProtocolError, OSError) as exc:
-            self._mark_dead(f"{type(exc).__name__}: {exc}")
-            raise WorkerFailed(f"worker {self.pid} failed during {op}: {self.failure}") from None
-        return _succeeded(reply), out
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not readable(self.channel, left):
+                self._mark_dead(f"no reply to {op} within {timeout:.1f} s")
+                self.kill()
+                raise WorkerFailed(f"worker {self.pid} did not answer {op} within {timeout:.1f} s")
+            received = self._receive()
+            if received is None:
+                raise WorkerFailed(f"worker {self.pid} failed during {op}: {self.failure}")
+            reply, out = received
+            if "event" not in reply and reply.get("id") == request_id:  # else an event, or the late reply of
+                return _succeeded(reply), out                             # a request that timed out
 
     def send_request(self, header: dict, data: bytes = b"", fds=()) -> int:
         """Send a request whose reply another thread collects (``read_reply``); returns its id."""
@@ -156,9 +146,10 @@ class WorkerHandle:
         raises WorkerFailed (dead) or WorkerError (refused)."""
         with self.lock:
             while not self.dead and readable(self.channel, 0):
-                reply = self._receive()
-                if reply is None:
+                received = self._receive()
+                if received is None:
                     break
+                reply = received[0]
                 if "event" in reply or reply.get("id") != request_id:
                     continue
                 return _succeeded(reply)
@@ -175,11 +166,11 @@ class WorkerHandle:
                 except OSError:
                     pass
 
-    def _receive(self) -> dict | None:
-        """One message from the worker (None once it is gone): stray descriptors are closed, and an unasked
-        event is handled here and still returned, so callers skip it."""
+    def _receive(self) -> tuple[dict, bytes] | None:
+        """One message from the worker, (header, data) (None once it is gone): stray descriptors are closed, and
+        an unasked event is handled here and still returned, so callers skip it."""
         try:
-            reply, _, extra = protocol.recv(self.channel)
+            reply, data, extra = protocol.recv(self.channel)
         except (protocol.ProtocolError, OSError) as exc:
             self._mark_dead("the worker process exited" if isinstance(exc, protocol.PeerGone)
                             else f"{type(exc).__name__}: {exc}")
@@ -188,13 +179,11 @@ class WorkerHandle:
             os.close(fd)
         if "event" in reply:
             self._event(reply)
-        return reply
+        return reply, data
 
     def _event(self, event: dict) -> None:
         if event.get("event") == "failed":
             self.failure = event.get("error", "failed")
-        if self.on_event is not None:
-            self.on_event(self, event)
 
     def _mark_dead(self, why: str) -> None:
         self.dead = True

@@ -67,9 +67,6 @@ class Zygote:
         with self.lock:
             protocol.send(self.control, {"op": "forget", "image": image})
 
-    def alive(self) -> bool:
-        return self.process.poll() is None
-
     def close(self) -> None:
         self.control.close()  # EOF: the zygote leaves its loop
         try:

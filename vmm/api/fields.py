@@ -130,5 +130,3 @@ SNAPSHOT_LOAD = ObjectSpec("snapshot/load", {
     "resume_vm": Field("boolean"),
 })
 
-REQUEST_SPECS = {spec.name: spec for spec in (MACHINE_CONFIG, BOOT_SOURCE, INSTANCE_ACTION, VM_STATE, INVOKE,
-                                              INVOCATION_WAIT, SNAPSHOT_CREATE, SNAPSHOT_LOAD)}
