@@ -2,12 +2,24 @@
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HAVE_KVM = os.path.exists("/dev/kvm") and os.access("/dev/kvm", os.R_OK | os.W_OK)
 requires_kvm = pytest.mark.skipif(not HAVE_KVM, reason="/dev/kvm is absent or not accessible on this host")
+
+
+def wait_until(condition, timeout: float = 30.0, poll: float = 0.01) -> bool:
+    """Whether ``condition()`` came true within ``timeout`` seconds (the caller asserts, naming what it waited
+    for)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(poll)
+    return bool(condition())
 
 
 def vmm_command(*args: str) -> list[str]:

@@ -15,13 +15,14 @@ import subprocess
 import sys
 from dataclasses import dataclass
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.conftest import ROOT
+
 CACHE_DIR = os.path.join(ROOT, ".cache", "linux")
 METAPACKAGE = "linux-image-cloud-amd64"
 APT_TIMEOUT_S = 300
 
 # bzImage setup header fields used to find the compressed payload (Documentation/arch/x86/boot.rst).
-HDR_SETUP_SECTS, HDR_MAGIC, HDR_VERSION, HDR_PAYLOAD_OFFSET, HDR_PAYLOAD_LENGTH = 0x1F1, 0x202, 0x206, 0x248, 0x24C
+HDR_SETUP_SECTS, HDR_MAGIC, HDR_VERSION, HDR_PAYLOAD_OFFSET = 0x1F1, 0x202, 0x206, 0x248
 SECTOR = 512
 LZ4_LEGACY_MAGIC = 0x184C2102
 LZ4_LEGACY_BLOCK = 8 << 20  # every block but the last decompresses to exactly 8 MiB

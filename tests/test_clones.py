@@ -9,10 +9,11 @@ import pytest
 from bench.clones import make_guest_snapshot
 from snapd.client import SnapdClient, SnapdError
 from snapd.hugetmpfs import HugeTmpfsError, mount_huge_tmpfs, unmount
-from tests.conftest import requires_kvm
-from tests.daemon_helpers import MEM_MIB, RunningDaemon, hello_snapshot, thread_count, write_process_memory
+from tests.conftest import requires_kvm, wait_until
+from tests.daemon_helpers import (MEM_MIB, RunningDaemon, clone_memory, hello_snapshot, thread_count,
+                                  write_process_memory)
+from tests.vm_helpers import assert_equals_snapshot, snapshot_memory
 from vmm import workloads
-from vmm.devices.fnport import OFF_GENERATION
 from vmm.snapshot import read_snapshot
 
 pytestmark = requires_kvm
@@ -42,37 +43,9 @@ def running(request, tmp_path_factory):
             unmount(huge_dir)
 
 
-def snapshot_memory(mem_path: str) -> bytes:
-    with open(mem_path, "rb") as f:
-        return f.read().ljust(MEM_MIB << 20, b"\0")
-
-
-def clone_memory(daemon, clone_id: str) -> bytes:
-    """Guest memory as the clone sees it, read by its worker (pages not yet fetched fault through the page
-    server, as a guest access would)."""
-    worker = daemon.daemon._clone(clone_id).worker
-    pieces = []
-    for gpa in range(0, MEM_MIB << 20, 1 << 20):
-        _, data = worker.request({"op": "read_memory", "gpa": gpa, "size": 1 << 20})
-        pieces.append(data)
-    return b"".join(pieces)
-
-
-def assert_equals_snapshot(memory: bytes, expected: bytes, mailbox_gpa: int) -> None:
-    # The restore writes a new generation id and 32 bytes of entropy into the function-port mailbox (as VMGenID
-    # does); every other byte must be the snapshot's.
-    field = mailbox_gpa + OFF_GENERATION
-    expected = bytearray(expected)
-    expected[field:field + 40] = memory[field:field + 40]
-    assert len(memory) == len(expected)
-    if memory != bytes(expected):
-        first = next(i for i in range(0, len(memory), PAGE) if memory[i:i + PAGE] != expected[i:i + PAGE])
-        raise AssertionError(f"guest memory differs from the snapshot, first at page {first // PAGE}")
-
-
 def test_clone_memory_equals_the_snapshot_before_and_after_other_clones_write(running):
     daemon, image, state_path, mem_path = running
-    expected = snapshot_memory(mem_path)
+    expected = snapshot_memory(mem_path, MEM_MIB << 20)
     mailbox_gpa = read_snapshot(state_path).devices.fnport.mailbox_pfn << 12
     a, b = daemon.client.create_clones(image, count=2)
     try:
@@ -148,7 +121,7 @@ def test_a_reused_worker_starts_from_the_snapshot_with_a_new_generation(running)
     """A deleted clone's worker is prepared again for the image (no fork): its next clone must see the
     snapshot's memory page for page (not the pages the old clone wrote), and a generation and entropy of its own."""
     daemon, image, state_path, mem_path = running
-    expected = snapshot_memory(mem_path)
+    expected = snapshot_memory(mem_path, MEM_MIB << 20)
     mailbox_gpa = read_snapshot(state_path).devices.fnport.mailbox_pfn << 12
     pool = daemon.daemon.pool
     request = workloads.hello_request("reuse")
@@ -197,10 +170,7 @@ def test_a_failed_clones_worker_is_not_reused(running):
 
 
 def wait_settled(pool, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not pool.settled():
-        assert time.monotonic() < deadline, "the pool did not settle"
-        time.sleep(0.02)
+    assert wait_until(pool.settled, timeout), "the pool did not settle"
 
 
 @pytest.fixture(scope="module")

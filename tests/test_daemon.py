@@ -9,9 +9,9 @@ import pytest
 
 from snapd.client import SnapdClient, SnapdError
 from snapd.daemon.http import ROUTES
-from tests.conftest import ROOT, requires_kvm
+from tests.conftest import ROOT, requires_kvm, wait_until
 from tests.daemon_helpers import RunningDaemon, hello_snapshot, zygote_children
-from tests.test_api_openapi import CheckedClient, check_spec, documented_operations
+from tests.openapi_helpers import CheckedClient, check_spec, documented_operations
 from vmm import workloads
 
 pytestmark = requires_kvm
@@ -224,7 +224,7 @@ def test_200_concurrent_restores_all_answer_and_leak_nothing(running, snapshot):
     daemon = running.daemon
     shard = daemon.images[image].shards[0]
     pool = daemon.pool
-    wait_until(pool.settled)
+    assert wait_until(pool.settled), "the pool did not settle before the baseline was taken"
     fds_before, shared_before = fd_targets(), shard.memfd_bytes()
     idle_before, prepared_before = len(pool.idle_workers()), len(pool.prepared_workers())
     results, errors = [], []
@@ -281,13 +281,3 @@ def test_200_concurrent_restores_all_answer_and_leak_nothing(running, snapshot):
 def fd_kinds(targets: list[str]):
     import collections
     return collections.Counter(t.split(":")[0] for t in targets)
-
-
-def wait_until(condition, timeout: float = 30.0) -> bool:
-    import time
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.05)
-    return condition()

@@ -6,13 +6,13 @@ import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.conftest import subprocess_env
+
 
 
 def snapd(*args, cwd=None):
-    env = dict(os.environ, PYTHONPATH=ROOT)
     return subprocess.run([sys.executable, "-m", "snapd.cli", *map(str, args)], capture_output=True,
-                          text=True, env=env, cwd=cwd, timeout=60)
+                          text=True, env=subprocess_env(), cwd=cwd, timeout=60)
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +103,7 @@ def test_default_output_and_store_paths(tmp_path):
 ])
 def test_snapd_serve_refuses_bad_settings_with_a_message_not_a_traceback(tmp_path, args, env, message):
     r = subprocess.run([sys.executable, "-m", "snapd.cli", "serve", "--state-dir", str(tmp_path), *args],
-                       capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=ROOT, **env), timeout=60)
+                       capture_output=True, text=True, env=dict(subprocess_env(), **env), timeout=60)
     assert r.returncode != 0 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
     assert not os.path.exists(tmp_path / "run" / "procs") or not os.listdir(tmp_path / "run" / "procs"), \
         "a refused start left a process record (a zygote) behind"

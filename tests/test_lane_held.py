@@ -9,6 +9,7 @@ import time
 import pytest
 
 from snapd.pool import protocol
+from tests.conftest import requires_kvm
 from snapd.pool.held_lane import EOF, FALLBACK, MESSAGE, SERVED, HeldLane
 from vmm import workloads
 from vmm.config import MachineConfig
@@ -16,6 +17,7 @@ from vmm.devices.fnport import FN_PORT_BASE, OFF_GENERATION
 from vmm.machine import PAUSED, Microvm
 
 IMAGE = "i-lanetest"
+pytestmark = requires_kvm  # a real guest, held as worker._prepare leaves it
 
 
 @pytest.fixture

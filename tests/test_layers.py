@@ -13,10 +13,9 @@ from snapd.image.index import CODEC_PARENT
 from snapd.image.reader import BaseImage
 from snapd.pageserver import ChunkTable, PageServer
 from tests.conftest import requires_kvm
-from tests.vm_helpers import QUIET, guest_memory_bytes
+from tests.vm_helpers import QUIET, assert_memory_equals_snapshot
 from vmm import workloads
 from vmm.config import MachineConfig
-from vmm.devices.fnport import OFF_GENERATION
 from vmm.machine import Microvm
 from vmm.snapshot import create_snapshot, load_snapshot_uffd_backed, read_snapshot
 
@@ -83,11 +82,7 @@ def test_stacked_restore_equals_the_full_snapshot_page_for_page(snaps):
         machine = load_snapshot_uffd_backed(str(snaps / "diff.state"), listener.sock_path, resume=False,
                                             serial_sink=QUIET, layered=True)
         try:
-            with open(snaps / "now.mem", "rb") as f:
-                expected = bytearray(f.read().ljust(MEM_MIB << 20, b"\0"))
-            field = machine.fnport.mailbox_gpa + OFF_GENERATION
-            expected[field:field + 40] = machine.memory.read(field, 40)
-            assert guest_memory_bytes(machine) == bytes(expected)
+            assert_memory_equals_snapshot(machine, str(snaps / "now.mem"))
             machine.resume()
             request = workloads.kv_request(500, 11)
             workloads.verify_kv(1, KV_MIB, request, machine.invoke(request))

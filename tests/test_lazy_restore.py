@@ -10,7 +10,7 @@ import pytest
 from snapd.image.builder import build_image
 from snapd.image.reader import BaseImage
 from snapd.pageserver import ChunkTable, PageServer
-from tests.conftest import requires_kvm, subprocess_env
+from tests.conftest import requires_kvm, subprocess_env, wait_until
 from tests.vm_helpers import QUIET, assert_memory_equals_snapshot, snapshot_guest
 from vmm import workloads
 from vmm.errors import VmmError
@@ -78,10 +78,8 @@ def test_dead_page_server_stops_the_vm_within_a_bounded_time(kv_image, tmp_path)
     server = subprocess.Popen([sys.executable, "-m", "snapd.pageserver", "--socket", sock,
                                "--image", str(kv_image / "vm.img")], env=subprocess_env())
     try:
-        deadline = time.monotonic() + 10
-        while not os.path.exists(sock):
-            assert time.monotonic() < deadline and server.poll() is None, "page server did not start"
-            time.sleep(0.01)
+        assert wait_until(lambda: os.path.exists(sock) or server.poll() is not None, 10) and server.poll() is None, \
+            "page server did not start"
         machine = load_snapshot_uffd_backed(str(kv_image / "vm.state"), sock, serial_sink=QUIET)
         try:
             server.kill()
@@ -107,10 +105,8 @@ def test_api_uffd_backend_with_a_page_server_process(kv_image, tmp_path):
     server = subprocess.Popen([sys.executable, "-m", "snapd.pageserver", "--socket", sock,
                                "--image", str(kv_image / "vm.img")], env=subprocess_env(), stdout=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 10
-        while not os.path.exists(sock):
-            assert time.monotonic() < deadline and server.poll() is None, "page server did not start"
-            time.sleep(0.01)
+        assert wait_until(lambda: os.path.exists(sock) or server.poll() is not None, 10) and server.poll() is None, \
+            "page server did not start"
         with VmmProcess(str(tmp_path / "vmm.sock"), stdout=subprocess.DEVNULL) as vmm:
             vmm.client.call("PUT", "/snapshot/load", {"snapshot_path": str(kv_image / "vm.state"),
                                                       "mem_backend": {"backend_type": "Uffd", "backend_path": sock},

@@ -1,7 +1,6 @@
 """Loading sets without KVM: the file format and its errors, merge, the CLI, and recording / prefetch in
 the page server against real userfaultfd (faults raised by a C thread of this process)."""
 import os
-import time
 import warnings
 
 import pytest
@@ -11,6 +10,7 @@ from snapd.cli import main as cli_main
 from snapd.loadset import (LoadingSet, LoadingSetCorrupt, LoadingSetOutOfRange, LoadingSetStale, default_path,
                            merge)
 from snapd.pageserver import LoadingSetWarning, PageServer
+from tests.conftest import wait_until
 
 CHUNK = 64 << 10
 MEM = 4 << 20
@@ -19,13 +19,6 @@ IDENT = bytes(range(32))
 
 def make_set(chunks, identity=IDENT, chunk_size=CHUNK, mem_size=MEM):
     return LoadingSet(identity, chunk_size, mem_size, tuple(chunks))
-
-
-def wait_for(predicate, timeout=5.0):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.002)
 
 
 # ---------------------------------------------------------------- format
@@ -132,7 +125,7 @@ def test_prefetch_installs_the_set_and_memory_is_exact(tmp_path, image_data, sha
         try:
             mem.connect(listener.sock_path).wait_ready(5)
             vm = listener.wait_for_vms(1)[0]
-            wait_for(lambda: not server.stats(vm).prefetch_pending)
+            assert wait_until(lambda: not server.stats(vm).prefetch_pending, 5.0), "the prefetch did not finish"
             st = server.stats(vm)
             assert st.prefetch_chunks == len(ls.chunks) and st.faults == 0 and st.errors == 0
             if shared:
@@ -153,7 +146,7 @@ def test_faults_during_prefetch_are_served_and_memory_is_exact(tmp_path, image_d
             mem.connect(listener.sock_path).wait_ready(5)
             assert mem.read() == data
             vm = listener.wait_for_vms(1)[0]
-            wait_for(lambda: not server.stats(vm).prefetch_pending)
+            assert wait_until(lambda: not server.stats(vm).prefetch_pending, 5.0), "the prefetch did not finish"
             st = server.stats(vm)
             assert st.errors == 0 and st.chunks_installed == 64
         finally:

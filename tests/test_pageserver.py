@@ -11,9 +11,9 @@ import pytest
 from bench.fault_service import GuestMemory, synthetic_memory, write_image
 from snapd import uffd_handshake as hs
 from snapd.pageserver import CODEC_LZ4, CODEC_RAW, CODEC_ZERO, CODEC_ZSTD, ChunkRef, PageServer
+from tests.conftest import subprocess_env
 
 PAGE = 4096
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture
@@ -207,9 +207,8 @@ def test_server_death_is_seen_by_vmm_quickly(tmp_path):
     import json
     table_path.write_text(json.dumps(table.to_json()))
     sock = str(tmp_path / "srv.sock")
-    env = dict(os.environ, PYTHONPATH=ROOT)
     proc = subprocess.Popen([sys.executable, "-m", "snapd.pageserver", "--socket", sock,
-                             "--chunk-table", str(table_path)], env=env, stdout=subprocess.PIPE)
+                             "--chunk-table", str(table_path)], env=subprocess_env(), stdout=subprocess.PIPE)
     g = GuestMemory(len(data))
     try:
         assert b"serving" in proc.stdout.readline()

@@ -9,7 +9,7 @@ from snapd import uffd
 from snapd import uffd_handshake as hs
 from snapd.pageserver import PageServer
 from tests.conftest import requires_kvm
-from tests.vm_helpers import snapshot_guest
+from tests.vm_helpers import QUIET, snapshot_guest
 from vmm import workloads
 from vmm.machine import Microvm
 from vmm.memory import GuestMemory
@@ -17,7 +17,6 @@ from vmm.snapshot import (machine_config_of, read_snapshot, region_layouts, rest
                           resume_restored)
 
 pytestmark = requires_kvm
-QUIET = lambda data: None  # noqa: E731
 
 
 @pytest.fixture

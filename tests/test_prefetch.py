@@ -1,18 +1,16 @@
 """Record a working set on a lazy KVM restore, then restore with prefetch (the set staged ahead of the restore,
 or streamed per VM): every guest page equals the snapshot's and the guest's reply is verified; an unusable
 loading set falls back to lazy paging."""
-import time
 
 import pytest
 
 from snapd.image.builder import build_image
 from snapd.loadset import LoadingSet, default_path
 from snapd.pageserver import ChunkTable, LoadingSetWarning, PageServer
-from tests.conftest import requires_kvm
-from tests.vm_helpers import QUIET, assert_memory_equals_snapshot, guest_memory_bytes
+from tests.conftest import requires_kvm, wait_until
+from tests.vm_helpers import QUIET, assert_memory_equals_snapshot
 from vmm import workloads
 from vmm.config import MachineConfig
-from vmm.devices.fnport import OFF_GENERATION
 from vmm.machine import Microvm
 from vmm.snapshot import create_snapshot, load_snapshot_uffd_backed
 
@@ -48,14 +46,6 @@ def recorded(tmp_path_factory):
             machine.close()
     loading_set.save(default_path(tmp / "vm.img"))
     return tmp, loading_set, stats
-
-
-def expected_memory(tmp, machine) -> bytes:
-    with open(tmp / "vm.mem", "rb") as f:
-        expected = bytearray(f.read().ljust(MEM_MIB << 20, b"\0"))
-    field = machine.fnport.mailbox_gpa + OFF_GENERATION  # the restore's new generation id and entropy
-    expected[field:field + 40] = machine.memory.read(field, 40)
-    return bytes(expected)
 
 
 def test_recording_is_the_faulted_chunks_in_first_touch_order(recorded):
@@ -98,12 +88,8 @@ def test_prefetch_restore_is_byte_identical_and_answers(recorded):
                                             serial_sink=QUIET)
         try:
             vm = listener.wait_for_vms(1)[0]
-            deadline = time.monotonic() + 10
-            while server.stats(vm).prefetch_pending:  # let the stream finish, then read every page
-                assert time.monotonic() < deadline
-                time.sleep(0.005)
-            assert server.stats(vm).prefetch_chunks == len(loading_set.chunks)
-            assert guest_memory_bytes(machine) == expected_memory(tmp, machine)
+            assert wait_stream(server, vm).prefetch_chunks == len(loading_set.chunks)
+            assert_memory_equals_snapshot(machine, str(tmp / "vm.mem"))
             machine.resume()
             request = workloads.kv_request(1000, 77)  # another invocation than the recorded one
             workloads.verify_kv(1, KV_MIB, request, machine.invoke(request))
@@ -114,10 +100,8 @@ def test_prefetch_restore_is_byte_identical_and_answers(recorded):
 
 
 def wait_stream(server, vm):
-    deadline = time.monotonic() + 10
-    while server.stats(vm).prefetch_pending:  # let the stream finish, then read every page
-        assert time.monotonic() < deadline
-        time.sleep(0.005)
+    """Let the stream finish (then every page can be read); its stats."""
+    assert wait_until(lambda: not server.stats(vm).prefetch_pending, 10), "the prefetch stream did not finish"
     return server.stats(vm)
 
 
@@ -222,7 +206,7 @@ def test_stale_loading_set_falls_back_to_lazy_with_a_warning(recorded, tmp_path)
         machine = load_snapshot_uffd_backed(str(tmp / "vm.state"), listener.sock_path, resume=False,
                                             serial_sink=QUIET)
         try:
-            assert guest_memory_bytes(machine) == expected_memory(tmp, machine)
+            assert_memory_equals_snapshot(machine, str(tmp / "vm.mem"))
             machine.resume()
             request = workloads.kv_request(1000, 5)
             workloads.verify_kv(1, KV_MIB, request, machine.invoke(request))

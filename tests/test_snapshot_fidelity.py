@@ -5,7 +5,7 @@ import os
 import pytest
 
 from tests.conftest import requires_kvm
-from tests.vm_helpers import snapshot_guest
+from tests.vm_helpers import QUIET, snapshot_guest
 from vmm import workloads
 from vmm.config import MachineConfig
 from vmm.machine import Microvm
@@ -13,7 +13,6 @@ from vmm.snapshot import (SnapshotError, capture_state, create_snapshot, load_sn
                           read_snapshot, rebase_snapshot)
 
 pytestmark = requires_kvm
-QUIET = lambda data: None  # noqa: E731
 
 
 def booted(mem_mib=64, vcpus=1, boot_args="workload=hello", track=False, dirty_log="bitmap") -> Microvm:

@@ -1,9 +1,8 @@
 """Snapshot fidelity across VMM processes: the progress guest, snapshotted at several points and each snapshot
 restored in a new `vmm --api-sock` process, prints exactly what an uninterrupted run prints, byte for byte."""
 import subprocess
-import time
 
-from tests.conftest import requires_kvm
+from tests.conftest import requires_kvm, wait_until
 from vmm import workloads
 from vmm.api.client import VmmProcess
 from vmm.config import builtin_guest_image as guest_image
@@ -15,10 +14,8 @@ LINES_PER_LEG = 15
 
 
 def wait_for_lines(path, count: int, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while path.read_bytes().count(b"\n") < count:
-        assert time.monotonic() < deadline, f"{path} has fewer than {count} lines after {timeout} s"
-        time.sleep(0.01)
+    assert wait_until(lambda: path.read_bytes().count(b"\n") >= count, timeout), \
+        f"{path} has fewer than {count} lines after {timeout} s"
 
 
 def start_vmm(tmp_path, name: str) -> tuple[VmmProcess, object]:

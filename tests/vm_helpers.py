@@ -8,6 +8,7 @@ from vmm.snapshot import create_snapshot
 
 QUIET = lambda data: None  # noqa: E731  (a serial sink that drops the guest's console)
 GENERATION_AND_ENTROPY = 40  # bytes at mailbox + OFF_GENERATION that every restore rewrites (VMGenID)
+PAGE = 4096
 
 
 def snapshot_guest(directory, boot_args: str, mem_mib: int = 64, vcpus: int = 1, invokes: int = 0,
@@ -33,11 +34,25 @@ def guest_memory_bytes(machine) -> bytes:
     return b"".join(machine.memory.read(r.guest_phys_addr, r.size) for r in machine.memory.regions)
 
 
+def snapshot_memory(mem_path: str, size: int) -> bytes:
+    """A snapshot's memory file as guest memory of ``size`` bytes (the file is sparse, its tail may be cut)."""
+    with open(mem_path, "rb") as f:
+        return f.read().ljust(size, b"\0")
+
+
+def assert_equals_snapshot(memory: bytes, expected: bytes, mailbox_gpa: int) -> None:
+    """Guest memory equals the snapshot's byte for byte, except the mailbox's generation id and entropy, which
+    a restore rewrites by design (as VMGenID does); names the first page that differs."""
+    field = mailbox_gpa + OFF_GENERATION
+    expected = bytearray(expected)
+    expected[field:field + GENERATION_AND_ENTROPY] = memory[field:field + GENERATION_AND_ENTROPY]
+    assert len(memory) == len(expected)
+    if memory != bytes(expected):
+        first = next(i for i in range(0, len(memory), PAGE) if memory[i:i + PAGE] != expected[i:i + PAGE])
+        raise AssertionError(f"guest memory differs from the snapshot, first at page {first // PAGE}")
+
+
 def assert_memory_equals_snapshot(machine, mem_path: str) -> None:
-    """Every byte of the machine's guest memory equals the snapshot's memory file, except the mailbox's
-    generation id and entropy, which a restore rewrites by design."""
-    with open(mem_path, "rb") as snapshot_memory:
-        expected = bytearray(snapshot_memory.read().ljust(machine.memory.size, b"\0"))
-    field = machine.fnport.mailbox_gpa + OFF_GENERATION
-    expected[field:field + GENERATION_AND_ENTROPY] = machine.memory.read(field, GENERATION_AND_ENTROPY)
-    assert guest_memory_bytes(machine) == bytes(expected)
+    """The machine's guest memory, as assert_equals_snapshot."""
+    assert_equals_snapshot(guest_memory_bytes(machine), snapshot_memory(mem_path, machine.memory.size),
+                           machine.fnport.mailbox_gpa)
