@@ -4,12 +4,11 @@
 
 Each module runs as its own process (`python -m bench.NAME ARGS`, the exact command is printed above its
 tables), so one failing module does not stop the others; the exit status is non-zero if any failed.
-Optional modules (clones, prefetch) run when they exist.
+peers runs where qemu-system-x86_64 is installed.
 """
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import shutil
 import subprocess
 import sys
@@ -26,7 +25,7 @@ PLAN = [
      ["--real", "--mem-mib", "128", "--data-mib", "16", "--chunks", "64,512"]),
     ("fault_service", "bench.fault_service", [], ["--quick"]),
     ("lazy_restore", "bench.lazy_restore", [], ["--quick"]),
-    # optional: run only if the module exists (bench.clones takes a sub-command: latency | memory | rate)
+    # bench.clones takes a sub-command: latency | latency-gaps | latency-ab | memory | rate
     ("clones-latency", "bench.clones", ["latency"], ["latency", "--n", "20", "--warmup", "2"]),
     ("clones-latency-gaps", "bench.clones", ["latency-gaps"], ["latency-gaps", "--n", "15", "--warmup", "2"]),
     ("clones-lane-ab", "bench.clones", ["latency-ab", "--ab", "lane"],
@@ -35,9 +34,9 @@ PLAN = [
     ("clones-memory", "bench.clones", ["memory"], ["memory", "--counts", "1,10"]),
     ("clones-rate", "bench.clones", ["rate"], ["rate", "--seconds", "3"]),
     ("prefetch", "bench.prefetch", [], ["--quick"]),
+    ("dirty_log", "bench.dirty_log", [], ["--runs", "2"]),
     ("peers", "bench.peers", [], ["--runs", "5"]),  # runs only where qemu-system-x86_64 is installed
 ]
-OPTIONAL = {"clones-latency", "clones-latency-gaps", "clones-lane-ab", "clones-memory", "clones-rate", "prefetch"}
 
 
 def main(argv=None) -> int:
@@ -53,9 +52,6 @@ def main(argv=None) -> int:
     plan = []
     for name, module, full, quick in PLAN:
         if only and name not in only:
-            continue
-        if name in OPTIONAL and importlib.util.find_spec(module) is None:
-            print(f"# {name}: {module} is not there yet; skipped", flush=True)
             continue
         if name == "peers" and shutil.which("qemu-system-x86_64") is None:
             print(f"# {name}: qemu-system-x86_64 is not installed; skipped", flush=True)

@@ -114,8 +114,10 @@ def timed_clone(client, image: str, i: int) -> tuple[float, dict]:
 
 
 def wait_pool(client, minimum: int, timeout: float = 60.0, prepared: int = 0) -> None:
-    """Until ``minimum`` plain warm workers and ``prepared`` prepared ones are ready."""
+    """Until ``minimum`` plain warm workers and ``prepared`` prepared ones are ready; a pool that does not get
+    there is an error (the latency runs would measure cold restores under a warm-pool label)."""
     deadline = time.monotonic() + timeout
+    values = {}
     while time.monotonic() < deadline:
         values = {}
         for line in client.metrics().splitlines():
@@ -125,6 +127,8 @@ def wait_pool(client, minimum: int, timeout: float = 60.0, prepared: int = 0) ->
                 and values.get("snapd_pool_prepared_workers", 0) >= prepared):
             return
         time.sleep(0.02)
+    raise RuntimeError(f"the daemon's pool did not reach {minimum} warm and {prepared} prepared workers within "
+                       f"{timeout:.0f} s (it has {values})")
 
 
 @contextlib.contextmanager
@@ -284,12 +288,14 @@ def run_memory(args, work: str) -> None:
                     for clone in client.create_clones(image, count=batch, payload=b"memory"):
                         workloads.verify_hello(b"memory", clone["result"], 1)
                     live += batch
-            except Exception as exc:  # out of memory or limits: report how far it got
+            except Exception as exc:  # out of memory or limits: report how far it got, then stop
                 print(f"stopped at {live} clones: {exc}", file=sys.stderr)
-                target = live
+                target = -1
             time.sleep(1.0)
             rollups = worker_rollups(client)
             n = len(rollups)
+            if not n:
+                break
             pss = sum(r.get("Pss", 0) for r in rollups) / n / 2**20
             private = sum(r.get("Private_Dirty", 0) + r.get("Private_Clean", 0) for r in rollups) / n / 2**20
             anon = sum(r.get("Anonymous", 0) for r in rollups) / n / 2**20
@@ -298,7 +304,7 @@ def run_memory(args, work: str) -> None:
             rows.append([n, pss, private, anon, shmem, shared])
             print(table(["clones", "PSS MiB/clone", "private MiB/clone", "anon MiB/clone", "PSS shmem MiB/clone",
                          "shared memfd MiB"], rows[-1:]), flush=True)
-            if n < target:
+            if n < target or target < 0:
                 break
     print(table(["clones", "PSS MiB/clone", "private MiB/clone", "anon MiB/clone", "PSS shmem MiB/clone",
                  "shared memfd MiB"], rows))

@@ -369,7 +369,8 @@ def main(argv=None) -> int:
                          *(f"{m}_ms" for m in SHARED_MODES), "prefill/resident", "lazy/prefill",
                          "lazy/prefill_populate", "lazy/prefill_race", "uffd faults (same order)"], shared_rows))
         if prepared_rows:
-            print()
+            print("\nPrepared clones (snapd's prepared workers): ms from the request to the first verified reply "
+                  "(the restore itself was done ahead, off the clock)\n")
             print(table(["workload", "working set / guest", "chunk KiB", "backing", *(f"{m}_ms" for m in PREPARED_MODES),
                          "prefetch/resident", "lazy/prefetch"], prepared_rows))
         if args.no_diff:
