@@ -66,6 +66,8 @@ def test_every_operation_answers_as_documented(doc, running, snapshot, tmp_path)
     api("DELETE", f"/v1/images/{image}", "/v1/images/{image_id}", expect=409)
     files = api("POST", f"/v1/clones/{clone['id']}/snapshot", "/v1/clones/{clone_id}/snapshot",
                 body={"state_path": str(tmp_path / "c.state"), "mem_path": str(tmp_path / "c.mem")}, expect=200)
+    written = os.stat(files["mem_path"])
+    assert written.st_blocks * 512 < written.st_size // 2, "a clone's snapshot wrote its zero MiBs, not holes"
     api("DELETE", f"/v1/clones/{clone['id']}", "/v1/clones/{clone_id}", expect=204)
     api("POST", f"/v1/clones/{clone['id']}/invoke", "/v1/clones/{clone_id}/invoke", body={"payload": payload},
         expect=404)

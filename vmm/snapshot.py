@@ -20,7 +20,7 @@ from vmm.errors import ConfigError, VmmError
 from vmm.machine import PAUSED, Microvm
 from vmm.diff_snapshot import file_page_of, page_runs, rebase, write_diff_memory_file
 from vmm.memory import GuestMemory, RegionLayout
-from vmm.native import ffi, lib
+from vmm.native import check, ffi, lib
 from vmm.persist import (SNAPSHOT_KIND, DeviceStates, MachineConfigState, MemoryRegionState, MicrovmState,
                          restore_vcpu, restore_vm, save_vcpu, save_vm)
 
@@ -59,6 +59,7 @@ def write_memory_file(memory: GuestMemory, path: str) -> None:
     """Raw guest memory, regions back to back; all-zero MiBs become holes (sparse file)."""
     if memory.inaccessible_reason:
         raise SnapshotError(f"cannot snapshot guest memory: {memory.inaccessible_reason}")
+    piece = None  # one buffer for memory served by a page server, reused piece after piece
     with atomic_file(path) as out:
         for region in memory.regions:
             view = memoryview(region.buffer())
@@ -66,7 +67,13 @@ def write_memory_file(memory: GuestMemory, path: str) -> None:
             for offset in range(0, region.size, COPY_PIECE):
                 length = min(COPY_PIECE, region.size - offset)
                 if region.backing == "uffd":  # untouched pages hold image data: read (and fault in) everything
-                    out.write(memory.read(region.guest_phys_addr + offset, length))
+                    piece = piece if piece is not None else ffi.new("char[]", COPY_PIECE)
+                    check(lib.vmm_self_read(piece, ffi.cast("char *", region.host_addr + offset), length),
+                          f"read of guest memory at {region.guest_phys_addr + offset:#x}")
+                    if lib.vmm_is_zero(piece, length):
+                        out.seek(length, os.SEEK_CUR)  # a hole, as for the other backings
+                    else:
+                        out.write(ffi.buffer(piece, length))
                 elif not lib.vmm_range_has_data(ffi.cast("char *", region.host_addr + offset), length, anonymous):
                     out.seek(length, os.SEEK_CUR)
                 else:
