@@ -26,6 +26,9 @@ class BitmapDirtyLog:
     def __init__(self, vm, memory):
         self.vm, self.memory = vm, memory
 
+    def close(self) -> None:
+        """Nothing of its own to free (the ring's close unmaps its rings)."""
+
     def take(self) -> set[int]:
         pages = set()
         for slot, region in enumerate(self.memory.regions):

@@ -302,7 +302,7 @@ class Microvm:
         if stuck:
             # Unmapping kvm_run or guest memory under a running vCPU thread would crash the process; keep them.
             raise VmmError(f"vCPU thread(s) {stuck} did not stop; leaving their memory mapped")
-        if isinstance(getattr(self, "dirty_log", None), RingDirtyLog):
+        if getattr(self, "dirty_log", None) is not None:
             self.dirty_log.close()
         for vcpu in self.vcpus:
             vcpu.close()

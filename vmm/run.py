@@ -9,7 +9,7 @@ from vmm.driver import WorkloadDriver, WorkloadParams, invoke_verified, print_in
 from vmm.machine import Microvm
 
 
-def _stderr_sink(data: bytes) -> None:
+def stderr_sink(data: bytes) -> None:
     sys.stderr.buffer.write(data)
     sys.stderr.buffer.flush()
 
@@ -18,7 +18,7 @@ def run_command(config: MachineConfig, args) -> int:
     # A kernel's boot arguments are the kernel's: only the built-in guest's name a workload.
     params = None if config.kernel_image else WorkloadParams.from_boot_args(config.boot_args)
     t_start = time.perf_counter()
-    machine = Microvm(config, serial_sink=_stderr_sink if args.json else stdout_sink)
+    machine = Microvm(config, serial_sink=stderr_sink if args.json else stdout_sink)
     try:
         machine.boot()
         if params is None or params.workload == "progress":

@@ -9,9 +9,7 @@ import json
 import logging
 import socket
 import socketserver
-import sys
 import time
-import traceback
 from dataclasses import dataclass
 from typing import Callable
 
@@ -19,10 +17,9 @@ from snapd import http_wire
 from snapd.daemon import images as image_routes
 from snapd.daemon import lane as restore_lane
 from snapd.daemon.core import SERVER, Daemon
-from snapd.daemon.errors import ApiError, MethodNotAllowed
+from snapd.daemon.errors import ApiError
 from vmm.api.fields import Field, ObjectSpec, parse_body
-from vmm.api.server import Router, UnixHttpServer
-from vmm.errors import VmmError
+from vmm.api.server import Router, UnixHttpServer, error_reply
 
 log = logging.getLogger("snapd")
 
@@ -158,15 +155,8 @@ class SnapdRequestHandler(socketserver.BaseRequestHandler):
             if status_ok is None:
                 result, status_ok = result
             status = 204 if result is None else status_ok
-        except ApiError as exc:
-            status, result = exc.status, {"fault_message": str(exc)}
-            if isinstance(exc, MethodNotAllowed):
-                headers["Allow"] = ", ".join(exc.allowed)
-        except VmmError as exc:
-            status, result = 400, {"fault_message": str(exc)}
-        except Exception as exc:  # a bug: say so, keep serving, leave the traceback for a developer
-            traceback.print_exc(file=sys.stderr)
-            status, result = 500, {"fault_message": f"internal error: {type(exc).__name__}: {exc}"}
+        except Exception as exc:  # noqa: BLE001 (as the VMM's API: error_reply tells mistakes from bugs)
+            status, result, headers = error_reply(exc)
         if isinstance(result, Text):
             reply = http_wire.response(status, result.encode(), "text/plain; version=0.0.4; charset=utf-8",
                                        headers, not keep_alive, SERVER)

@@ -8,11 +8,6 @@ from vmm.api.client import ApiClient, ApiClientError
 from vmm.errors import VmmError
 
 
-def _stderr_sink(data: bytes) -> None:
-    sys.stderr.buffer.write(data)
-    sys.stderr.buffer.flush()
-
-
 def _client(socket_path: str) -> ApiClient:
     return ApiClient(socket_path)
 
@@ -43,10 +38,11 @@ def restore_command(args) -> int:
     from vmm import snapshot as snapshots
     from vmm.devices.serial import stdout_sink
     from vmm.driver import WorkloadDriver, WorkloadParams, invoke_verified, print_invocation_report
+    from vmm.run import stderr_sink
 
     t0 = time.perf_counter()
     machine = snapshots.load_snapshot_file_backed(args.snapshot, args.mem_file, resume=False,
-                                                  serial_sink=_stderr_sink if args.json else stdout_sink)
+                                                  serial_sink=stderr_sink if args.json else stdout_sink)
     try:
         port = machine.fnport
         pending = port.pending()

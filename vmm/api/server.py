@@ -103,6 +103,19 @@ class Router:
 ROUTER = Router(ROUTES)
 
 
+def error_reply(exc: Exception) -> tuple[int, dict, dict]:
+    """(status, JSON body, extra headers) for what a route raised: an ApiError is its own status, a VmmError the
+    VMM's refusal (400: bad configuration, wrong state, unreadable snapshot, ...), anything else a bug (500, its
+    traceback left on stderr where a developer finds it). The daemon's API answers the same way."""
+    if isinstance(exc, ApiError):
+        headers = {"Allow": ", ".join(exc.allowed)} if isinstance(exc, MethodNotAllowed) else {}
+        return exc.status, {"fault_message": str(exc)}, headers
+    if isinstance(exc, VmmError):
+        return 400, {"fault_message": str(exc)}, {}
+    traceback.print_exception(exc, file=sys.stderr)
+    return 500, {"fault_message": f"internal error: {type(exc).__name__}: {exc}"}, {}
+
+
 class ApiRequestHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     wbufsize = 64 * 1024  # headers and body leave in one write (flushed by handle_one_request)
@@ -139,15 +152,8 @@ class ApiRequestHandler(BaseHTTPRequestHandler):
             route, params = ROUTER.find(self.command, path)
             result = route.handle(self.server.controller, body, params)
             status = 204 if result is None else 200
-        except ApiError as exc:
-            status, result = exc.status, {"fault_message": str(exc)}
-            if isinstance(exc, MethodNotAllowed):
-                headers["Allow"] = ", ".join(exc.allowed)
-        except VmmError as exc:  # the VMM refused (bad configuration, wrong state, unreadable snapshot, ...)
-            status, result = 400, {"fault_message": str(exc)}
-        except Exception as exc:  # a bug: say so, and leave the traceback where a developer finds it
-            traceback.print_exc(file=sys.stderr)
-            status, result = 500, {"fault_message": f"internal error: {type(exc).__name__}: {exc}"}
+        except Exception as exc:  # noqa: BLE001 (error_reply tells the caller's mistakes from bugs)
+            status, result, headers = error_reply(exc)
         self._respond(status, result, headers)
         self.wfile.flush()  # the reply leaves before the log line is written
         log.info("%s %s -> %d (%.0f us)", self.command, path, status, (time.perf_counter() - t0) * 1e6)
