@@ -28,6 +28,8 @@ from dataclasses import dataclass
 from vmm.errors import GuestImageError
 from vmm.loader import EHDR, ELF_MAGIC, ELFCLASS64, ELFDATA2LSB, EM_X86_64, PHDR, PT_LOAD, load_elf
 from vmm.memory import GiB, MiB, PAGE_SIZE, GuestMemory
+from vmm.x86 import (CR0_ET, CR0_NE, CR0_PE, CR0_PG, CR4_PAE, EFER_LMA, EFER_LME, PML4_ADDR, RFLAGS_RESERVED,
+                     segment_descriptor, set_flat_segment, write_page_tables)
 
 # Guest-physical layout of what the VMM writes below 1 MiB (all inside usable RAM: the kernel copies the zero
 # page and command line early and builds its own page tables and GDT).
@@ -35,10 +37,7 @@ BOOT_GDT_ADDR = 0x500
 BOOT_TSS_ADDR = 0x1000
 BOOT_STACK_TOP = 0x8FF0
 ZERO_PAGE_ADDR = 0x7000
-PML4_ADDR = 0x9000
-PDPT_ADDR = 0xA000
-PD_ADDR = 0xB000  # four page directories: 0xb000-0xefff
-IDENTITY_MAPPED_GIB = 4
+IDENTITY_MAPPED_GIB = 4  # identity page tables at vmm.x86's PML4_ADDR (0x9000-0xefff for 4 GiB)
 CMDLINE_ADDR = 0x20000
 EBDA_START = 0x9FC00  # e820: RAM stops at the Extended BIOS Data Area ...
 HIGH_MEMORY_START = 0x100000  # ... and resumes at 1 MiB
@@ -89,11 +88,6 @@ MAX_NOTES_BYTES = 1 << 20
 
 # Segments and control registers for the CPL 0 entry.
 BOOT_CS, BOOT_DS, BOOT_TSS_SEL = 0x10, 0x18, 0x20
-PTE_PRESENT, PTE_WRITABLE, PTE_HUGE = 0x1, 0x2, 0x80
-CR0_PE, CR0_ET, CR0_NE, CR0_PG = 0x1, 0x10, 0x20, 0x80000000
-CR4_PAE = 0x20
-EFER_LME, EFER_LMA = 0x100, 0x400
-RFLAGS_RESERVED = 0x2  # bit 1 always set; IF clear: interrupts off at entry
 MSR_IA32_MISC_ENABLE, MISC_ENABLE_FAST_STRING = 0x1A0, 0x1
 
 
@@ -261,49 +255,25 @@ def build_zero_page(kernel: LoadedKernel, cmdline_addr: int, initrd: tuple[int, 
     return bytes(page)
 
 
-def _segment_descriptor(base: int, limit: int, access: int, flags: int) -> int:
-    return ((limit & 0xFFFF) | ((base & 0xFFFFFF) << 16) | (access << 40) | (((limit >> 16) & 0xF) << 48)
-            | (flags << 52) | (((base >> 24) & 0xFF) << 56))
-
-
 TSS_LIMIT = 0x67  # a bare 64-bit TSS, no I/O bitmap: only there so TR is valid until the kernel loads its own
 
 
 def write_boot_gdt(memory: GuestMemory) -> int:
     """The boot GDT: null, null, __BOOT_CS (flat 64-bit code, DPL 0), __BOOT_DS (flat data), a TSS. Returns limit."""
     entries = [0, 0,
-               _segment_descriptor(0, 0xFFFFF, 0x9B, 0xA),  # present, DPL 0, code exec/read accessed; G, L
-               _segment_descriptor(0, 0xFFFFF, 0x93, 0xC),  # present, DPL 0, data read/write accessed; G, D/B
-               _segment_descriptor(BOOT_TSS_ADDR, TSS_LIMIT, 0x8B, 0x0), 0]  # busy 64-bit TSS (two slots)
+               segment_descriptor(0, 0xFFFFF, 0x9B, 0xA),  # present, DPL 0, code exec/read accessed; G, L
+               segment_descriptor(0, 0xFFFFF, 0x93, 0xC),  # present, DPL 0, data read/write accessed; G, D/B
+               segment_descriptor(BOOT_TSS_ADDR, TSS_LIMIT, 0x8B, 0x0), 0]  # busy 64-bit TSS (two slots)
     memory.write(BOOT_GDT_ADDR, struct.pack(f"<{len(entries)}Q", *entries))
     memory.write(BOOT_TSS_ADDR, bytes(TSS_LIMIT + 1))
     return len(entries) * 8 - 1
 
 
-def write_identity_page_tables(memory: GuestMemory) -> None:
-    """Identity-map the first 4 GiB with 2 MiB supervisor pages (the kernel replaces them in startup_64)."""
-    flags = PTE_PRESENT | PTE_WRITABLE
-    memory.write(PML4_ADDR, struct.pack("<Q", PDPT_ADDR | flags) + bytes(PAGE_SIZE - 8))
-    pdpt = [PD_ADDR + i * PAGE_SIZE | flags for i in range(IDENTITY_MAPPED_GIB)]
-    memory.write(PDPT_ADDR, struct.pack(f"<{IDENTITY_MAPPED_GIB}Q", *pdpt) + bytes(PAGE_SIZE - 8 * IDENTITY_MAPPED_GIB))
-    for i in range(IDENTITY_MAPPED_GIB):
-        base = i * GiB
-        memory.write(PD_ADDR + i * PAGE_SIZE,
-                     struct.pack("<512Q", *(base + (j << 21) | flags | PTE_HUGE for j in range(512))))
-
-
-def _flat_segment(seg, selector: int, code: bool) -> None:
-    seg.base, seg.limit, seg.selector = 0, 0xFFFFFFFF, selector
-    seg.type = 0xB if code else 0x3
-    seg.present, seg.dpl, seg.s, seg.g, seg.avl, seg.unusable = 1, 0, 1, 1, 0, 0
-    seg.l, seg.db = (1, 0) if code else (0, 1)
-
-
 def setup_long_mode_kernel(sregs, gdt_limit: int) -> None:
     """64-bit mode at CPL 0 over the boot GDT and identity map: CR0 PE|PG, CR4 PAE, EFER LME|LMA."""
-    _flat_segment(sregs.cs, BOOT_CS, code=True)
+    set_flat_segment(sregs.cs, BOOT_CS, code=True)  # DPL 0: the selectors' RPL
     for seg in (sregs.ds, sregs.es, sregs.fs, sregs.gs, sregs.ss):
-        _flat_segment(seg, BOOT_DS, code=False)
+        set_flat_segment(seg, BOOT_DS, code=False)
     tr = sregs.tr
     tr.base, tr.limit, tr.selector, tr.type, tr.present, tr.dpl, tr.s, tr.g, tr.l, tr.db, tr.avl, tr.unusable = \
         BOOT_TSS_ADDR, TSS_LIMIT, BOOT_TSS_SEL, 0xB, 1, 0, 0, 0, 0, 0, 0, 0
@@ -328,7 +298,7 @@ def boot_linux(machine) -> None:
     initrd = load_initrd(config.initrd_path, memory, kernel) if config.initrd_path else (0, 0)
     memory.write(ZERO_PAGE_ADDR, build_zero_page(kernel, CMDLINE_ADDR, initrd, e820_map(memory)))
     gdt_limit = write_boot_gdt(memory)
-    write_identity_page_tables(memory)
+    write_page_tables(memory, IDENTITY_MAPPED_GIB * GiB, user=False)  # the kernel replaces them in startup_64
 
     bsp = machine.vcpus[0]
     sregs = bsp.get_sregs()

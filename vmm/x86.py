@@ -35,7 +35,7 @@ IOMAP_BYTES = 65536 // 8
 TSS_LIMIT = TSS_IOMAP_OFFSET + IOMAP_BYTES  # includes the 0xff terminator byte
 
 
-def _segment_descriptor(base: int, limit: int, access: int, flags: int) -> int:
+def segment_descriptor(base: int, limit: int, access: int, flags: int) -> int:
     return ((limit & 0xFFFF) | ((base & 0xFFFFFF) << 16) | (access << 40) | (((limit >> 16) & 0xF) << 48)
             | (flags << 52) | (((base >> 24) & 0xFF) << 56))
 
@@ -43,11 +43,11 @@ def _segment_descriptor(base: int, limit: int, access: int, flags: int) -> int:
 def write_gdt(memory: GuestMemory) -> None:
     entries = [
         0,
-        _segment_descriptor(0, 0xFFFFF, 0x9B, 0xA),  # kernel code, L=1
-        _segment_descriptor(0, 0xFFFFF, 0x93, 0xC),  # kernel data
-        _segment_descriptor(0, 0xFFFFF, 0xFB, 0xA),  # user code, DPL 3, L=1
-        _segment_descriptor(0, 0xFFFFF, 0xF3, 0xC),  # user data, DPL 3
-        _segment_descriptor(TSS_ADDR, TSS_LIMIT, 0x8B, 0x0),  # 64-bit TSS (busy), low half
+        segment_descriptor(0, 0xFFFFF, 0x9B, 0xA),  # kernel code, L=1
+        segment_descriptor(0, 0xFFFFF, 0x93, 0xC),  # kernel data
+        segment_descriptor(0, 0xFFFFF, 0xFB, 0xA),  # user code, DPL 3, L=1
+        segment_descriptor(0, 0xFFFFF, 0xF3, 0xC),  # user data, DPL 3
+        segment_descriptor(TSS_ADDR, TSS_LIMIT, 0x8B, 0x0),  # 64-bit TSS (busy), low half
         TSS_ADDR >> 32,  # TSS descriptor, high half
     ]
     memory.write(GDT_ADDR, struct.pack(f"<{len(entries)}Q", *entries))
@@ -59,10 +59,11 @@ def write_tss(memory: GuestMemory) -> None:
                  + bytes(IOMAP_BYTES) + b"\xff")
 
 
-def write_page_tables(memory: GuestMemory, mapped_bytes: int) -> None:
-    """Identity-map [0, mapped_bytes) with 2 MiB pages, User + Writable (the guest runs at CPL 3)."""
+def write_page_tables(memory: GuestMemory, mapped_bytes: int, user: bool = True) -> None:
+    """Identity-map [0, mapped_bytes) with 2 MiB writable pages; ``user``: reachable at CPL 3 (the built-in
+    guest), else supervisor pages (a Linux kernel's entry, which builds its own tables at once)."""
     gib = min(max(1, -(-mapped_bytes // GiB)), MAX_MAPPED_GIB)
-    flags = PTE_PRESENT | PTE_WRITABLE | PTE_USER
+    flags = PTE_PRESENT | PTE_WRITABLE | (PTE_USER if user else 0)
     memory.write(PML4_ADDR, struct.pack("<Q", PDPT_ADDR | flags) + bytes(4088))
     memory.write(PDPT_ADDR, struct.pack(f"<{gib}Q", *(PD_ADDR + i * 4096 | flags for i in range(gib))) + bytes(4096 - 8 * gib))
     for i in range(gib):
@@ -77,7 +78,8 @@ def write_cmdline(memory: GuestMemory, cmdline: str) -> None:
     memory.write(CMDLINE_ADDR, data + b"\0")
 
 
-def _set_segment(seg, selector: int, code: bool) -> None:
+def set_flat_segment(seg, selector: int, code: bool) -> None:
+    """A flat 4 GiB segment (64-bit code, or data), its DPL the selector's RPL."""
     seg.base, seg.limit, seg.selector = 0, 0xFFFFFFFF, selector
     seg.type = 0xB if code else 0x3
     seg.present, seg.dpl, seg.s, seg.g = 1, selector & 3, 1, 1
@@ -87,9 +89,9 @@ def _set_segment(seg, selector: int, code: bool) -> None:
 
 def setup_long_mode_user(sregs) -> None:
     """Fill ``sregs`` for 64-bit long mode with CS/SS at DPL 3 over the VMM-built GDT and page tables."""
-    _set_segment(sregs.cs, SEL_USER_CODE, code=True)
+    set_flat_segment(sregs.cs, SEL_USER_CODE, code=True)
     for seg in (sregs.ds, sregs.es, sregs.fs, sregs.gs, sregs.ss):
-        _set_segment(seg, SEL_USER_DATA, code=False)
+        set_flat_segment(seg, SEL_USER_DATA, code=False)
     tr = sregs.tr
     tr.base, tr.limit, tr.selector, tr.type, tr.present, tr.dpl, tr.s, tr.g, tr.l, tr.db = \
         TSS_ADDR, TSS_LIMIT, SEL_TSS, 0xB, 1, 0, 0, 0, 0, 0
