@@ -33,6 +33,20 @@ class BuildResult:
     new_stored_bytes: int
 
 
+def resolve_codec(codec: str, level: int | None) -> tuple[int, int]:
+    """(codec id, level) to build chunks with; 'zero' is what a build finds, not a codec to choose."""
+    cid = codecs.codec_id(codec)
+    if cid == codecs.ZERO:
+        raise codecs.CodecError("'zero' is not a codec to build with")
+    return cid, codecs.DEFAULT_LEVEL[cid] if level is None else level
+
+
+def new_chunk(buf, digest: bytes, codec: int, level: int) -> NewChunk:
+    """A chunk the store does not hold yet: compressed, with the checksum of its stored bytes."""
+    used, stored = codecs.encode(buf, codec, level)
+    return NewChunk(digest, used, stored, len(buf), xxhash.xxh3_64_intdigest(stored))
+
+
 def _chunk_job(view, mem_size, chunk_size, codec, level, known):
     zero = bytes(chunk_size)
 
@@ -45,8 +59,7 @@ def _chunk_job(view, mem_size, chunk_size, codec, level, known):
         h = hashlib.blake2b(buf, digest_size=32).digest()  # releases the GIL on large buffers
         if known(h):
             return i, h, None
-        used, stored = codecs.encode(buf, codec, level)
-        return i, h, NewChunk(h, used, stored, len(buf), xxhash.xxh3_64_intdigest(stored))
+        return i, h, new_chunk(buf, h, codec, level)
     return job
 
 
@@ -59,10 +72,7 @@ def build_image(mem_path: str | os.PathLike, store_dir: str | os.PathLike, image
     progress(done_bytes, total_bytes) is called from this thread as chunks complete.
     """
     check_chunk_size(chunk_size)
-    cid = codecs.codec_id(codec)
-    if cid == codecs.ZERO:
-        raise codecs.CodecError("'zero' is not a codec to build with")
-    level = codecs.DEFAULT_LEVEL[cid] if level is None else level
+    cid, level = resolve_codec(codec, level)
     image_path = os.path.abspath(image_path)
     with open(mem_path, "rb") as f, ChunkStore(store_dir) as store:
         mem_size = os.fstat(f.fileno()).st_size

@@ -13,10 +13,8 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Iterable
 
-import xxhash
-
 from snapd.image import codecs
-from snapd.image.builder import DEFAULT_CODEC, _ZERO_HASH, StoreBatch
+from snapd.image.builder import DEFAULT_CODEC, _ZERO_HASH, StoreBatch, new_chunk, resolve_codec
 from snapd.image.chunkstore import ChunkStore, NewChunk
 from snapd.image.errors import ImageError, LayerParentMismatch
 from snapd.image.index import (CODEC_PARENT, VERSION, Entry, Header, content_id, write_index)
@@ -60,8 +58,7 @@ def build_layer(parent_path: str | os.PathLike, diff_mem_path: str | os.PathLike
     parent_snapshot_id: the diff's parent snapshot; refused if the parent image records another
     snapshot as its source (an image built without --source-id cannot be checked this way)."""
     image_path = os.path.abspath(image_path)
-    cid = codecs.codec_id(codec)
-    level = codecs.DEFAULT_LEVEL[cid] if level is None else level
+    cid, level = resolve_codec(codec, level)
     parent = BaseImage.open(parent_path)
     try:
         ph = parent.header
@@ -101,11 +98,8 @@ def build_layer(parent_path: str | os.PathLike, diff_mem_path: str | os.PathLike
                 if h == _ZERO_HASH:
                     entries[c] = Entry(_ZERO_HASH, codecs.ZERO, 0, 0, 0, 0)
                     continue
-                new_chunk = None
-                if h not in store and h not in batch.pending:
-                    used, data = codecs.encode(bytes(buf), cid, level)
-                    new_chunk = NewChunk(h, used, data, len(buf), xxhash.xxh3_64_intdigest(data))
-                batch.add(c, new_chunk, len(buf))
+                fresh = new_chunk(bytes(buf), h, cid, level) if h not in store and h not in batch.pending else None
+                batch.add(c, fresh, len(buf))
             batch.flush()
             rel_store = os.path.relpath(store.root, os.path.dirname(image_path))
             rel_parent = os.path.relpath(os.path.abspath(parent.path), os.path.dirname(image_path))
@@ -152,12 +146,12 @@ def squash_image(top_path: str | os.PathLike, image_path: str | os.PathLike,
                     entries[i] = Entry(e.hash, s.codec, s.pack_id, s.offset, s.stored_len, s.checksum)
                     continue
                 hashes[i] = e.hash
-                new_chunk = None
+                copy = None
                 if e.hash not in batch.pending:
                     _, data = owner.read_stored(i)  # checksum-checked
-                    new_chunk = NewChunk(e.hash, e.codec, data, top.raw_len(i), e.checksum)
+                    copy = NewChunk(e.hash, e.codec, data, top.raw_len(i), e.checksum)
                     copied += 1
-                batch.add(i, new_chunk, top.raw_len(i))
+                batch.add(i, copy, top.raw_len(i))
             batch.flush()
             th = top.header
             cid = content_id(th.chunk_size, th.mem_size, (e.hash for e in entries))
