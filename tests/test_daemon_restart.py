@@ -7,6 +7,7 @@ import pytest
 
 from bench.clones import DaemonProcess
 from snapd.pool.pool import process_start_time
+from snapd.pool.worker_handle import proc_stat
 from tests.conftest import requires_kvm
 from tests.daemon_helpers import hello_snapshot
 from vmm import workloads
@@ -15,10 +16,8 @@ pytestmark = requires_kvm
 
 
 def alive(pid: int, start_time) -> bool:
-    if process_start_time(pid) != start_time:
-        return False
-    with open(f"/proc/{pid}/stat", "rb") as f:
-        return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    fields = proc_stat(pid)
+    return fields is not None and int(fields[19]) == start_time and fields[0] != b"Z"
 
 
 def wait_gone(processes, timeout=30.0) -> list:

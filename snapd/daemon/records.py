@@ -12,7 +12,7 @@ import os
 import signal
 import time
 
-from snapd.pool.pool import process_start_time
+from snapd.pool.worker_handle import proc_stat, process_start_time
 
 
 class ProcessRecords:
@@ -70,9 +70,5 @@ class ProcessRecords:
 
 
 def _is_zombie(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            text = f.read()
-    except OSError:
-        return True
-    return text[text.rindex(b")") + 2:text.rindex(b")") + 3] == b"Z"
+    fields = proc_stat(pid)
+    return fields is None or fields[0] == b"Z"

@@ -49,14 +49,21 @@ class WorkerError(RuntimeError):
         self.kind = kind
 
 
-def process_start_time(pid: int) -> int | None:
-    """Field 22 of /proc/PID/stat (clock ticks since boot): with the pid, it names one process for good."""
+def proc_stat(pid: int) -> list[bytes] | None:
+    """/proc/PID/stat's fields after the command name (the first is the state: R, S, Z, ...); None: no such
+    process."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             text = f.read()
     except OSError:
         return None
-    return int(text[text.rindex(b")") + 2:].split()[19])
+    return text[text.rindex(b")") + 2:].split()
+
+
+def process_start_time(pid: int) -> int | None:
+    """Field 22 of /proc/PID/stat (clock ticks since boot): with the pid, it names one process for good."""
+    fields = proc_stat(pid)
+    return None if fields is None else int(fields[19])
 
 
 class WorkerHandle:
