@@ -9,7 +9,6 @@ import dataclasses
 
 from vmm.config import MachineConfig
 from vmm.devices.serial import stdout_sink
-from vmm.errors import VmmError
 from vmm.machine import Microvm
 from vmm.native import ffi, lib
 from vmm.snapshot import SnapshotError, machine_config_of, refuse_diff, restore_into, resume_restored
@@ -31,11 +30,8 @@ class PrebuiltVm:
         self.used = False
         self.memory_untouched = True  # nothing has written the placeholder memory yet
 
-    def restore(self, state, mem_fd: int, shared: bool = False, before_state=None, resume: bool = True) -> Microvm:
-        """Slide ``mem_fd`` under guest memory (MAP_PRIVATE unless ``shared``), write ``state`` and resume.
-
-        ``before_state(machine)`` runs after the remap and before any state is written (e.g. to register the
-        memory with userfaultfd)."""
+    def _take_for(self, state):
+        """This shell for ``state``'s restore, once: a Full snapshot of its shape. Returns the state's config."""
         if self.used:
             raise SnapshotError("this prebuilt VM was already used for a restore")
         refuse_diff(state, "snapshot")
@@ -45,6 +41,14 @@ class PrebuiltVm:
             raise SnapshotError(f"snapshot needs {shape.vcpu_count} vCPUs / {shape.mem_size_mib} MiB, "
                                 f"this prebuilt VM has {self.shape.vcpu_count} / {self.shape.mem_size_mib} MiB")
         self.used = True
+        return config
+
+    def restore(self, state, mem_fd: int, shared: bool = False, before_state=None, resume: bool = True) -> Microvm:
+        """Slide ``mem_fd`` under guest memory (MAP_PRIVATE unless ``shared``), write ``state`` and resume.
+
+        ``before_state(machine)`` runs after the remap and before any state is written (e.g. to register the
+        memory with userfaultfd)."""
+        config = self._take_for(state)
         self.memory_untouched = False
         machine = self.machine
         machine.memory.remap_file(mem_fd, shared=shared)
@@ -61,14 +65,7 @@ class PrebuiltVm:
         """Lazy restore into this shell: its own placeholder memory (emptied first) is registered with a
         userfaultfd and handed to the page server at ``backend_path`` (vmm.uffd_backend); no remap, no slot."""
         from vmm.uffd_backend import UffdBackend, UffdBackendError
-        if self.used:
-            raise SnapshotError("this prebuilt VM was already used for a restore")
-        refuse_diff(state, "snapshot")
-        config = machine_config_of(state)
-        if VmShape(config.vcpu_count, config.mem_size_mib) != self.shape:
-            raise SnapshotError(f"snapshot needs {config.vcpu_count} vCPUs / {config.mem_size_mib} MiB, this "
-                                f"prebuilt VM has {self.shape.vcpu_count} / {self.shape.mem_size_mib} MiB")
-        self.used = True
+        config = self._take_for(state)
         machine = self.machine
         if not self.memory_untouched:  # every page must be missing so that it faults to the server
             # (not done needlessly: DONTNEED of 2 GiB costs ~0.6 ms here, through KVM's MMU notifier)
@@ -76,14 +73,7 @@ class PrebuiltVm:
                 lib.vmm_madvise(ffi.cast("void *", region.host_addr), region.size, lib.MADV_DONTNEED)
         self.memory_untouched = False
         backend = UffdBackend(machine.memory, backend_path)
-        try:
-            # The state is written while the server attaches: a fault meanwhile (the mailbox) is simply served.
-            restore_into(machine, state, self.serial_sink)
-            backend.wait_ready(ready_timeout)
-        except VmmError as exc:
-            if backend.failures and not isinstance(exc, UffdBackendError):
-                raise UffdBackendError(backend.failures[0]) from None
-            raise
+        backend.write_while_attaching(lambda: restore_into(machine, state, self.serial_sink), ready_timeout)
         machine.config = config
         backend.set_failure_handler(lambda message: machine.fail(UffdBackendError(message)))
         if resume:

@@ -244,14 +244,10 @@ def load_snapshot_uffd_backed(snapshot_path: str, backend_path: str, resume: boo
         memory.close()
         raise
     try:
-        # The VM is built and its state written while the server attaches (faults meanwhile are served);
-        # in eager mode "ready" comes once every chunk is installed, and the guest runs only after it.
-        restore_into(machine, state, serial_sink)
-        backend.wait_ready(ready_timeout)
-    except BaseException as exc:
+        # In eager mode "ready" comes once every chunk is installed, and the guest runs only after it.
+        backend.write_while_attaching(lambda: restore_into(machine, state, serial_sink), ready_timeout)
+    except BaseException:
         machine.close()
-        if backend.failures and not isinstance(exc, UffdBackendError):
-            raise UffdBackendError(backend.failures[0]) from None
         raise
     backend.set_failure_handler(lambda message: machine.fail(UffdBackendError(message)))
     machine.state = PAUSED

@@ -49,6 +49,17 @@ class UffdBackend:
         if self.failures:
             raise UffdBackendError(self.failures[0])
 
+    def write_while_attaching(self, write_state, timeout: float = 30.0) -> None:
+        """``write_state()`` while the server attaches (a fault meanwhile, on the mailbox say, is simply served),
+        then wait for its ``ready``. An error after the server reported a failure is that failure."""
+        try:
+            write_state()
+            self.wait_ready(timeout)
+        except Exception as exc:
+            if self.failures and not isinstance(exc, UffdBackendError):
+                raise UffdBackendError(self.failures[0]) from None
+            raise
+
     def sever(self) -> None:
         """Cut guest memory off from the page server without ever showing the guest a wrong page.
 
