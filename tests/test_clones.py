@@ -238,6 +238,12 @@ def lane_restores(daemon) -> int:
     return daemon.daemon.counters["lane_restores"]
 
 
+def assert_lane_restores(daemon, expected: int, why: str = "") -> None:
+    """The lane writes its 201 before the daemon records the clone and counts it: the count is waited for."""
+    wait_until(lambda: lane_restores(daemon) >= expected, 5.0)
+    assert lane_restores(daemon) == expected, why or f"{lane_restores(daemon)} lane restores, not {expected}"
+
+
 def test_the_lane_and_the_python_path_answer_a_restore_alike(running):
     """count 1 with a held prepared worker: the lane (C) answers; count 2: the Python path. Same fields, same
     guest behaviour, and the lane's clone is in the daemon's books like any other."""
@@ -248,7 +254,7 @@ def test_the_lane_and_the_python_path_answer_a_restore_alike(running):
     (fast,) = daemon.client.create_clones(image, payload=request)
     slow = daemon.client.create_clones(image, count=2, payload=request)
     try:
-        assert lane_restores(daemon) == before + 1, "the count-1 restore did not go through the lane"
+        assert_lane_restores(daemon, before + 1, "the count-1 restore did not go through the lane")
         assert f"snapd_lane_restores_total {before + 1}" in daemon.client.metrics()
         replies = [workloads.verify_hello(request, clone["result"], 1) for clone in [fast, *slow]]
         assert len({r.generation for r in replies}) == 3 and len({r.random for r in replies}) == 3, \
@@ -286,6 +292,27 @@ def test_prepared_workers_that_died_on_the_lane_are_replaced_without_an_error(ru
         daemon.client.delete_clone(clone["id"])
 
 
+def test_a_pool_is_settled_only_once_a_new_image_has_its_prepared_workers(tmp_path):
+    """settled() used to mean "nothing in flight", which held between an image's registration and the refill
+    thread's first look: a restore right after it found no prepared worker."""
+    state, mem = hello_snapshot(tmp_path)
+    daemon = RunningDaemon(str(tmp_path / "state"), pool_size=1)
+    try:
+        pool = daemon.daemon.pool
+        wait_settled(pool)
+        pool.restore_started()  # the refill thread prepares nothing while a restore runs
+        try:
+            image = daemon.client.register_image(state, mem, chunk_size=64 << 10)["id"]
+            assert wait_until(lambda: pool.idle_count() >= pool.target), "the pool forked no worker"
+            assert not pool.prepared_workers(image) and not pool.settled()
+        finally:
+            pool.restore_finished()
+        wait_settled(pool)
+        assert len(pool.prepared_workers(image)) >= pool.prepared_target > 0
+    finally:
+        daemon.close()
+
+
 @pytest.mark.parametrize("lane", [True, False], ids=["lane", "no-lane"])
 def test_the_clone_limit_holds_on_both_paths(tmp_path, lane):
     state, mem = hello_snapshot(tmp_path)
@@ -294,7 +321,7 @@ def test_the_clone_limit_holds_on_both_paths(tmp_path, lane):
         image = daemon.client.register_image(state, mem, chunk_size=64 << 10)["id"]
         wait_settled(daemon.daemon.pool)
         (first,) = daemon.client.create_clones(image, payload=b"one")
-        assert lane_restores(daemon) == (1 if lane else 0)
+        assert_lane_restores(daemon, 1 if lane else 0)
         wait_settled(daemon.daemon.pool)
         with pytest.raises(SnapdError) as error:
             daemon.client.create_clones(image, payload=b"two")
@@ -354,7 +381,7 @@ def test_a_clone_asked_for_before_the_lane_recorded_it_is_waited_for(running, sl
             other.delete_clone(clone["id"])
             assert time.monotonic() - t0 < 5
             wait_settled(pool)
-        assert lane_restores(daemon) == before + 3
+        assert_lane_restores(daemon, before + 3)
     finally:
         pool.discard_prepared, daemon.daemon.epoll = original_discard, original_epoll
         other.close()

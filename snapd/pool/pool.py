@@ -112,9 +112,14 @@ class WarmPool:
         return self.idle_workers() + self.prepared_workers()
 
     def settled(self) -> bool:
-        """No fork and no prepare (nor recycle) in flight."""
+        """Nothing in flight and nothing left to do: no fork, prepare or recycle running, no restore waiting for
+        a worker, and every shape's idle target and every image's prepared target met. (Only "nothing in
+        flight" was true too early: between an image's registration and the refill thread's first look.)"""
         with self.cond:
-            return not self.spawning and not any(self.preparing.values())
+            if self.spawning or any(self.preparing.values()) or any(self.waiting.values()):
+                return False
+            return (all(len(self.idle[shape]) >= self.target for shape in self.shapes)
+                    and all(len(self.prepared[image]) >= self.prepared_target for image in self.images))
 
     def prepared_count(self) -> int:
         with self.cond:
