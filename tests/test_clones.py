@@ -209,12 +209,12 @@ def test_a_first_invocation_past_its_timeout_is_a_504_and_the_daemon_keeps_servi
     endless = workloads.kv_request(0xFFFFFFFF, 1)  # ~4e9 lookups: minutes of guest work
     t0 = time.monotonic()
     with pytest.raises(SnapdError) as error:
-        daemon.client.create_clones(image, payload=endless, timeout_ms=1000)
+        daemon.client.create_clones(image, payload=endless, timeout_ms=2000)
     assert error.value.status == 504, error.value
     assert "did not answer" in str(error.value)
     # The timeout is the request's, once: the lane runs the guest up to it and Python must not start it again
-    # (it did: 2 s for a 1 s timeout).
-    assert 0.9 < time.monotonic() - t0 < 1.7
+    # (it did: 4 s for a 2 s timeout). The margin is for a loaded CI machine.
+    assert 1.9 < time.monotonic() - t0 < 3.5
     with pytest.raises(SnapdError) as error:
         daemon.client.create_clones(image, payload=endless, timeout_ms=3_600_001)
     assert error.value.status == 400 and "at most 3600000" in str(error.value)
