@@ -11,7 +11,7 @@ BUILD_DEPS := pyproject.toml setup.py $(wildcard vmm/*_build.py snapd/*_build.py
 .PHONY: demo test test-fast bench system-deps guest clean
 
 demo: $(STAMP)
-	$(VENV)/bin/vmm run --workload hello --invoke 5
+	$(VENV)/bin/snapd demo
 
 # Everything, including the suites marked slow (a real Linux kernel boot, large clone counts).
 test: $(STAMP)

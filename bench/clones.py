@@ -10,8 +10,7 @@
 
 The daemon runs as `snapd serve` in its own process (as a scheduler would see it); this process is the client.
 Latency is one API request, POST /v1/clones with a hello payload, to the guest's first hello reply (verified),
-with a warm pool: requests are paced (--gap-ms) so the pool refills between them. Also home of
-`make_hello_snapshot`, used by the tests.
+with a warm pool: requests are paced (--gap-ms) so the pool refills between them.
 """
 from __future__ import annotations
 
@@ -21,84 +20,20 @@ import base64
 import json
 import os
 import socket
-import subprocess
 import sys
 import tempfile
 import threading
 import time
 
 from bench.common import machine_line, summary, table
+from snapd.daemon_process import DaemonProcess, wait_pool
 from vmm import workloads
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from vmm.snapshot import snapshot_builtin_guest
 
 
 def make_hello_snapshot(directory: str, mem_mib: int, vcpus: int = 1) -> tuple[str, str]:
     """Boot the built-in hello guest, wait for its init phase, snapshot it; returns (state, memory) paths."""
-    return make_guest_snapshot(directory, mem_mib, "workload=hello", "hello", vcpus)
-
-
-def make_guest_snapshot(directory: str, mem_mib: int, boot_args: str, name: str, vcpus: int = 1) -> tuple[str, str]:
-    """Boot the built-in guest with ``boot_args``, wait for its init phase, snapshot it as NAME.state/NAME.mem."""
-    from vmm.config import MachineConfig
-    from vmm.machine import Microvm
-    from vmm.snapshot import create_snapshot
-    state, mem = os.path.join(directory, f"{name}.state"), os.path.join(directory, f"{name}.mem")
-    machine = Microvm(MachineConfig(vcpu_count=vcpus, mem_size_mib=mem_mib, boot_args=boot_args),
-                      serial_sink=lambda data: None)
-    try:
-        machine.boot()
-        machine.wait_ready(30)
-        machine.pause()
-        create_snapshot(machine, state, mem)
-    finally:
-        machine.close()
-    return state, mem
-
-
-class DaemonProcess:
-    """`snapd serve` as a child process."""
-
-    def __init__(self, state_dir: str, *args: str, timeout: float = 60.0, prepared: int | None = None):
-        from snapd.client import SnapdClient
-        self.socket_path = os.path.join(state_dir, "snapd.sock")
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
-        if prepared is not None:
-            env["SNAPD_PREPARED"] = str(prepared)
-        self.process = subprocess.Popen([sys.executable, "-m", "snapd.cli", "serve", "--state-dir", state_dir,
-                                         "--socket", self.socket_path, *args], env=env, stdout=subprocess.DEVNULL)
-        deadline = time.monotonic() + timeout
-        while True:
-            if os.path.exists(self.socket_path):
-                self.client = SnapdClient(self.socket_path)
-                try:
-                    self.client.images()
-                    break
-                except OSError:
-                    self.client.close()
-                except BaseException:  # the daemon answered, wrongly: do not leave it running
-                    self.client.close()
-                    self.stop()
-                    raise
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"snapd serve did not come up (status {self.process.poll()})")
-            time.sleep(0.02)
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(60)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.stop()
+    return snapshot_builtin_guest(directory, mem_mib, "workload=hello", "hello", vcpus)
 
 
 def timed_clone(client, image: str, i: int) -> tuple[float, dict]:
@@ -111,24 +46,6 @@ def timed_clone(client, image: str, i: int) -> tuple[float, dict]:
     workloads.verify_hello(request, clone["result"], 1)
     client.delete_clone(clone["id"])
     return elapsed_ms, clone
-
-
-def wait_pool(client, minimum: int, timeout: float = 60.0, prepared: int = 0) -> None:
-    """Until ``minimum`` plain warm workers and ``prepared`` prepared ones are ready; a pool that does not get
-    there is an error (the latency runs would measure cold restores under a warm-pool label)."""
-    deadline = time.monotonic() + timeout
-    values = {}
-    while time.monotonic() < deadline:
-        values = {}
-        for line in client.metrics().splitlines():
-            if line.startswith(("snapd_pool_idle_workers ", "snapd_pool_prepared_workers ")):
-                values[line.split()[0]] = float(line.split()[1])
-        if (values.get("snapd_pool_idle_workers", 0) >= minimum
-                and values.get("snapd_pool_prepared_workers", 0) >= prepared):
-            return
-        time.sleep(0.02)
-    raise RuntimeError(f"the daemon's pool did not reach {minimum} warm and {prepared} prepared workers within "
-                       f"{timeout:.0f} s (it has {values})")
 
 
 @contextlib.contextmanager

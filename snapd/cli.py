@@ -10,7 +10,7 @@ import importlib
 import json
 import sys
 
-COMMAND_MODULES = ("snapd.image.commands", "snapd.serve", "snapd.loadset_commands")
+COMMAND_MODULES = ("snapd.image.commands", "snapd.serve", "snapd.loadset_commands", "snapd.demo")
 
 EXIT_FAILED = 1   # the command ran and found a problem (e.g. verify found corruption)
 EXIT_USAGE = 2    # bad arguments, missing files, unreadable input

@@ -131,3 +131,13 @@ class SnapdClient:
 
     def metrics(self) -> str:
         return self.call("GET", "/metrics").decode()
+
+    def metric_samples(self) -> dict[str, float]:
+        """GET /metrics as {sample: value}, a sample named as written, labels included:
+        ``snapd_pool_idle_workers``, ``snapd_shared_bytes{image="..."}``."""
+        samples = {}
+        for line in self.metrics().splitlines():
+            if line and not line.startswith("#"):
+                name, _, value = line.rpartition(" ")
+                samples[name] = float(value)
+        return samples

@@ -2,7 +2,7 @@
 import os
 import threading
 
-from bench.clones import make_hello_snapshot
+from vmm.snapshot import snapshot_builtin_guest
 from snapd.client import SnapdClient
 from snapd.daemon.core import Daemon, DaemonConfig
 from snapd.daemon.http import SnapdUnixServer
@@ -40,7 +40,7 @@ def clone_memory(daemon: RunningDaemon, clone_id: str, mem_mib: int = MEM_MIB) -
 
 
 def hello_snapshot(directory) -> tuple[str, str]:
-    return make_hello_snapshot(str(directory), MEM_MIB)
+    return snapshot_builtin_guest(str(directory), MEM_MIB, "workload=hello", "hello")
 
 
 def write_process_memory(pid: int, address: int, data: bytes) -> None:

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from bench.clones import make_guest_snapshot
+from vmm.snapshot import snapshot_builtin_guest
 from snapd.client import SnapdClient, SnapdError
 from snapd.hugetmpfs import HugeTmpfsError, mount_huge_tmpfs, unmount
 from tests.conftest import requires_kvm, wait_until
@@ -176,7 +176,7 @@ def wait_settled(pool, timeout: float = 30.0) -> None:
 @pytest.fixture(scope="module")
 def kv_daemon(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("kv-clones")
-    state, mem = make_guest_snapshot(str(tmp), MEM_MIB, "workload=kv kv_mib=1", "kv")
+    state, mem = snapshot_builtin_guest(str(tmp), MEM_MIB, "workload=kv kv_mib=1", "kv")
     daemon = RunningDaemon(str(tmp / "state"), pool_size=1)
     try:
         yield daemon, daemon.client.register_image(state, mem)["id"]

@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from bench.clones import DaemonProcess
+from snapd.daemon_process import DaemonProcess
 from snapd.pool.pool import process_start_time
 from snapd.pool.worker_handle import proc_stat
 from tests.conftest import requires_kvm

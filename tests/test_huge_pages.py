@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from bench.clones import make_hello_snapshot
+from vmm.snapshot import snapshot_builtin_guest
 from bench.prefetch import prepare, request_for, verify
 from snapd.image.builder import build_image
 from snapd.hugetmpfs import HugeTmpfsError, is_huge_tmpfs, mount_huge_tmpfs, unmount
@@ -53,7 +53,7 @@ def test_only_images_of_whole_huge_pages_may_use_them(tmp_path, huge_dir):
     assert huge_unfit(2 * MIB, 128 * MIB) == ""
     assert "chunk size 512 KiB is not a multiple of 2 MiB" in huge_unfit(512 << 10, 128 * MIB)
     assert "memory size" in huge_unfit(2 * MIB, 129 * MIB)
-    state, mem = make_hello_snapshot(str(tmp_path), 32)
+    state, mem = snapshot_builtin_guest(str(tmp_path), 32, "workload=hello", "hello")
     build_image(mem, str(tmp_path / "store"), str(tmp_path / "hello.img"), chunk_size=512 << 10)
     image = Image(ChunkTable.from_base_image(str(tmp_path / "hello.img")), shared=True, huge_dir=huge_dir)
     assert not image.huge and "512 KiB" in image.huge_refused
