@@ -4,6 +4,7 @@
     PYTHONPATH=. .venv/bin/python -m bench.clones latency-ab [--n 100]   (no prepared workers vs prepared, alternating)
     PYTHONPATH=. .venv/bin/python -m bench.clones latency-ab --ab lane   (the restore lane off vs on, alternating)
     PYTHONPATH=. .venv/bin/python -m bench.clones latency-gaps [--gaps 1,2,5,20,100]   (on the wire, by idle time)
+    PYTHONPATH=. .venv/bin/python -m bench.clones invoke-gaps [--gaps 1,2,5,20,100]    (a live clone's invocations)
     PYTHONPATH=. .venv/bin/python -m bench.clones memory  [--mem-mib 256] [--counts 1,10,100,1000]
     PYTHONPATH=. .venv/bin/python -m bench.clones rate    [--mem-mib 512] [--seconds 10] [--clients 4]
     (SNAPD_REUSE=0 in the environment: deleted clones' workers exit instead of being reused)
@@ -184,6 +185,48 @@ def run_latency_gaps(args, work: str) -> None:
                  "first invocation p50"], rows))
 
 
+def run_invoke_gaps(args, work: str) -> None:
+    """POST /v1/clones/{id}/invoke on one live clone, by the idle time before each request, gaps interleaved in
+    one run; timed on the wire as latency-gaps is. The worker's own time (its invocation, from the request's
+    arrival in the worker to the guest's reply) is reported beside it."""
+    from snapd import http_wire
+    from snapd.client import JSON_HEADERS
+    gaps = [float(g) for g in args.gaps.split(",")]
+    samples = {gap: {"wire": [], "worker": []} for gap in gaps}
+    with hello_daemon(args, work) as (daemon, image):
+        (clone,) = daemon.client.create_clones(image, payload=workloads.hello_request("first"))
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.connect(daemon.socket_path)
+        stream = http_wire.Stream(sock)
+        count = 1
+        for i in range(args.n + args.warmup):
+            for gap in gaps:
+                request = workloads.hello_request(f"invoke {gap} {i}")
+                body = json.dumps({"payload": base64.b64encode(request).decode()}).encode()
+                message = http_wire.request("POST", f"/v1/clones/{clone['id']}/invoke", body, JSON_HEADERS)
+                time.sleep(gap / 1e3)
+                t0 = time.perf_counter()
+                sock.sendall(message)
+                status, _, reply, _ = stream.read_response("POST")
+                elapsed_ms = (time.perf_counter() - t0) * 1e3
+                if status != 200:
+                    raise RuntimeError(f"POST /v1/clones/ID/invoke -> {status}: {reply[:200]!r}")
+                count += 1
+                answer = json.loads(reply)
+                workloads.verify_hello(request, base64.b64decode(answer["result"]), count)
+                if i >= args.warmup:
+                    samples[gap]["wire"].append(elapsed_ms)
+                    samples[gap]["worker"].append(answer["latency_us"] / 1e3)
+        sock.close()
+        daemon.client.delete_clone(clone["id"])
+    rows = []
+    for gap in gaps:
+        wire, worker = summary(samples[gap]["wire"]), summary(samples[gap]["worker"])
+        rows.append([gap, wire["p50"], wire["p90"], wire["p99"], worker["p50"]])
+    print(table(["idle before request (ms)", "invoke e2e p50 (ms)", "e2e p90", "e2e p99", "worker invocation p50"],
+                rows))
+
+
 def worker_rollups(client) -> list[dict]:
     from snapd.daemon.metrics import smaps_rollup
     return [smaps_rollup(c["pid"]) for c in client.clones()]
@@ -263,12 +306,12 @@ def run_rate(args, work: str) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.clones", description=__doc__.split("\n\n")[0])
-    p.add_argument("what", choices=("latency", "latency-ab", "latency-gaps", "memory", "rate"))
+    p.add_argument("what", choices=("latency", "latency-ab", "latency-gaps", "invoke-gaps", "memory", "rate"))
     p.add_argument("--mem-mib", type=int, default=None)
     p.add_argument("--n", type=int, default=200)
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--gap-ms", type=float, default=20.0)
-    p.add_argument("--gaps", default="1,2,5,20,100", help="latency-gaps: idle ms before each request")
+    p.add_argument("--gaps", default="1,2,5,20,100", help="latency-gaps, invoke-gaps: idle ms before each request")
     p.add_argument("--pool-size", type=int, default=4)
     p.add_argument("--max-spawning", type=int, default=2)
     p.add_argument("--counts", default="1,10,100,1000")
@@ -283,8 +326,8 @@ def main(argv=None) -> int:
         args.mem_mib = 256 if args.what == "memory" else 512
     print(machine_line(), f"guest {args.mem_mib} MiB", flush=True)
     with tempfile.TemporaryDirectory(prefix="bench-clones-") as work:
-        {"latency": run_latency, "latency-ab": run_latency_ab, "latency-gaps": run_latency_gaps, "memory": run_memory,
-         "rate": run_rate}[args.what](args, work)
+        {"latency": run_latency, "latency-ab": run_latency_ab, "latency-gaps": run_latency_gaps,
+         "invoke-gaps": run_invoke_gaps, "memory": run_memory, "rate": run_rate}[args.what](args, work)
     return 0
 
 
