@@ -185,20 +185,26 @@ def kv_daemon(tmp_path_factory):
 
 
 def test_a_prepared_clone_answers_its_first_and_later_invocations(kv_daemon):
-    """The first invocation of a prepared (held) clone runs its vCPU on the worker's main thread; later ones on
-    the vCPU thread again: all must be the guest's right answers."""
+    """The first invocation of a prepared (held) clone runs on the worker's main thread, in C (the lane); the
+    guest is then parked in FN_NEXT again, and later invocations are answered there too: all must be the guest's
+    right answers, in order, and the clone reads as running."""
     daemon, image = kv_daemon
     wait_settled(daemon.daemon.pool)
     first = workloads.kv_request(1000, 7)
     (clone,) = daemon.client.create_clones(image, payload=first)
+    worker = daemon.daemon._clone(clone["id"]).worker
     try:
         assert "prepare_us" in clone["timings_us"], "the clone was not served by a prepared worker"
         workloads.verify_kv(1, 1, first, clone["result"])
-        status, _ = daemon.daemon._clone(clone["id"]).worker.request({"op": "status"})
+        status, _ = worker.request({"op": "status"})
         assert status["lane"]["served"] >= 1, "the held clone's restore was not answered by the lane (C)"
+        served = status["lane"]["served"]
         for seed in (8, 9, 10):
             request = workloads.kv_request(5000, seed)
             workloads.verify_kv(1, 1, request, daemon.client.invoke(clone["id"], request))
+        status, _ = worker.request({"op": "status"})
+        assert status["lane"]["served"] == served + 3, "later invocations were not answered by the lane (C)"
+        assert status["state"] == "Running" and daemon.client.clone(clone["id"])["state"] == "running"
     finally:
         daemon.client.delete_clone(clone["id"])
 

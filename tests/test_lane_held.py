@@ -13,7 +13,7 @@ from tests.conftest import requires_kvm
 from snapd.pool.held_lane import EOF, FALLBACK, MESSAGE, SERVED, HeldLane
 from vmm import workloads
 from vmm.config import MachineConfig
-from vmm.devices.fnport import FN_PORT_BASE, OFF_GENERATION
+from vmm.devices.fnport import FN_NEXT, FN_PORT_BASE, OFF_GENERATION
 from vmm.machine import PAUSED, Microvm
 
 IMAGE = "i-lanetest"
@@ -133,6 +133,89 @@ def test_a_deadline_already_past_hands_the_undisturbed_invocation_to_python(held
     workloads.verify_hello(request, invocation.wait(0), 1, res.generation)
 
 
+def restore_served(machine, lane, daemon, request: bytes) -> int:
+    """A lane restore with ``request`` as the first invocation, its records taken as worker._lane_served does;
+    the clone's generation."""
+    protocol.send_raw(daemon, protocol.encode_lane_restore(1, IMAGE, 5.0, request))
+    assert lane.next() == SERVED
+    reply, result, _ = protocol.recv(daemon)
+    workloads.verify_hello(request, result, 1, reply["generation"])
+    machine.fnport.adopt(lane.result.generation, lane.result.seq)
+    return reply["generation"]
+
+
+def test_after_its_reply_the_guest_is_parked_in_fn_next_again_and_later_invocations_are_served_in_c(held):
+    machine, lane, daemon = held
+    generation = restore_served(machine, lane, daemon, workloads.hello_request("first"))
+    assert lane.result.parked == 1 and lane.result.exit_pending == 0
+    assert machine.runners[0].pending_port_read() == FN_PORT_BASE + FN_NEXT, "not parked in its FN_NEXT read"
+    lane.arm(machine, IMAGE, live=True)
+    field = generation_field(machine)
+    requests = [workloads.hello_request(f"live {i}" + "x" * i) for i in range(3)]
+    for i, request in enumerate(requests):
+        protocol.send_raw(daemon, protocol.encode_lane_invoke(20 + i, IMAGE, 5.0, request))
+    protocol.send_raw(daemon, protocol.encode({"op": "status", "id": 30}))
+    assert lane.next() == MESSAGE, "the lane must serve the live invocations in a row and stop at the status"
+    assert lane.message()[0]["op"] == "status"
+    for i, request in enumerate(requests):
+        reply, result, _ = protocol.recv(daemon)
+        assert reply["ok"] and reply["id"] == 20 + i and reply["generation"] == generation
+        workloads.verify_hello(request, result, 2 + i, generation)
+    assert generation_field(machine) == field, "an invocation must not change the clone's generation or entropy"
+    served, seq, written = lane.take_live()
+    assert (served, seq, written) == (3, machine.fnport.seq + 3, max(map(len, requests)))
+    assert lane.take_live()[0] == 0, "taken records are zeroed"
+    machine.fnport.adopt(generation, seq)
+    # Python's own path takes over from the parked read: the guest carries on with the right sequence numbers.
+    last = workloads.hello_request("python")
+    workloads.verify_hello(last, machine.invoke_paused(last, 5.0).wait(0), 5, generation)
+
+
+@pytest.mark.parametrize("case", ["not live", "a restore for a live clone"])
+def test_a_live_invocation_the_lane_cannot_take_reaches_python(held, case):
+    machine, lane, daemon = held
+    request = workloads.hello_request("x")
+    if case == "not live":  # armed for the prepared clone's restore, not for invocations
+        protocol.send_raw(daemon, protocol.encode_lane_invoke(40, IMAGE, 5.0, request))
+    else:
+        restore_served(machine, lane, daemon, workloads.hello_request("first"))
+        lane.arm(machine, IMAGE, live=True)
+        protocol.send_raw(daemon, protocol.encode_lane_restore(40, IMAGE, 5.0, request))
+    assert lane.next() == MESSAGE
+    header, data, _ = lane.message()
+    assert header["id"] == 40 and data == request
+    assert header["op"] == ("invoke" if case == "not live" else "restore")
+
+
+def test_a_live_invocation_past_its_deadline_is_handed_to_python_in_flight(held):
+    machine, lane, daemon = held
+    generation = restore_served(machine, lane, daemon, workloads.hello_request("first"))
+    lane.arm(machine, IMAGE, live=True)
+    request = workloads.hello_request("late")
+    protocol.send_raw(daemon, protocol.encode_lane_invoke(50, IMAGE, 0.0, request))
+    assert lane.next() == FALLBACK
+    res = lane.result
+    assert res.flags & protocol.LANE_FLAG_LIVE and res.generation == generation
+    invocation = machine.fnport.adopt(res.generation, res.seq, lane.payload())
+    machine.continue_paused(invocation, time.monotonic() + 5.0)
+    workloads.verify_hello(request, invocation.wait(0), 2, generation)
+
+
+def test_python_parks_a_held_guest_in_fn_next_again_after_an_invocation(held):
+    """Microvm.hold_at_next, the worker's way back to the parked read after an invocation it ran itself."""
+    machine, _, _ = held
+    for count in (1, 2, 3):
+        request = workloads.hello_request(f"held {count}")
+        workloads.verify_hello(request, machine.invoke_paused(request, 5.0).wait(0), count)
+        assert machine.runners[0].pending_port_read() is None  # left after its FN_DONE
+        assert machine.hold_at_next(time.monotonic() + 5.0)
+        assert machine.state == PAUSED and machine.io_left_pending
+        assert machine.runners[0].pending_port_read() == FN_PORT_BASE + FN_NEXT
+    machine.resume()  # the parked read answers "retry": the guest asks again, through its vCPU thread
+    request = workloads.hello_request("thread")
+    workloads.verify_hello(request, machine.invoke(request, 10), 4)
+
+
 def test_the_daemon_closing_the_channel_is_eof(held):
     _, lane, daemon = held
     daemon.close()
@@ -150,3 +233,8 @@ def test_the_lane_structs_match_the_python_codecs():
     failed = protocol.encode_lane_reply({"ok": True, "id": 3, "invoke": {"ok": False, "kind": "timeout",
                                                                          "error": "no reply"}}, b"")
     assert protocol.decode(failed, [])[0] == {"ok": False, "id": 3, "kind": "timeout", "error": "no reply"}
+    header, data, _ = protocol.decode(protocol.encode_lane_invoke(6, IMAGE, 2.0, b"xyz"), [])
+    assert header == {"op": "invoke", "lane": True, "id": 6, "timeout": 2.0} and data == b"xyz"
+    invoked = protocol.encode_lane_reply({"ok": True, "id": 6, "latency_us": 12.0}, b"out")
+    reply, data, _ = protocol.decode(invoked, [])
+    assert reply["ok"] and reply["invoke"]["latency_us"] == 12.0 and data == b"out"

@@ -11,7 +11,7 @@ from vmm import x86
 from vmm.config import MachineConfig
 from vmm.devices.bus import PortIoBus
 from vmm.dirty_log import BitmapDirtyLog, RingDirtyLog
-from vmm.devices.fnport import FN_NEXT, FN_PORT_BASE, FN_PORT_COUNT, FunctionPort, Invocation
+from vmm.devices.fnport import FN_NEXT, FN_PORT_BASE, FN_PORT_COUNT, NEXT_RETRY, FunctionPort, Invocation
 from vmm.devices.i8042 import I8042, I8042_COMMAND, I8042_DATA, SystemControlPortB
 from vmm.devices.serial import COM1_BASE, COM1_IRQ, UART_PORTS, Serial, stdout_sink
 from vmm.errors import GuestFault, InvocationError, VmmError
@@ -291,6 +291,28 @@ class Microvm:
         except VmmError as exc:
             self.on_vcpu_fault(runner, GuestFault(f"vCPU 0: {exc}", format_registers(runner.vcpu)))
         return invocation
+
+    def hold_at_next(self, deadline: float, first: Callable[[], None] | None = None) -> bool:
+        """Run the paused one-vCPU machine's vCPU on this thread (after an invocation answered here) until the
+        guest asks FN_NEXT for its next invocation, and park it there: the read left pending, answered "retry"
+        (a resume makes the guest ask again, through the vCPU thread), so the next invocation is handed over
+        by answering it (invoke_paused, snapd's held lane) with no thread to wake. False if the guest did not
+        get there by ``deadline`` or stopped: the caller resumes it. ``first``: as continue_paused's (snapd's
+        held lane, which ran the guest on after its reply and met an exit it leaves to Python)."""
+        runner = self.runners[0]
+        try:
+            if first is not None:
+                first()
+            parked = runner.park_at_read(FN_PORT_BASE + FN_NEXT, NEXT_RETRY, deadline)
+        except GuestFault as fault:
+            self.on_vcpu_fault(runner, fault)
+            return False
+        except VmmError as exc:
+            self.on_vcpu_fault(runner, GuestFault(f"vCPU 0: {exc}", format_registers(runner.vcpu)))
+            return False
+        if parked:
+            self.io_left_pending = True
+        return parked
 
     def wait(self, timeout: float | None = None) -> bool:
         return self.stopped.wait(timeout)

@@ -138,6 +138,28 @@ class VcpuRunner:
         finally:
             signal.setitimer(signal.ITIMER_REAL, 0)
 
+    def park_at_read(self, port: int, answer: int, deadline: float) -> bool:
+        """Run this vCPU on the calling thread (its own parked) until the guest reads ``port`` (4 bytes), and
+        stop there: the read is left pending, answered ``answer`` for the next KVM_RUN, which anyone may
+        overwrite before that (a held function port: FN_NEXT, answered "retry" until an invocation comes). False
+        when ``deadline`` passes first, as run_here. Other exits are dispatched as the vCPU thread would."""
+        run = self.vcpu.run
+        run.immediate_exit = 0
+        install_alarm_handler()
+        signal.setitimer(signal.ITIMER_REAL, max(1e-6, deadline - time.monotonic()))
+        try:
+            while not self.machine.stop_requested and time.monotonic() < deadline:
+                if self.vcpu.run_once() == -errno.EINTR:
+                    continue
+                self.exits += 1
+                if self.pending_port_read() == port:
+                    self._answer_read(answer)
+                    return True
+                self._dispatch_exit(run.exit_reason)
+            return False
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+
     def dispatch_pending_exit(self) -> None:
         """Handle the exit KVM_RUN last returned, which someone else ran into (snapd's held lane) and left."""
         self.exits += 1
@@ -186,6 +208,15 @@ class VcpuRunner:
         else:
             for i in range(count):
                 struct.pack_into(fmt, data, offset + i * size, self.bus.read(port, size))
+
+    def _answer_read(self, value: int) -> None:
+        """Answer the pending port read with ``value`` (cut to its size) without asking the bus."""
+        io = lib.vmm_run_io(self.vcpu.run)
+        fmt = {1: "<B", 2: "<H", 4: "<I"}.get(io.size)
+        if fmt is None:
+            raise GuestFault(f"port I/O of {io.size} bytes at port {io.port:#x}", format_registers(self.vcpu))
+        for i in range(io.count):
+            struct.pack_into(fmt, self.vcpu.run_bytes, io.data_offset + i * io.size, value & ((1 << 8 * io.size) - 1))
 
     def _handle_mmio(self) -> None:
         mmio = lib.vmm_run_mmio(self.vcpu.run)

@@ -1,4 +1,5 @@
-/* The worker's side of the restore lane (lane_held.h): the held clone's restore and first invocation, in C.
+/* The worker's side of the restore lane (lane_held.h): the held clone's restore and first invocation, in C,
+ * and the later invocations of a live clone parked in FN_NEXT between them.
  *
  * What Python does for the same request, this does in the same order and leaves the same state behind
  * (vmm/devices/fnport.py, docs/function-port.md): a new generation id and 32 bytes of entropy in the mailbox,
@@ -30,6 +31,10 @@
 #define OFF_GENERATION 24
 #define OFF_REQ_LEN 64
 #define NEXT_DELIVERED 1u
+#define NEXT_RETRY 0u
+/* After the reply, how long the guest may take to come back to FN_NEXT and be parked there again (as
+ * snapd/pool/worker.py HOLD_BUDGET_S; a guest busy for longer is Python's to carry on). */
+#define PARK_BUDGET_NS 20000000ull
 
 struct lane_channel {
     int fd;
@@ -164,6 +169,37 @@ static int run_to_reply(struct lane_held *held, struct lane_held_result *res, ui
     return done;
 }
 
+/* After the reply: run the guest on to its next FN_NEXT read and park it there, the read left pending and
+ * answered "retry" (as Microvm.hold_at_next does), so the next invocation is handed over here again. An exit of
+ * any other kind is left pending for Python's dispatch; the budget, a stop request or an error leave the vCPU
+ * between two KVM_RUNs, for Python to carry on. */
+static void park_in_next(struct lane_held *held, struct lane_held_result *res)
+{
+    struct kvm_run *run = held->run;
+    uint64_t deadline = lane_now_ns() + PARK_BUDGET_NS;
+    run->immediate_exit = 0;
+    set_alarm(PARK_BUDGET_NS);
+    for (;;) {
+        if (ioctl(held->vcpu_fd, KVM_RUN, 0) < 0) {
+            uint64_t now = lane_now_ns();
+            if (errno == EINTR && !run->immediate_exit && now < deadline) {
+                set_alarm(deadline - now);
+                continue;
+            }
+            break;
+        }
+        if (parked_in_next(held)) {
+            uint32_t retry = NEXT_RETRY;
+            memcpy((uint8_t *)run + run->io.data_offset, &retry, 4);
+            res->parked = 1;
+        } else {
+            res->exit_pending = 1;
+        }
+        break;
+    }
+    set_alarm(0);
+}
+
 /* 0, or -errno: the reply did not go (the caller's Python gives up on the channel, as protocol.send would). */
 static int send_reply(struct lane_channel *ch, const struct lane_held_result *res, uint64_t t0, size_t result_len)
 {
@@ -182,7 +218,7 @@ static int send_reply(struct lane_channel *ch, const struct lane_held_result *re
     return 0;
 }
 
-int lane_held_serve(struct lane_channel *ch, struct lane_held *held, struct lane_held_result *res)
+static int serve_one(struct lane_channel *ch, struct lane_held *held, struct lane_held_result *res)
 {
     lane_buffer_trim(ch->buf, res->message_len);  /* the last message's pages, now that Python is done with them */
     memset(res, 0, sizeof(*res));
@@ -191,9 +227,10 @@ int lane_held_serve(struct lane_channel *ch, struct lane_held *held, struct lane
         return n == 0 ? LANE_HELD_EOF : (int)n;
     uint64_t t0 = lane_now_ns();
     const struct lane_restore_msg *msg = (const struct lane_restore_msg *)ch->buf;
+    int live = (msg->flags & LANE_FLAG_LIVE) != 0;
     if ((size_t)n < sizeof(*msg) || memcmp(msg->magic, LANE_RESTORE_MAGIC, 4) != 0 || res->nfds || res->truncated
-        || !held->armed || strncmp(msg->image, held->image, LANE_IMAGE_MAX) != 0 || !parked_in_next(held)
-        || !alarm_ready())
+        || !held->armed || live != held->live || strncmp(msg->image, held->image, LANE_IMAGE_MAX) != 0
+        || !parked_in_next(held) || !alarm_ready())
         return LANE_HELD_MESSAGE;
     res->id = msg->id;
     res->flags = msg->flags;
@@ -201,29 +238,50 @@ int lane_held_serve(struct lane_channel *ch, struct lane_held *held, struct lane
     res->payload_offset = sizeof(*msg);
     res->payload_len = (uint64_t)n - sizeof(*msg);
     int invoke = (msg->flags & LANE_FLAG_INVOKE) != 0;
-    if (invoke && res->payload_len > held->req_cap)
+    if ((invoke && res->payload_len > held->req_cap) || (live && !invoke))
         return LANE_HELD_MESSAGE;  /* Python refuses it with the function port's own words */
 
-    /* A new generation id and fresh entropy, as on every resume from a snapshot (VMGenID), and with a payload
-     * the invocation as fnport._next hands it over (payload, sequence number, length): one write. */
+    /* A restore: a new generation id and fresh entropy, as on every resume from a snapshot (VMGenID). With a
+     * payload, the invocation as fnport._next hands it over (payload, sequence number, length). One write. A
+     * live clone's invocation writes the sequence number, the length and the payload only. */
     struct mailbox_fields fields;
-    if (getrandom(&fields.generation, sizeof(fields.generation), 0) != (ssize_t)sizeof(fields.generation))
+    if (live)
+        fields.generation.id = held->generation;
+    else if (getrandom(&fields.generation, sizeof(fields.generation), 0) != (ssize_t)sizeof(fields.generation))
         return LANE_HELD_MESSAGE;
     if (!fields.generation.id)
         fields.generation.id = 1;
     fields.seq = held->seq + (uint64_t)invoke;
     fields.req_len = (uint32_t)res->payload_len;
-    struct iovec local[2] = { { &fields.generation, sizeof(fields.generation) },
-                              { ch->buf + res->payload_offset, res->payload_len } };
-    struct iovec remote[2] = { { (void *)(held->mailbox + OFF_GENERATION), sizeof(fields.generation) },
-                               { (void *)(held->mailbox + MAILBOX_HEADER), res->payload_len } };
-    if (invoke) {
+    const uint8_t *payload = ch->buf + res->payload_offset;
+    struct iovec local[3], remote[3];
+    int count;
+    if (live) {
+        local[0] = (struct iovec){ &fields.seq, sizeof(fields.seq) };
+        remote[0] = (struct iovec){ (void *)(held->mailbox + OFF_SEQ), sizeof(fields.seq) };
+        local[1] = (struct iovec){ &fields.req_len, sizeof(fields.req_len) };
+        remote[1] = (struct iovec){ (void *)(held->mailbox + OFF_REQ_LEN), sizeof(fields.req_len) };
+        count = 2;
+    } else if (invoke) {
         local[0] = (struct iovec){ &fields, sizeof(fields) };
         remote[0] = (struct iovec){ (void *)(held->mailbox + OFF_SEQ), sizeof(fields) };
+        count = 1;
+    } else {
+        local[0] = (struct iovec){ &fields.generation, sizeof(fields.generation) };
+        remote[0] = (struct iovec){ (void *)(held->mailbox + OFF_GENERATION), sizeof(fields.generation) };
+        count = 1;
     }
-    ssize_t want = (ssize_t)(local[0].iov_len + (invoke ? res->payload_len : 0));
-    if (process_vm_writev(getpid(), local, invoke ? 2 : 1, remote, invoke ? 2 : 1, 0) != want)
-        return LANE_HELD_MESSAGE;  /* nothing the guest acts on yet: Python writes a generation and all again */
+    ssize_t want = 0;
+    for (int i = 0; i < count; i++)
+        want += (ssize_t)local[i].iov_len;
+    if (invoke) {
+        local[count] = (struct iovec){ (void *)payload, res->payload_len };
+        remote[count] = (struct iovec){ (void *)(held->mailbox + MAILBOX_HEADER), res->payload_len };
+        want += (ssize_t)res->payload_len;
+        count++;
+    }
+    if (process_vm_writev(getpid(), local, (unsigned long)count, remote, (unsigned long)count, 0) != want)
+        return LANE_HELD_MESSAGE;  /* nothing the guest acts on yet: Python writes it all again */
     res->generation = fields.generation.id;
     res->seq = fields.seq;
     uint64_t t1 = lane_now_ns();
@@ -231,6 +289,7 @@ int lane_held_serve(struct lane_channel *ch, struct lane_held *held, struct lane
     held->armed = 0;  /* the clone is the request's now, whatever happens next */
     if (!invoke) {
         int sent = send_reply(ch, res, t0, 0);
+        res->parked = 1;  /* still in the read it was held in */
         return sent < 0 ? sent : LANE_HELD_SERVED;
     }
 
@@ -250,5 +309,25 @@ int lane_held_serve(struct lane_channel *ch, struct lane_held *held, struct lane
     }
     res->invoke_ns = lane_now_ns() - t1;
     int sent = send_reply(ch, res, t0, length);
-    return sent < 0 ? sent : LANE_HELD_SERVED;
+    if (sent < 0)
+        return sent;
+    res->exit_pending = 0;
+    park_in_next(held, res);
+    return LANE_HELD_SERVED;
+}
+
+int lane_held_serve(struct lane_channel *ch, struct lane_held *held, struct lane_held_result *res)
+{
+    for (;;) {
+        int kind = serve_one(ch, held, res);
+        if (kind != LANE_HELD_SERVED || !held->live || !res->parked)
+            return kind;
+        /* A live clone's invocation, answered and parked again: the next one is served here too, and Python
+         * takes the records (the sequence number, the mailbox bytes written) when it is next called. */
+        held->seq = res->seq;
+        held->live_served++;
+        if (res->payload_len > held->live_written)
+            held->live_written = res->payload_len;
+        held->armed = 1;
+    }
 }

@@ -322,7 +322,7 @@ class CloneOps:
         timeout = body.get("timeout_ms", 10_000) / 1e3
         clone = self._usable(clone_id)
         try:
-            reply, result = clone.worker.request({"op": "invoke", "timeout": timeout}, payload, timeout=timeout + 10)
+            reply, result = clone.worker.invoke_live(clone.image.record.id, payload, timeout, timeout=timeout + 10)
         except WorkerFailed as exc:
             self._mark_failed(clone, str(exc))
             raise CloneFailed(f"clone {clone_id} failed: {exc}") from None
@@ -333,7 +333,7 @@ class CloneOps:
                 self._mark_failed(clone, clone.worker.failure)
                 raise CloneFailed(f"clone {clone_id} failed: {clone.worker.failure}") from None
             raise BadRequest(f"clone {clone_id}: {exc}") from None
-        return {"result": base64.b64encode(result).decode(), "latency_us": round(reply["latency_us"], 1)}
+        return {"result": base64.b64encode(result).decode(), "latency_us": round(reply["invoke"]["latency_us"], 1)}
 
     def snapshot_clone(self, body: dict, clone_id: str) -> dict:
         clone = self._usable(clone_id)

@@ -2,7 +2,8 @@
 
 While a prepared one-vCPU clone is held in its FN_NEXT read, the lane is armed with where that clone's vCPU and
 mailbox are; a LANE_RESTORE message for it is then answered in C (new generation, first invocation, reply) and
-Python only brings its records up to date afterwards. Every other message, and a lane restore the C side cannot
+Python only brings its records up to date afterwards. The same for a live clone parked there between
+invocations, and a LANE_RESTORE with LANE_FLAG_LIVE (its next invocation). Every other message, and a lane restore the C side cannot
 take, comes back as a message for the worker's ordinary dispatch.
 """
 from __future__ import annotations
@@ -36,9 +37,11 @@ class HeldLane:
         self.result = ffi.new("struct lane_held_result *")
         install_alarm_handler()  # the lane bounds the guest with SIGALRM, as run_here does
 
-    def arm(self, machine, image: str) -> None:
-        """``machine`` (paused, its one vCPU parked in FN_NEXT, the read left pending) may be answered in C."""
+    def arm(self, machine, image: str, live: bool = False) -> None:
+        """``machine`` (paused, its one vCPU parked in FN_NEXT, the read left pending) may be answered in C: its
+        restore (a prepared clone), or with ``live`` its next invocation (the worker's running clone)."""
         fnport, held = machine.fnport, self.held
+        held.live, held.generation = live, fnport.generation
         held.vcpu_fd = machine.vcpus[0].fd
         held.run = ffi.cast("void *", _address(machine.vcpus[0].run))
         held.mailbox = _address(machine.memory.host_pointer(fnport.mailbox_gpa))
@@ -46,6 +49,14 @@ class HeldLane:
         held.fn_next_port, held.fn_done_port = FN_PORT_BASE + FN_NEXT, FN_PORT_BASE + FN_DONE
         held.image = image.encode()[:lib.LANE_IMAGE_MAX]
         held.armed = 1
+
+    def take_live(self) -> tuple[int, int, int]:
+        """What the C side did for a live clone without returning: (invocations served and parked again, the
+        last sequence number, the largest payload written), zeroed for the next call."""
+        held = self.held
+        taken = (held.live_served, held.seq, held.live_written)
+        held.live_served = held.live_written = 0
+        return taken
 
     def disarm(self) -> None:
         self.held.armed = 0

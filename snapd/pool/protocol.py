@@ -5,8 +5,9 @@ so no base64 on the hot path); file descriptors (a base image's memfd, a new wor
 as SCM_RIGHTS. SEQPACKET keeps message boundaries, so neither side needs framing or partial reads.
 
 Two messages are fixed binary structs instead (snapd/csrc/lane_proto.h), so that the restore of a held clone
-parses no text on either side: LANE_RESTORE (daemon -> worker, the payload after it) and LANE_REPLY (worker ->
-daemon, the result or an error text after it). ``decode`` turns them into the same dicts the JSON restore and
+and the invocations of a live one parse no text on either side: LANE_RESTORE (daemon -> worker, the payload
+after it; with LANE_FLAG_LIVE an invocation of the live clone) and LANE_REPLY (worker -> daemon, the result or an
+error text after it). ``decode`` turns them into the same dicts the JSON restore and
 its reply are, so code past the channel does not care which way a request came.
 """
 from __future__ import annotations
@@ -25,7 +26,7 @@ _PEEK = bytearray(1)  # receives the peeked byte; never read
 LANE_RESTORE = struct.Struct("<4sIQQ64s")   # magic, flags, id, timeout_ns, image: struct lane_restore_msg
 LANE_REPLY = struct.Struct("<4siQQQQQ")     # magic, status, id, generation, generation_ns, invoke_ns, total_ns
 LANE_RESTORE_MAGIC, LANE_REPLY_MAGIC = b"SNL1", b"SNL2"
-LANE_FLAG_INVOKE = 1
+LANE_FLAG_INVOKE, LANE_FLAG_LIVE = lane_lib.LANE_FLAG_INVOKE, lane_lib.LANE_FLAG_LIVE
 LANE_KINDS = {lane_lib.LANE_ERR_TIMEOUT: "timeout", lane_lib.LANE_ERR_INVOCATION: "invocation",  # a reply's
               lane_lib.LANE_ERR_VMM: "vmm", lane_lib.LANE_ERR_PROTOCOL: "protocol"}       # status -> error kind
 LANE_STATUS = {kind: status for status, kind in LANE_KINDS.items()}
@@ -73,9 +74,17 @@ def encode_lane_restore(request_id: int, image: str, timeout: float, payload: by
     return LANE_RESTORE.pack(LANE_RESTORE_MAGIC, flags, request_id, int(timeout * 1e9), image.encode()) + (payload or b"")
 
 
+def encode_lane_invoke(request_id: int, image: str, timeout: float, payload: bytes) -> bytes:
+    """An invocation of the worker's live clone (of ``image``), answered in C if the clone is parked in FN_NEXT,
+    else by the worker's Python; the reply is a LANE_REPLY either way."""
+    return LANE_RESTORE.pack(LANE_RESTORE_MAGIC, LANE_FLAG_INVOKE | LANE_FLAG_LIVE, request_id, int(timeout * 1e9),
+                             image.encode()) + payload
+
+
 def encode_lane_reply(reply: dict, result: bytes) -> bytes:
-    """The worker's Python answering a lane restore in the lane's own format."""
-    invoke = reply.get("invoke") or {}
+    """The worker's Python answering a lane message in the lane's own format (a restore's reply, or an
+    invocation's: its latency_us is the invocation's)."""
+    invoke = reply.get("invoke") or ({"latency_us": reply["latency_us"]} if "latency_us" in reply else {})
     if reply.get("ok") and not invoke.get("ok", True):  # restored, but the first invocation failed
         reply = dict(invoke, id=reply.get("id", 0))
     if not reply.get("ok"):
@@ -92,9 +101,11 @@ def _decode_lane(message: bytes) -> tuple[dict, bytes] | None:
     magic = message[:4]
     if magic == LANE_RESTORE_MAGIC and len(message) >= LANE_RESTORE.size:
         _, flags, request_id, timeout_ns, image = LANE_RESTORE.unpack_from(message)
-        return ({"op": "restore", "prepared": True, "lane": True, "id": request_id, "timeout": timeout_ns / 1e9,
-                 "image": image.rstrip(b"\0").decode("ascii", "replace"), "invoke": bool(flags & LANE_FLAG_INVOKE)},
-                message[LANE_RESTORE.size:])
+        header = {"op": "restore", "prepared": True, "lane": True, "id": request_id, "timeout": timeout_ns / 1e9,
+                  "image": image.rstrip(b"\0").decode("ascii", "replace"), "invoke": bool(flags & LANE_FLAG_INVOKE)}
+        if flags & LANE_FLAG_LIVE:
+            header = {"op": "invoke", "lane": True, "id": request_id, "timeout": timeout_ns / 1e9}
+        return header, message[LANE_RESTORE.size:]
     if magic == LANE_REPLY_MAGIC and len(message) >= LANE_REPLY.size:
         _, status, request_id, generation, generation_ns, invoke_ns, total_ns = LANE_REPLY.unpack_from(message)
         rest = message[LANE_REPLY.size:]

@@ -20,7 +20,7 @@ import time
 from snapd.pool import held_lane, protocol
 from snapd.uffd import UffdError, create_registered_uffd, unregister as uffd_unregister
 from snapd.uffd_handshake import Region
-from vmm.devices.fnport import MAILBOX_HEADER
+from vmm.devices.fnport import FN_NEXT, FN_PORT_BASE, MAILBOX_HEADER
 from vmm.errors import InvocationError, VmmError
 from vmm.machine import PAUSED, STOPPED
 from vmm.native import ffi, lib
@@ -30,6 +30,10 @@ from vmm.uffd_backend import UffdBackend, UffdBackendError
 
 
 READ_MEMORY_MAX = 1 << 20
+# After an invocation answered on the main thread, how long the guest may take to come back to its FN_NEXT read
+# and be parked there (its next invocation then answered with no thread to wake, in C if the lane can); a guest
+# busy for longer goes on on its vCPU thread.
+HOLD_BUDGET_S = 0.02
 PAGE = 4096
 MADV_POPULATE_WRITE = 23  # Linux 5.14+, <linux/mman.h>
 
@@ -78,6 +82,7 @@ class Worker:
         while True:
             self._arm_lane()
             kind = lane.next()
+            self._take_live_records()
             if kind == held_lane.SERVED:
                 self._lane_served()
             elif kind == held_lane.FALLBACK:
@@ -91,14 +96,30 @@ class Worker:
                     return
                 self._dispatch(header, data, fds)
 
+    def _take_live_records(self) -> None:
+        """The live clone's invocations the lane served in C without returning (lane_held_serve's loop): into
+        the function port's records, the dirty-page notes of the mailbox, and the counts."""
+        served, seq, written = self.lane.take_live()
+        if served and self.machine is not None:
+            fnport = self.machine.fnport
+            fnport.adopt(fnport.generation, seq)
+            self.machine.memory.note_host_write(fnport.mailbox_gpa, MAILBOX_HEADER + written)
+            self.lane_counts["served"] += served
+
     def _arm_lane(self) -> None:
-        """Let the lane answer the next restore itself if a prepared clone is held in FN_NEXT (worker._prepare)."""
-        machine = self.prepared
-        if (machine is not None and machine.state == PAUSED and machine.io_left_pending and len(machine.runners) == 1
-                and machine.fnport.mailbox_gpa and not (self.backend is not None and self.backend.failures)):
-            self.lane.arm(machine, self.image)
+        """Let the lane answer the next restore itself if a prepared clone is held in FN_NEXT (worker._prepare),
+        or the next invocation if the live clone is parked there (_settle_held)."""
+        if self._parked_in_next(self.prepared):
+            self.lane.arm(self.prepared, self.image)
+        elif self.held and self._parked_in_next(self.machine):
+            self.lane.arm(self.machine, self.image, live=True)
         else:
             self.lane.disarm()
+
+    def _parked_in_next(self, machine) -> bool:
+        return (machine is not None and machine.state == PAUSED and machine.io_left_pending
+                and len(machine.runners) == 1 and machine.runners[0].pending_port_read() == FN_PORT_BASE + FN_NEXT
+                and machine.fnport.mailbox_gpa and not (self.backend is not None and self.backend.failures))
 
     def _dispatch(self, header: dict, data: bytes, fds: list[int]) -> None:
         op = header.get("op")
@@ -112,7 +133,7 @@ class Worker:
             elif op == "recycle":
                 reply, out = self._recycle(header, fds), b""
             elif op == "invoke":
-                reply, out = self._invoke(data, header.get("timeout", 10.0))
+                reply, out = self._invoke(data, header.get("timeout", 10.0), here=self.held)
             elif op == "snapshot":
                 reply, out = self._snapshot(header), b""
             elif op == "preload":
@@ -143,7 +164,22 @@ class Worker:
             protocol.send_raw(self.channel, protocol.encode_lane_reply(reply, out))
         else:
             protocol.send(self.channel, reply, out)
-        self._release_held()  # after the reply: the daemon (and the client) need not wait for it
+        self._settle_held()  # after the reply: the daemon (and the client) need not wait for it
+
+    def _settle_held(self, first=None) -> None:
+        """A held clone whose invocation ran on this thread goes back to its FN_NEXT read and is parked there
+        again (Microvm.hold_at_next), so that its next invocation needs no thread hand-off either; one that does
+        not get there in HOLD_BUDGET_S, or has more vCPUs, goes on on its vCPU thread. ``first``: the exit the
+        lane left pending, dispatched before."""
+        machine = self.machine
+        if not self.held or machine is None or machine.state != PAUSED:
+            return
+        if first is None and self._parked_in_next(machine):
+            return  # still in (or back in) the read it was held in
+        if len(machine.runners) == 1 and not machine.stop_requested:
+            if machine.hold_at_next(time.monotonic() + HOLD_BUDGET_S, first):
+                return
+        self._release_held()
 
     def _release_held(self) -> None:
         """Give a held clone's vCPU back to its thread (it waits in FN_NEXT again, or finishes an invocation
@@ -240,6 +276,7 @@ class Worker:
         if (machine.state == STOPPED or machine.fault is not None or machine.stop_requested
                 or (backend is not None and backend.failures) or machine.memory.inaccessible_reason):
             return {"ok": False, "error": "the clone failed: its worker is not reused", "kind": "vmm"}
+        self._release_held()  # its parked read is completed before the VM is rewritten for the next clone
         machine.pause()
         if machine.state == STOPPED or machine.fault is not None:
             return {"ok": False, "error": "the clone stopped while it was paused", "kind": "vmm"}
@@ -289,27 +326,33 @@ class Worker:
         return machine
 
     def _lane_served(self) -> None:
-        """The lane restored the held clone, ran its first invocation and sent the reply: records only."""
+        """The lane restored the held clone and ran its first invocation, or ran the live clone's next one, and
+        sent the reply: records only, and the clone goes back to its FN_NEXT read."""
         res = self.lane.result
         self.lane_counts["served"] += 1
-        machine = self._take_prepared()
+        machine = self.machine if res.flags & protocol.LANE_FLAG_LIVE else self._take_prepared()
         machine.fnport.adopt(res.generation, res.seq)
         self._note_lane_writes(machine, res)
-        self._release_held()
+        if not res.parked:  # the lane ran the guest on after its reply and stopped short of FN_NEXT
+            self._settle_held(machine.runners[0].dispatch_pending_exit if res.exit_pending else None)
 
     def _lane_fallback(self) -> None:
         """The lane handed the guest the first invocation, then met what it leaves to Python (an exit other than
         FN_DONE, the deadline, an error): carry the invocation on from there and answer the request."""
         res, t0 = self.lane.result, time.perf_counter()
         self.lane_counts["fallbacks"] += 1
-        machine = self._take_prepared()
+        live = res.flags & protocol.LANE_FLAG_LIVE
+        machine = self.machine if live else self._take_prepared()
         payload = self.lane.payload()
         invocation = machine.fnport.adopt(res.generation, res.seq, payload)
         self._note_lane_writes(machine, res)
         header = {"id": res.id, "lane": True, "invoke": True, "timeout": res.timeout_ns / 1e9}
-        timings = {"new_generation_us": res.generation_ns / 1e3}
         delivered = (invocation, res.deadline_ns / 1e9, bool(res.exit_pending))
-        reply, out = self._restored(machine, timings, header, payload, t0, prepared=True, delivered=delivered)
+        if live:
+            reply, out = self._invoke(payload, header["timeout"], delivered=delivered)
+        else:
+            timings = {"new_generation_us": res.generation_ns / 1e3}
+            reply, out = self._restored(machine, timings, header, payload, t0, prepared=True, delivered=delivered)
         self._reply(header, reply, out)
 
     @staticmethod
@@ -400,6 +443,7 @@ class Worker:
         machine = self.machine
         if machine is None:
             return {"ok": False, "error": "no clone is running in this worker", "kind": "protocol"}
+        self._release_held()  # a parked read must be completed (by its vCPU thread) before the state is saved
         machine.pause()
         try:
             create_snapshot(machine, header["state_path"], header["mem_path"])
@@ -421,7 +465,8 @@ class Worker:
         machine = self.machine
         if machine is None:
             return {"ok": True, "state": "idle", "lane": self.lane_counts}
-        return {"ok": True, "state": machine.state, "lane": self.lane_counts, "stop_reason": machine.stop_reason,
+        state = "Running" if self.held and machine.state == PAUSED else machine.state  # parked between calls
+        return {"ok": True, "state": state, "lane": self.lane_counts, "stop_reason": machine.stop_reason,
                 "fault": str(machine.fault) if machine.fault else None}
 
     def _page_server_failed(self, machine, error: str) -> None:

@@ -101,6 +101,14 @@ class WorkerHandle:
         message = protocol.encode_lane_restore(request_id, image, invoke_timeout, payload)
         return self._exchange("restore", request_id, message, (), timeout)
 
+    def invoke_live(self, image: str, payload: bytes, invoke_timeout: float, timeout: float) -> tuple[dict, bytes]:
+        """Invoke this worker's live clone (of ``image``) with a LANE_RESTORE + LANE_FLAG_LIVE message: answered
+        in C while the clone is parked in FN_NEXT, else by the worker's Python. The reply reads as a lane
+        restore's: the invocation's latency in ``reply["invoke"]``."""
+        request_id = next(self._ids)
+        message = protocol.encode_lane_invoke(request_id, image, invoke_timeout, payload)
+        return self._exchange("invoke", request_id, message, (), timeout)
+
     def next_request_id(self) -> int:
         return next(self._ids)
 
