@@ -25,9 +25,10 @@ PLAN = [
      ["--real", "--mem-mib", "128", "--data-mib", "16", "--chunks", "64,512"]),
     ("fault_service", "bench.fault_service", [], ["--quick"]),
     ("lazy_restore", "bench.lazy_restore", [], ["--quick"]),
-    # bench.clones takes a sub-command: latency | latency-gaps | latency-ab | memory | rate
+    # bench.clones takes a sub-command: latency | latency-gaps | invoke-gaps | latency-ab | memory | rate
     ("clones-latency", "bench.clones", ["latency"], ["latency", "--n", "20", "--warmup", "2"]),
     ("clones-latency-gaps", "bench.clones", ["latency-gaps"], ["latency-gaps", "--n", "15", "--warmup", "2"]),
+    ("clones-invoke-gaps", "bench.clones", ["invoke-gaps"], ["invoke-gaps", "--n", "15", "--warmup", "2"]),
     ("clones-lane-ab", "bench.clones", ["latency-ab", "--ab", "lane"],
      ["latency-ab", "--ab", "lane", "--n", "15", "--warmup", "2"]),
     ("cold_cpu", "bench.cold_cpu", [], ["--n", "20"]),

@@ -142,41 +142,58 @@ def run_latency_ab(args, work: str) -> None:
     print(table(["what", "p50", "p90", "p99", "mean", "min"], rows))
 
 
+class WireClient:
+    """One raw connection to the daemon, timed on the wire: the clock runs from a request's first byte sent to
+    its reply's last byte received; encoding the request and decoding the reply stay outside it."""
+
+    def __init__(self, socket_path: str):
+        from snapd import http_wire
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.connect(socket_path)
+        self.stream = http_wire.Stream(self.sock)
+
+    def post(self, path: str, body: dict, expect: int, idle_ms: float) -> tuple[float, dict]:
+        """POST ``body`` after ``idle_ms`` of idle: (ms on the wire, the decoded reply)."""
+        from snapd import http_wire
+        from snapd.client import JSON_HEADERS
+        message = http_wire.request("POST", path, json.dumps(body).encode(), JSON_HEADERS)
+        time.sleep(idle_ms / 1e3)
+        t0 = time.perf_counter()
+        self.sock.sendall(message)
+        status, _, reply, _ = self.stream.read_response("POST")
+        elapsed_ms = (time.perf_counter() - t0) * 1e3
+        if status != expect:
+            raise RuntimeError(f"POST {path} -> {status}: {reply[:200]!r}")
+        return elapsed_ms, json.loads(reply)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
 def run_latency_gaps(args, work: str) -> None:
     """End-to-end latency by the idle time before each request, gaps interleaved in one run. On these nested
     hosts a CPU that idles for milliseconds comes back cold (docs/benchmarks.md, "Cold CPUs"): an isolated
     request pays for it, requests arriving every few ms (the sustained-rate goal's regime) do not. Measured on
     the wire: the clock runs from the request's first byte sent to its reply's last byte received, the request
     encoded and the reply decoded and verified outside it (the Python client's own costs are not the daemon's)."""
-    from snapd import http_wire
-    from snapd.client import JSON_HEADERS
     gaps = [float(g) for g in args.gaps.split(",")]
     samples = {gap: {"wire": [], "daemon": [], "first_invoke": []} for gap in gaps}
     with hello_daemon(args, work) as (daemon, image):
         client = daemon.client
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.connect(daemon.socket_path)
-        stream = http_wire.Stream(sock)
+        wire = WireClient(daemon.socket_path)
         for i in range(args.n + args.warmup):
             for gap in gaps:
                 request = workloads.hello_request(f"gap {gap} {i}")
-                body = json.dumps({"image": image, "payload": base64.b64encode(request).decode()}).encode()
-                message = http_wire.request("POST", "/v1/clones", body, JSON_HEADERS)
-                time.sleep(gap / 1e3)
-                t0 = time.perf_counter()
-                sock.sendall(message)
-                status, _, reply, _ = stream.read_response("POST")
-                elapsed_ms = (time.perf_counter() - t0) * 1e3
-                if status != 201:
-                    raise RuntimeError(f"POST /v1/clones -> {status}: {reply[:200]!r}")
-                clone = json.loads(reply)["clones"][0]
+                body = {"image": image, "payload": base64.b64encode(request).decode()}
+                elapsed_ms, reply = wire.post("/v1/clones", body, 201, gap)
+                clone = reply["clones"][0]
                 workloads.verify_hello(request, base64.b64decode(clone["result"]), 1)
                 client.delete_clone(clone["id"])
                 if i >= args.warmup:
                     samples[gap]["wire"].append(elapsed_ms)
                     samples[gap]["daemon"].append(clone["restore_us"] / 1e3)
                     samples[gap]["first_invoke"].append(clone["invoke_latency_us"] / 1e3)
-        sock.close()
+        wire.close()
     rows = []
     for gap in gaps:
         wire, dmn, inv = (summary(samples[gap][k]) for k in ("wire", "daemon", "first_invoke"))
@@ -189,35 +206,23 @@ def run_invoke_gaps(args, work: str) -> None:
     """POST /v1/clones/{id}/invoke on one live clone, by the idle time before each request, gaps interleaved in
     one run; timed on the wire as latency-gaps is. The worker's own time (its invocation, from the request's
     arrival in the worker to the guest's reply) is reported beside it."""
-    from snapd import http_wire
-    from snapd.client import JSON_HEADERS
     gaps = [float(g) for g in args.gaps.split(",")]
     samples = {gap: {"wire": [], "worker": []} for gap in gaps}
     with hello_daemon(args, work) as (daemon, image):
         (clone,) = daemon.client.create_clones(image, payload=workloads.hello_request("first"))
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.connect(daemon.socket_path)
-        stream = http_wire.Stream(sock)
+        wire = WireClient(daemon.socket_path)
         count = 1
         for i in range(args.n + args.warmup):
             for gap in gaps:
                 request = workloads.hello_request(f"invoke {gap} {i}")
-                body = json.dumps({"payload": base64.b64encode(request).decode()}).encode()
-                message = http_wire.request("POST", f"/v1/clones/{clone['id']}/invoke", body, JSON_HEADERS)
-                time.sleep(gap / 1e3)
-                t0 = time.perf_counter()
-                sock.sendall(message)
-                status, _, reply, _ = stream.read_response("POST")
-                elapsed_ms = (time.perf_counter() - t0) * 1e3
-                if status != 200:
-                    raise RuntimeError(f"POST /v1/clones/ID/invoke -> {status}: {reply[:200]!r}")
+                body = {"payload": base64.b64encode(request).decode()}
+                elapsed_ms, answer = wire.post(f"/v1/clones/{clone['id']}/invoke", body, 200, gap)
                 count += 1
-                answer = json.loads(reply)
                 workloads.verify_hello(request, base64.b64decode(answer["result"]), count)
                 if i >= args.warmup:
                     samples[gap]["wire"].append(elapsed_ms)
                     samples[gap]["worker"].append(answer["latency_us"] / 1e3)
-        sock.close()
+        wire.close()
         daemon.client.delete_clone(clone["id"])
     rows = []
     for gap in gaps:
