@@ -149,6 +149,7 @@ class WireClient:
     def __init__(self, socket_path: str):
         from snapd import http_wire
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(120)  # a hung daemon fails the run instead of hanging it
         self.sock.connect(socket_path)
         self.stream = http_wire.Stream(self.sock)
 

@@ -33,25 +33,27 @@ class DaemonProcess:
             env["SNAPD_PREPARED"] = str(prepared)
         self.process = subprocess.Popen([sys.executable, "-m", "snapd.cli", "serve", "--state-dir", state_dir,
                                          "--socket", self.socket_path, *args], env=env, stdout=stdout)
-        deadline = time.monotonic() + timeout
+        self.client = SnapdClient(self.socket_path)
+        try:
+            self._wait_for_socket(time.monotonic() + timeout)
+        except BaseException:  # it did not come up, answered wrongly, or we were interrupted: do not leave it
+            self.stop()
+            raise
+
+    def _wait_for_socket(self, deadline: float) -> None:
         while True:
             if os.path.exists(self.socket_path):
-                self.client = SnapdClient(self.socket_path)
                 try:
                     self.client.images()
-                    break
+                    return
                 except OSError:
                     self.client.close()
-                except BaseException:  # the daemon answered, wrongly: do not leave it running
-                    self.client.close()
-                    self.stop()
-                    raise
             if self.process.poll() is not None or time.monotonic() > deadline:
-                self.stop()
                 raise DaemonStartError(f"snapd serve did not come up (exit status {self.process.poll()})")
             time.sleep(0.02)
 
     def stop(self) -> None:
+        self.client.close()
         if self.process.poll() is None:
             self.process.terminate()
             try:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import tempfile
 import time
 
@@ -40,7 +41,12 @@ def register(subparsers) -> None:
     p.set_defaults(func=_demo)
 
 
+def _interrupted(signum, frame):
+    raise KeyboardInterrupt  # SIGTERM cleans up as Ctrl-C does: the daemon stopped, the work directory removed
+
+
 def _demo(args) -> int:
+    signal.signal(signal.SIGTERM, _interrupted)
     if args.clones > 64:
         raise CliError(f"--clones {args.clones}: at most 64 (the demo's daemon is started with that limit)")
     if args.work_dir is not None:
@@ -56,6 +62,7 @@ def _demo(args) -> int:
 
 
 def _run(args, work: str) -> int:
+    from snapd.client import SnapdError
     from snapd.daemon_process import DaemonProcess, DaemonStartError, PoolNotWarmError, wait_pool
     from vmm.errors import VmmError
     from vmm.snapshot import snapshot_builtin_guest
@@ -70,11 +77,13 @@ def _run(args, work: str) -> int:
           f"{os.path.getsize(mem) / MIB:.0f} MiB memory file, {os.path.getsize(state) / 1024:.1f} KiB state file")
     try:
         with DaemonProcess(os.path.join(work, "state"), "--pool-size", "1", "--max-clones", "64",
-                           "--log-level", "error") as daemon:
+                           "--log-level", "error", prepared=1) as daemon:
             print(f"2. started `snapd serve` (pid {daemon.process.pid}, API on {daemon.socket_path})")
             return _with_daemon(args, daemon.client, state, mem, wait_pool)
     except (DaemonStartError, PoolNotWarmError) as exc:
         raise CliError(str(exc), EXIT_FAILED) from None
+    except SnapdError as exc:
+        raise CliError(f"the daemon refused: {exc}", EXIT_FAILED) from None
 
 
 def _with_daemon(args, client, state: str, mem: str, wait_pool) -> int:
@@ -123,7 +132,10 @@ def _with_daemon(args, client, state: str, mem: str, wait_pool) -> int:
         raise CliError(f"a clone answered wrongly: {exc}", EXIT_FAILED) from None
     finally:
         for clone in clones:
-            client.delete_clone(clone["id"])
+            try:
+                client.delete_clone(clone["id"])
+            except SnapdError:  # best effort: the daemon stops them all as it exits
+                pass
     client.delete_image(image)
     print(f"7. deleted the {len(clones)} clones and the image; stopping the daemon")
     return EXIT_FAILED if failures else 0

@@ -209,6 +209,22 @@ def test_a_prepared_clone_answers_its_first_and_later_invocations(kv_daemon):
         daemon.client.delete_clone(clone["id"])
 
 
+def test_a_later_invocation_past_its_timeout_is_a_504_that_names_it(kv_daemon):
+    """A held clone's invocation runs on the worker's main thread until its deadline: the 504 must still name the
+    request's timeout (it said "within 0.000 s", the time left when the wait began)."""
+    daemon, image = kv_daemon
+    wait_settled(daemon.daemon.pool)
+    (clone,) = daemon.client.create_clones(image, payload=workloads.kv_request(10, 1))
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(SnapdError) as error:
+            daemon.client.invoke(clone["id"], workloads.kv_request(0xFFFFFFFF, 1), timeout_ms=700)
+        assert error.value.status == 504 and "within 0.700 s" in str(error.value), error.value
+        assert 0.6 < time.monotonic() - t0 < 5
+    finally:
+        daemon.client.delete_clone(clone["id"])
+
+
 def test_a_first_invocation_past_its_timeout_is_a_504_and_the_daemon_keeps_serving(kv_daemon):
     daemon, image = kv_daemon
     wait_settled(daemon.daemon.pool)

@@ -1,6 +1,7 @@
 """`snapd demo` (what `make demo` runs): the whole path on the built-in guest, and its refusals."""
 import os
 import re
+import signal
 import subprocess
 import sys
 
@@ -52,3 +53,27 @@ def test_the_demo_refuses_bad_arguments_in_one_line(tmp_path, args, words):
     r = demo(*[a.format(not_empty=tmp_path) for a in args])
     assert r.returncode == 2 and r.stderr.startswith("snapd: error:") and words in r.stderr, r.stderr
     assert "Traceback" not in r.stderr and (tmp_path / "file").read_text() == "mine"
+
+
+@requires_kvm
+def test_a_demo_stopped_by_sigterm_leaves_no_daemon_and_no_files():
+    proc = subprocess.Popen([sys.executable, "-m", "snapd.cli", "demo", "--mem-mib", "32", "--clones", "60"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=subprocess_env())
+    try:
+        lines = []
+        while not lines or not lines[-1].startswith("4. restored"):
+            line = proc.stdout.readline()
+            assert line, "".join(lines) + proc.stderr.read()
+            lines.append(line)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130 and "interrupted" in err and "Traceback" not in err, err
+    text = "".join(lines)
+    work = re.search(r"work directory (\S+)\)", text).group(1)
+    daemon_pid = int(re.search(r"started `snapd serve` \(pid (\d+)", text).group(1))
+    assert not os.path.exists(work)
+    assert not os.path.exists(f"/proc/{daemon_pid}") or "zombie" in open(f"/proc/{daemon_pid}/status").read().lower()

@@ -152,10 +152,10 @@ class VcpuRunner:
                 if self.vcpu.run_once() == -errno.EINTR:
                     continue
                 self.exits += 1
-                if self.pending_port_read() == port:
+                if self.pending_word_read() == port:
                     self._answer_read(answer)
                     return True
-                self._dispatch_exit(run.exit_reason)
+                self._dispatch_exit(run.exit_reason)  # an odd-sized read of the port too: answered "retry"
             return False
         finally:
             signal.setitimer(signal.ITIMER_REAL, 0)
@@ -171,6 +171,12 @@ class VcpuRunner:
             return None
         io = lib.vmm_run_io(self.vcpu.run)
         return io.port if io.direction == lib.KVM_EXIT_IO_IN else None
+
+    def pending_word_read(self) -> int | None:
+        """As pending_port_read, for a single 4-byte read only (the function port's, and what the lane answers)."""
+        port = self.pending_port_read()
+        io = lib.vmm_run_io(self.vcpu.run)
+        return port if port is not None and io.size == 4 and io.count == 1 else None
 
     def redo_port_read(self) -> None:
         """Answer the pending read again (overwriting the value KVM will hand the guest on the next KVM_RUN)."""

@@ -177,7 +177,8 @@ static void park_in_next(struct lane_held *held, struct lane_held_result *res)
 {
     struct kvm_run *run = held->run;
     uint64_t deadline = lane_now_ns() + PARK_BUDGET_NS;
-    run->immediate_exit = 0;
+    if (run->immediate_exit || __atomic_load_n(&held->stop, __ATOMIC_RELAXED))
+        return;  /* a stop or pause came during the invocation (kick): Python's */
     set_alarm(PARK_BUDGET_NS);
     for (;;) {
         if (ioctl(held->vcpu_fd, KVM_RUN, 0) < 0) {
@@ -186,6 +187,8 @@ static void park_in_next(struct lane_held *held, struct lane_held_result *res)
                 set_alarm(deadline - now);
                 continue;
             }
+            if (errno != EINTR)
+                res->run_errno = errno;
             break;
         }
         if (parked_in_next(held)) {
@@ -320,8 +323,8 @@ int lane_held_serve(struct lane_channel *ch, struct lane_held *held, struct lane
 {
     for (;;) {
         int kind = serve_one(ch, held, res);
-        if (kind != LANE_HELD_SERVED || !held->live || !res->parked)
-            return kind;
+        if (kind != LANE_HELD_SERVED || !held->live || !res->parked || __atomic_load_n(&held->stop, __ATOMIC_RELAXED))
+            return kind;  /* held->stop: Python disarmed the lane meanwhile (another thread): not armed again */
         /* A live clone's invocation, answered and parked again: the next one is served here too, and Python
          * takes the records (the sequence number, the mailbox bytes written) when it is next called. */
         held->seq = res->seq;

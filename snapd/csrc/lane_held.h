@@ -24,6 +24,7 @@
  * (worker.py _settle_held), which takes a LANE_FLAG_LIVE invocation. */
 struct lane_held {
     int armed;
+    int stop;                     /* set by Python's disarm (from any thread): the lane does not arm itself again */
     int live;
     uint64_t generation;          /* live: the clone's generation id, for the reply */
     int vcpu_fd;

@@ -48,6 +48,7 @@ class HeldLane:
         held.req_cap, held.resp_cap, held.seq = fnport.req_cap, fnport.resp_cap, fnport.seq
         held.fn_next_port, held.fn_done_port = FN_PORT_BASE + FN_NEXT, FN_PORT_BASE + FN_DONE
         held.image = image.encode()[:lib.LANE_IMAGE_MAX]
+        held.stop = 0
         held.armed = 1
 
     def take_live(self) -> tuple[int, int, int]:
@@ -59,6 +60,8 @@ class HeldLane:
         return taken
 
     def disarm(self) -> None:
+        """Nothing is answered in C until armed again (called on the page server's failure, from its thread)."""
+        self.held.stop = 1
         self.held.armed = 0
 
     def next(self) -> int:

@@ -118,7 +118,7 @@ class Worker:
 
     def _parked_in_next(self, machine) -> bool:
         return (machine is not None and machine.state == PAUSED and machine.io_left_pending
-                and len(machine.runners) == 1 and machine.runners[0].pending_port_read() == FN_PORT_BASE + FN_NEXT
+                and len(machine.runners) == 1 and machine.runners[0].pending_word_read() == FN_PORT_BASE + FN_NEXT
                 and machine.fnport.mailbox_gpa and not (self.backend is not None and self.backend.failures))
 
     def _dispatch(self, header: dict, data: bytes, fds: list[int]) -> None:
@@ -187,8 +187,11 @@ class Worker:
         machine = self.machine
         if self.held and machine is not None:
             self.held = False
-            if machine.state == PAUSED:
-                machine.resume()
+            if machine.state == PAUSED and not machine.stop_requested:
+                try:
+                    machine.resume()
+                except VmmError:  # it stopped between the check and here (a guest fault's stop thread)
+                    pass
 
     # -- operations
     def _state(self, image: str, state_path: str):
@@ -333,8 +336,10 @@ class Worker:
         machine = self.machine if res.flags & protocol.LANE_FLAG_LIVE else self._take_prepared()
         machine.fnport.adopt(res.generation, res.seq)
         self._note_lane_writes(machine, res)
-        if not res.parked:  # the lane ran the guest on after its reply and stopped short of FN_NEXT
-            self._settle_held(machine.runners[0].dispatch_pending_exit if res.exit_pending else None)
+        if res.exit_pending:  # the lane ran the guest on after its reply and met an exit it leaves to Python
+            self._settle_held(machine.runners[0].dispatch_pending_exit)
+        elif not res.parked:  # its budget ran out, a stop came or KVM_RUN failed: the vCPU thread carries on
+            self._release_held()
 
     def _lane_fallback(self) -> None:
         """The lane handed the guest the first invocation, then met what it leaves to Python (an exit other than
@@ -429,7 +434,9 @@ class Worker:
                     invocation = machine.invoke_paused(payload, timeout)
                 if not invocation.done.is_set():
                     self._release_held()  # the vCPU thread carries on (or the VM is stopping)
-                result = invocation.wait(max(0.0, deadline - time.monotonic()))
+                if not invocation.done.wait(max(0.0, deadline - time.monotonic())):
+                    raise InvocationError(f"invocation {invocation.seq} got no reply within {timeout:.3f} s")
+                result = invocation.wait(0)
             else:
                 result = machine.invoke(payload, timeout)
         except InvocationError as exc:
@@ -437,7 +444,8 @@ class Worker:
             # vmm: the VM stopped under the call (the clone is broken); invocation: the guest refused this call
             kind = "vmm" if stopped else "timeout" if "no reply within" in str(exc) else "invocation"
             return {"ok": False, "error": str(exc), "kind": kind}, b""
-        return {"ok": True, "latency_us": (time.perf_counter() - t0) * 1e6}, result
+        return {"ok": True, "latency_us": (time.perf_counter() - t0) * 1e6,
+                "generation": machine.fnport.generation}, result
 
     def _snapshot(self, header: dict) -> dict:
         machine = self.machine
