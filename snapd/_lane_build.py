@@ -19,7 +19,11 @@ HTTP_CDEF = """
 #define LANE_NEED_MORE ...
 #define LANE_FAST ...
 #define LANE_SLOW ...
+#define LANE_REQ_CREATE ...
+#define LANE_REQ_INVOKE ...
 struct lane_request {
+    int kind;
+    const char *clone; size_t clone_len;
     size_t consumed;
     int keep_alive;
     const char *image; size_t image_len;
@@ -86,17 +90,26 @@ DAEMON_CDEF = """
 #define LANE_TICKET_WITHDRAWN ...
 #define LANE_TICKET_TAKEN ...
 struct lane_served {
-    uint64_t token; uint64_t request_id; int32_t keep_alive; int32_t stage; int32_t status; int32_t invoke;
+    int32_t kind; uint64_t token; uint64_t request_id; int32_t keep_alive; int32_t stage; int32_t status; int32_t invoke;
     int64_t timeout_ms; uint64_t generation; uint64_t generation_ns, invoke_ns;
     double restore_us; double created; uint64_t data_len;
     ...;
 };
+struct lane_lock;
+struct lane_lock *lane_lock_new(void);
+void lane_lock_free(struct lane_lock *l);
+int lane_lock_acquire(struct lane_lock *l, int blocking);
+void lane_lock_release(struct lane_lock *l);
 struct lane_board;
 struct lane_board *lane_board_new(int64_t capacity, const char *server);
 void lane_board_free(struct lane_board *b);
 int lane_board_offer(struct lane_board *b, uint64_t token, const char *image, int worker_fd, uint32_t req_cap,
                      uint64_t request_id, const char *fields, size_t fields_len);
+int lane_board_offer_clone(struct lane_board *b, uint64_t token, const char *clone, const char *image,
+                           int worker_fd, struct lane_lock *lock, uint32_t req_cap, uint64_t first_id);
 int lane_board_withdraw(struct lane_board *b, uint64_t token);
+void lane_board_untake(struct lane_board *b, uint64_t token);
+int lane_board_wait_untaken(struct lane_board *b, uint64_t token, int64_t timeout_ms);
 int lane_board_taken(struct lane_board *b, uint64_t token);
 void lane_board_settle(struct lane_board *b, uint64_t token);
 int lane_board_close_image(struct lane_board *b, const char *image, int closed);

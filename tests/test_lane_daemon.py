@@ -1,5 +1,6 @@
 """The daemon's side of the restore lane (snapd/csrc/lane_daemon.c), driven over real sockets with a stand-in
 worker: what it answers, where it stops and hands over, and that what it does not take stays Python's."""
+import base64
 import json
 import socket
 import threading
@@ -10,6 +11,7 @@ from snapd import http_wire
 from snapd.daemon import lane as restore_lane
 from snapd.daemon.lane import DaemonLane, render_fields
 from snapd.pool import protocol
+from snapd.pool.worker_handle import ChannelLock
 from snapd._lane_native import lib
 
 IMAGE = "i-lanetest"
@@ -265,3 +267,136 @@ def test_an_image_being_deleted_gets_no_new_tickets_and_a_refused_offer_leaves_n
         assert handle.lane_token and len(lane.tickets) == 1
     finally:
         worker.close()
+
+
+# -- live clones' invocations
+class LiveHandle:
+    """What the lane needs of a live clone's WorkerHandle: its channel, the channel's lock, its req_cap."""
+
+    def __init__(self, worker: StandInWorker, req_cap: int = 4096):
+        self.worker, self.prepared, self.lock = worker, {"req_cap": req_cap}, ChannelLock()
+
+    def fileno(self):
+        return self.worker.daemon_end.fileno()
+
+
+def invoke_request(clone: str, body: dict, extra_headers: str = "") -> bytes:
+    data = json.dumps(body).encode()
+    return (f"POST /v1/clones/{clone}/invoke HTTP/1.1\r\nHost: localhost\r\n{extra_headers}"
+            f"Content-Length: {len(data)}\r\n\r\n").encode() + data
+
+
+@pytest.fixture
+def live(lane):
+    """(lane, stand-in worker, its handle offered as clone c-1, client socket, lane connection)"""
+    worker = StandInWorker(ok_reply)
+    handle = LiveHandle(worker)
+    client, server = socket.socketpair()
+    lane.offer_clone("c-1", IMAGE, handle)
+    try:
+        yield lane, worker, handle, client, lane.connection(server.fileno())
+    finally:
+        client.close()
+        server.close()
+        worker.close()
+
+
+def test_a_live_clones_invocations_are_answered_in_c_one_request_id_each(live):
+    lane, worker, handle, client, conn = live
+    token = lane.clone_tickets["c-1"][0]
+    for i, text in enumerate([b"hello", b"again"]):
+        client.sendall(invoke_request("c-1", {"payload": base64.b64encode(text).decode(), "timeout_ms": 250}))
+        assert conn.serve() == restore_lane.SERVED and conn.out.kind == restore_lane.INVOKE
+        header, payload = worker.seen[i]
+        assert header == {"op": "invoke", "lane": True, "id": (1 << 62) + (token << 32) + i, "timeout": 0.25}
+        assert payload == text
+        status, headers, body = read_response(client)
+        assert status == 200 and headers["server"] == "snapd/test"
+        assert body == {"result": base64.b64encode(text[::-1]).decode(), "latency_us": 5.0}
+        assert lib.lane_board_taken(lane.board, token) == 0, "the clone must be on the board again at once"
+    assert lib.lane_board_room(lane.board) == 8, "an invocation is no clone: the count is untouched"
+    assert handle.lock.acquire(blocking=False), "the lane left the worker channel's lock held"
+    handle.lock.release()
+    assert lane.withdraw_clone("c-1", wait=0) and lane.clone_tickets == {}
+
+
+def test_the_lane_waits_for_the_worker_channels_lock_held_by_python(live):
+    lane, worker, handle, client, conn = live
+    handle.lock.acquire()  # a Python request to the same worker is in flight
+    served = []
+    thread = threading.Thread(target=lambda: served.append(conn.serve()))
+    client.sendall(invoke_request("c-1", {"payload": "eA=="}))
+    thread.start()
+    thread.join(0.3)
+    assert thread.is_alive() and worker.seen == [], "the lane sent on a channel Python was using"
+    handle.lock.release()
+    thread.join(5)
+    assert served == [restore_lane.SERVED] and read_response(client)[0] == 200
+
+
+@pytest.mark.parametrize("case", ["unknown clone", "withdrawn", "payload over req_cap", "not canonical base64"])
+def test_an_invocation_the_lane_does_not_take_stays_pythons_byte_for_byte(live, case):
+    lane, worker, handle, client, conn = live
+    clone, payload = "c-1", "aGVsbG8="
+    if case == "unknown clone":
+        clone = "c-2"
+    elif case == "withdrawn":
+        assert lane.withdraw_clone("c-1", wait=0)
+    elif case == "payload over req_cap":
+        payload = base64.b64encode(b"x" * 4097).decode()
+    else:
+        payload = "Zh=="
+    request = invoke_request(clone, {"payload": payload})
+    client.sendall(request)
+    assert conn.serve() == restore_lane.SLOW and conn.take() == request and worker.seen == []
+    token = lane.clone_tickets.get("c-1", (0,))[0]
+    assert not token or lib.lane_board_taken(lane.board, token) == 0
+
+
+def test_a_live_invocation_refused_early_answered_or_unsent_is_handed_over(lane):
+    def refuse(header, payload):
+        return [protocol.encode_lane_reply({"ok": False, "id": header["id"], "kind": "invocation",
+                                            "error": "payload too large"}, b"")]
+
+    def event_first(header, payload):
+        return [protocol.encode({"event": "failed", "error": "page server gone"})] + ok_reply(header, payload)
+
+    client, server = socket.socketpair()
+    conn = lane.connection(server.fileno())
+    workers = [StandInWorker(refuse), StandInWorker(event_first), StandInWorker(ok_reply)]
+    try:
+        for n, (worker, stage) in enumerate(zip(workers, ("REFUSED", "SENT", "UNSENT"))):
+            handle = LiveHandle(worker)
+            lane.offer_clone(f"c-{n}", IMAGE, handle)
+            token = lane.clone_tickets[f"c-{n}"][0]
+            if stage == "UNSENT":
+                worker.end.shutdown(socket.SHUT_RDWR)  # the worker is gone: its channel refuses
+            client.sendall(invoke_request(f"c-{n}", {"payload": "eA=="}))
+            assert conn.serve() == restore_lane.HANDOFF
+            out = conn.out
+            assert out.kind == restore_lane.INVOKE and out.token == token
+            assert out.stage == getattr(lib, f"LANE_STAGE_{stage}")
+            assert lane.clone_ticket(token)[1] is handle
+            held = not handle.lock.acquire(blocking=False)
+            assert held == (stage == "SENT"), "only at SENT does the lane leave the channel's lock to Python"
+            if stage == "REFUSED":
+                assert out.status == protocol.LANE_STATUS["invocation"] and conn.data() == b"payload too large"
+                handle.lock.release()
+            elif stage == "SENT":  # Python reads on from the event, with the lock the lane left it
+                event, _, _ = protocol.recv(worker.daemon_end)
+                reply, result, _ = protocol.recv(worker.daemon_end)
+                assert event["event"] == "failed" and reply["id"] == out.request_id and result == b"x"
+                handle.lock.release()
+            else:
+                handle.lock.release()
+            assert not lane.withdraw_clone(f"c-{n}", wait=0), "a taken ticket must not be withdrawn under the lane"
+            waiter = threading.Thread(target=lambda: lane.withdraw_clone(f"c-{n}", wait=5))
+            waiter.start()
+            lane.untake_clone(token)  # Python is done with it
+            waiter.join(5)
+            assert not waiter.is_alive() and f"c-{n}" not in lane.clone_tickets
+    finally:
+        client.close()
+        server.close()
+        for worker in workers:
+            worker.close()

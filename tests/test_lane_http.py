@@ -1,5 +1,5 @@
-"""The fast lane's C parser for POST /v1/clones (snapd/csrc/lane_http.c) against the Python reader it stands in
-for (snapd.http_wire + vmm.api.fields): whatever C serves (LANE_FAST), Python must accept with the same meaning;
+"""The fast lane's C parser for POST /v1/clones and POST /v1/clones/{id}/invoke (snapd/csrc/lane_http.c) against
+the Python reader it stands in for (snapd.http_wire + vmm.api.fields): whatever C serves (LANE_FAST), Python must accept with the same meaning;
 whatever C waits on (LANE_NEED_MORE), Python must not be able to complete either. No privileges needed.
 
 Every C call gets its bytes placed right before a PROT_NONE page, so a read past `len` crashes the test."""
@@ -52,12 +52,15 @@ def c_parse(data: bytes, max_head: int = MAX_HEAD, max_body: int = MAX_BODY):
     if verdict != FAST:
         return verdict, None
     start = int(ffi.cast("uintptr_t", buf))
-    for ptr, n in ((out.image, out.image_len), (out.payload, out.payload_len)):
-        if ptr != ffi.NULL:  # both point into this request's bytes
+    for ptr, n in ((out.image, out.image_len), (out.payload, out.payload_len), (out.clone, out.clone_len)):
+        if ptr != ffi.NULL:  # all point into this request's bytes
             offset = int(ffi.cast("uintptr_t", ptr)) - start
             assert 0 < offset and offset + n <= out.consumed <= len(data)
-    fields = {"consumed": out.consumed, "keep_alive": out.keep_alive,
-              "image": ffi.unpack(out.image, out.image_len).decode(), "count": out.count,
+    invoke = out.kind == lib.LANE_REQ_INVOKE
+    assert out.kind in (lib.LANE_REQ_CREATE, lib.LANE_REQ_INVOKE)
+    fields = {"consumed": out.consumed, "keep_alive": out.keep_alive, "kind": "invoke" if invoke else "create",
+              "image": None if invoke else ffi.unpack(out.image, out.image_len).decode(),
+              "clone": ffi.unpack(out.clone, out.clone_len).decode() if invoke else None, "count": out.count,
               "timeout_ms": out.timeout_ms, "payload_text": None, "payload": None}
     if out.payload != ffi.NULL:
         text = ffi.unpack(out.payload, out.payload_len)
@@ -109,17 +112,21 @@ def python_meaning(data: bytes):
     request, consumed = read
     try:
         route, params = daemon_http.ROUTER.find(request.method, request.path)
-        if route.body is not daemon_http.CLONES_CREATE or params:
+        if route.body is daemon_http.CLONES_CREATE and not params:
+            kind = "create"
+        elif route.body is daemon_http.INVOKE and set(params) == {"clone_id"}:
+            kind = "invoke"
+        else:
             return None
-        body = parse_body(request.body, daemon_http.CLONES_CREATE)
+        body = parse_body(request.body, route.body)
     except ApiError:
         return None
     try:
         payload = decode_base64(body["payload"], "clones.payload") if "payload" in body else None
     except ApiError:
-        payload = "refused"  # a 400 from create_clones: compared only when C accepts the base64
-    return {"consumed": consumed, "keep_alive": int(request.keep_alive), "image": body["image"],
-            "count": body.get("count", 1), "timeout_ms": body.get("timeout_ms", 10_000),
+        payload = "refused"  # a 400 from create_clones or invoke: compared only when C accepts the base64
+    return {"consumed": consumed, "keep_alive": int(request.keep_alive), "kind": kind, "image": body.get("image"),
+            "clone": params.get("clone_id"), "count": body.get("count", 1), "timeout_ms": body.get("timeout_ms", 10_000),
             "payload_text": body.get("payload"), "payload": payload}
 
 
@@ -147,8 +154,8 @@ PLAIN = make()
 def test_plain_request():
     verdict, fields = c_parse(PLAIN)
     assert NAMES[verdict] == "FAST"
-    assert fields == {"consumed": len(PLAIN), "keep_alive": 1, "image": "img-1", "count": 1, "timeout_ms": 10000,
-                      "payload_text": None, "payload": None}
+    assert fields == {"consumed": len(PLAIN), "keep_alive": 1, "kind": "create", "image": "img-1", "clone": None,
+                      "count": 1, "timeout_ms": 10000, "payload_text": None, "payload": None}
     same_meaning(fields, python_meaning(PLAIN), PLAIN)
 
 
@@ -217,8 +224,44 @@ def test_every_prefix_needs_more(data):
     assert c_parse(data)[0] == FAST
 
 
-@pytest.mark.parametrize("prefix", [b"G", b"POST /v1/clones/", b"POST /v1/clones HTTP/1.0", b"\r", b"\n",
-                                    b"POST /v1/clones HTTP/1.1\n", b"POST  ", b"post"])
+def invoke_request(clone: bytes = b"c-0123abcd", body: bytes = b'{"payload": "aGk="}', **kw) -> bytes:
+    return make(body, line=b"POST /v1/clones/" + clone + b"/invoke HTTP/1.1", **kw)
+
+
+@pytest.mark.parametrize("data", [
+    invoke_request(),
+    invoke_request(b"A_b-9", b'{"timeout_ms": 5, "payload": ""}'),
+    invoke_request(b"y" * 64, b' {"payload":"AAAA+/+/"} ', headers=[b"Connection: close"]),
+], ids=["plain", "timeout", "long-id"])
+def test_invoke_requests_are_fast(data):
+    verdict, fields = c_parse(data)
+    assert verdict == FAST and fields["kind"] == "invoke" and fields["image"] is None
+    same_meaning(fields, python_meaning(data), data)
+
+
+@pytest.mark.parametrize("data", [
+    invoke_request(b""), invoke_request(b"y" * 65), invoke_request(b"a.b"), invoke_request(b"a/b"),
+    invoke_request(body=b'{}'), invoke_request(body=b'{"image": "a", "payload": ""}'),
+    invoke_request(body=b'{"payload": "", "count": 1}'), invoke_request(body=b'{"payload": "", "timeout_ms": 3600001}'),
+    make(b'{"payload": ""}', line=b"POST /v1/clones/c-1/invoke/ HTTP/1.1"),
+    make(b'{"payload": ""}', line=b"POST /v1/clones/c-1/snapshot HTTP/1.1"),
+    make(b'{"payload": ""}', line=b"POST /v1/clones/c-1/invoke?x=1 HTTP/1.1"),
+], ids=["no-id", "long-id", "dot", "slash", "no-payload", "image", "count", "timeout", "trailing-slash", "snapshot",
+        "query"])
+def test_invoke_requests_the_lane_leaves_to_python(data):
+    assert c_parse(data)[0] == SLOW
+
+
+def test_every_prefix_of_an_invoke_needs_more():
+    data = invoke_request()
+    for i in range(len(data)):
+        assert NAMES[c_parse(data[:i])[0]] == "NEED_MORE", (i, data[:i])
+    assert c_parse(data)[0] == FAST
+
+
+@pytest.mark.parametrize("prefix", [b"G", b"POST /v1/clones/x ", b"POST /v1/clones HTTP/1.0", b"\r", b"\n",
+                                    b"POST /v1/clones HTTP/1.1\n", b"POST  ", b"post", b"POST /v1/clones//",
+                                    b"POST /v1/clones/a/invoke HTTP/1.0"])
 def test_other_requests_are_slow_at_once(prefix):
     assert NAMES[c_parse(prefix)[0]] == "SLOW"
 
@@ -397,9 +440,10 @@ MUTATION_BYTES = b"\r\n \t:,\"\\{}[]0123456789-+.eE=aZ/\x00\x01\x7f\x80\xff"
 def random_body(rng: random.Random) -> bytes:
     def pick(pool):  # mostly values the lane takes, so that many requests stay fast
         return rng.choice(pool[:4]) if rng.random() < 0.8 else rng.choice(pool)
-    items = [(b'"image"', pick(IMAGES))] if rng.random() < 0.95 else []
+    invoke = rng.random() < 0.3  # a body for an invocation: payload, timeout_ms (anything else: Python's 400)
+    items = [(b'"image"', pick(IMAGES))] if rng.random() < (0.05 if invoke else 0.95) else []
     for key, pool in ((b'"payload"', PAYLOADS), (b'"count"', INTEGERS), (b'"timeout_ms"', INTEGERS)):
-        if rng.random() < 0.5:
+        if rng.random() < (0.95 if invoke and key == b'"payload"' else 0.05 if invoke and key == b'"count"' else 0.5):
             items.append((key, pick(pool)))
     if rng.random() < 0.05:
         items.append((b'"extra"', b"1"))
@@ -428,8 +472,12 @@ def random_request(rng: random.Random) -> bytes:
     if rng.random() < 0.15:  # header case changes
         headers = [h.swapcase() if rng.random() < 0.5 else h.lower() for h in headers]
     line = b"POST /v1/clones HTTP/1.1"
+    if b'"image"' not in body or rng.random() < 0.1:
+        line = b"POST /v1/clones/" + rng.choice([b"c-1", b"A_b-9", b"x" * 64, b"x" * 65, b"a.b", b""]) + \
+            b"/invoke HTTP/1.1"
     if rng.random() < 0.03:
-        line = rng.choice([b"POST /v1/clones HTTP/1.0", b"POST /v1/clones/x HTTP/1.1", b"GET /v1/clones HTTP/1.1"])
+        line = rng.choice([b"POST /v1/clones HTTP/1.0", b"POST /v1/clones/x HTTP/1.1", b"GET /v1/clones HTTP/1.1",
+                           b"POST /v1/clones/x/invoke HTTP/1.0", b"POST /v1/clones/x/snapshot HTTP/1.1"])
     data = make(body, headers, line, length)
     for _ in range(rng.choice([0, 0, 0, 1, 1, 2])):  # byte mutations
         pos = rng.randrange(len(data) + 1)
@@ -449,10 +497,12 @@ def random_request(rng: random.Random) -> bytes:
 def test_differential_mutations():
     rng = random.Random(20240611)
     counts = {NEED_MORE: 0, FAST: 0, SLOW: 0}
-    for _ in range(5000):
+    invokes = 0
+    for _ in range(8000):
         data = random_request(rng)
         verdict, fields = c_parse(data)
         counts[verdict] += 1
+        invokes += verdict == FAST and fields["kind"] == "invoke"
         if verdict == FAST:
             same_meaning(fields, python_meaning(data), data)
         elif verdict == NEED_MORE:  # the lane waits: Python could not have read a request from these bytes either
@@ -461,4 +511,4 @@ def test_differential_mutations():
         cut = rng.randrange(len(data) + 1)
         before, before_fields = c_parse(data[:cut])
         assert before == NEED_MORE or (before, before_fields) == (verdict, fields), (cut, data)
-    assert counts[FAST] > 1000 and counts[SLOW] > 1000 and counts[NEED_MORE] > 50, counts
+    assert counts[FAST] > 1000 and counts[SLOW] > 1000 and counts[NEED_MORE] > 50 and invokes > 300, (counts, invokes)

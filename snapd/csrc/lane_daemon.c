@@ -1,5 +1,9 @@
 /* The daemon's side of the restore lane (lane_daemon.h).
  *
+ * An invocation of a live clone (`POST /v1/clones/{id}/invoke`) whose ticket is on the board is sent to its
+ * worker as a LANE_RESTORE with LANE_FLAG_LIVE, under the worker channel's lock, and its 200 written here. A
+ * clone ticket goes back on the board at once; Python has nothing to record.
+ *
  * A connection is read here until a whole request is buffered. lane_http.c decides whether it is a
  * `POST /v1/clones` the lane serves; if the board has a ticket for its image (a held prepared worker, offered
  * by the daemon's Python with the clone's JSON fields rendered ahead) and the daemon has room for a clone, the
@@ -32,18 +36,26 @@
 #define REPLY_WAIT_MARGIN_MS 10000  /* past the invocation's own timeout: then Python waits, and judges */
 
 enum { FREE, OFFERED, TAKEN };
+enum { RESTORE_TICKET = 1, CLONE_TICKET };
+
+struct lane_lock {
+    pthread_mutex_t mutex;
+};
 
 struct ticket {
-    uint64_t token, request_id;
-    int state, closed, fd;
+    uint64_t token, request_id;  /* CLONE_TICKET: request_id is the next invocation's */
+    int kind, state, closed, fd;
     uint32_t req_cap;
     char image[LANE_IMAGE_MAX + 1];
+    char clone[LANE_IMAGE_MAX + 1];  /* CLONE_TICKET */
+    struct lane_lock *channel;       /* CLONE_TICKET: the worker channel's lock */
     char *fields;
     size_t fields_len;
 };
 
 struct lane_board {
     pthread_mutex_t lock;
+    pthread_cond_t untaken;  /* a ticket left TAKEN */
     int64_t room;         /* clones that may still start, both paths */
     char server[64];      /* the Server header */
     struct ticket *tickets;
@@ -58,6 +70,31 @@ struct lane_conn {
     size_t map_size;
 };
 
+/* -- worker channel locks */
+
+struct lane_lock *lane_lock_new(void)
+{
+    struct lane_lock *l = calloc(1, sizeof(*l));
+    if (l)
+        pthread_mutex_init(&l->mutex, NULL);
+    return l;
+}
+
+void lane_lock_free(struct lane_lock *l)
+{
+    if (!l)
+        return;
+    pthread_mutex_destroy(&l->mutex);
+    free(l);
+}
+
+int lane_lock_acquire(struct lane_lock *l, int blocking)
+{
+    return (blocking ? pthread_mutex_lock(&l->mutex) : pthread_mutex_trylock(&l->mutex)) == 0;
+}
+
+void lane_lock_release(struct lane_lock *l) { pthread_mutex_unlock(&l->mutex); }
+
 /* -- the board */
 
 struct lane_board *lane_board_new(int64_t capacity, const char *server)
@@ -66,6 +103,7 @@ struct lane_board *lane_board_new(int64_t capacity, const char *server)
     if (!b)
         return NULL;
     pthread_mutex_init(&b->lock, NULL);
+    pthread_cond_init(&b->untaken, NULL);
     b->room = capacity;
     snprintf(b->server, sizeof(b->server), "%s", server);
     return b;
@@ -78,6 +116,7 @@ void lane_board_free(struct lane_board *b)
     for (size_t i = 0; i < b->count; i++)
         free(b->tickets[i].fields);
     free(b->tickets);
+    pthread_cond_destroy(&b->untaken);
     pthread_mutex_destroy(&b->lock);
     free(b);
 }
@@ -90,10 +129,30 @@ static struct ticket *find(struct lane_board *b, uint64_t token)
     return NULL;
 }
 
-static void clear(struct ticket *t)
+static void clear(struct lane_board *b, struct ticket *t)
 {
     free(t->fields);
     memset(t, 0, sizeof(*t));
+    pthread_cond_broadcast(&b->untaken);
+}
+
+/* A free slot for a new ticket (the board's lock held), or NULL. */
+static struct ticket *free_slot(struct lane_board *b)
+{
+    struct ticket *t = NULL;
+    for (size_t i = 0; i < b->count && !t; i++)
+        if (b->tickets[i].state == FREE)
+            t = &b->tickets[i];
+    if (!t) {
+        struct ticket *grown = realloc(b->tickets, (b->count + 16) * sizeof(*grown));
+        if (!grown)
+            return NULL;
+        memset(grown + b->count, 0, 16 * sizeof(*grown));
+        b->tickets = grown;
+        t = &b->tickets[b->count];
+        b->count += 16;
+    }
+    return t;
 }
 
 int lane_board_offer(struct lane_board *b, uint64_t token, const char *image, int worker_fd, uint32_t req_cap,
@@ -107,27 +166,34 @@ int lane_board_offer(struct lane_board *b, uint64_t token, const char *image, in
     memcpy(copy, fields, fields_len);
     copy[fields_len] = 0;
     pthread_mutex_lock(&b->lock);
-    struct ticket *t = NULL;
-    for (size_t i = 0; i < b->count && !t; i++)
-        if (b->tickets[i].state == FREE)
-            t = &b->tickets[i];
+    struct ticket *t = free_slot(b);
     if (!t) {
-        struct ticket *grown = realloc(b->tickets, (b->count + 16) * sizeof(*grown));
-        if (!grown) {
-            pthread_mutex_unlock(&b->lock);
-            free(copy);
-            return -ENOMEM;
-        }
-        memset(grown + b->count, 0, 16 * sizeof(*grown));
-        b->tickets = grown;
-        t = &b->tickets[b->count];
-        b->count += 16;
+        pthread_mutex_unlock(&b->lock);
+        free(copy);
+        return -ENOMEM;
     }
-    *t = (struct ticket){ .token = token, .request_id = request_id, .state = OFFERED, .fd = worker_fd,
-                          .req_cap = req_cap, .fields = copy, .fields_len = fields_len };
+    *t = (struct ticket){ .token = token, .request_id = request_id, .kind = RESTORE_TICKET, .state = OFFERED,
+                          .fd = worker_fd, .req_cap = req_cap, .fields = copy, .fields_len = fields_len };
     snprintf(t->image, sizeof(t->image), "%s", image);
     pthread_mutex_unlock(&b->lock);
     return 0;
+}
+
+int lane_board_offer_clone(struct lane_board *b, uint64_t token, const char *clone, const char *image,
+                           int worker_fd, struct lane_lock *lock, uint32_t req_cap, uint64_t first_id)
+{
+    if (strlen(image) > LANE_IMAGE_MAX || strlen(clone) > LANE_IMAGE_MAX || !lock)
+        return -EINVAL;
+    pthread_mutex_lock(&b->lock);
+    struct ticket *t = free_slot(b);
+    if (t) {
+        *t = (struct ticket){ .token = token, .request_id = first_id, .kind = CLONE_TICKET, .state = OFFERED,
+                              .fd = worker_fd, .req_cap = req_cap, .channel = lock };
+        snprintf(t->image, sizeof(t->image), "%s", image);
+        snprintf(t->clone, sizeof(t->clone), "%s", clone);
+    }
+    pthread_mutex_unlock(&b->lock);
+    return t ? 0 : -ENOMEM;
 }
 
 int lane_board_withdraw(struct lane_board *b, uint64_t token)
@@ -136,7 +202,7 @@ int lane_board_withdraw(struct lane_board *b, uint64_t token)
     struct ticket *t = find(b, token);
     int result = !t ? LANE_TICKET_UNKNOWN : t->state == TAKEN ? LANE_TICKET_TAKEN : LANE_TICKET_WITHDRAWN;
     if (result == LANE_TICKET_WITHDRAWN)
-        clear(t);
+        clear(b, t);
     pthread_mutex_unlock(&b->lock);
     return result;
 }
@@ -155,8 +221,28 @@ void lane_board_settle(struct lane_board *b, uint64_t token)
     pthread_mutex_lock(&b->lock);
     struct ticket *t = find(b, token);
     if (t && t->state == TAKEN)
-        clear(t);
+        clear(b, t);
     pthread_mutex_unlock(&b->lock);
+}
+
+int lane_board_wait_untaken(struct lane_board *b, uint64_t token, int64_t timeout_ms)
+{
+    struct timespec until;
+    clock_gettime(CLOCK_REALTIME, &until);
+    until.tv_sec += timeout_ms / 1000;
+    until.tv_nsec += (timeout_ms % 1000) * 1000000;
+    if (until.tv_nsec >= 1000000000) {
+        until.tv_sec++;
+        until.tv_nsec -= 1000000000;
+    }
+    pthread_mutex_lock(&b->lock);
+    struct ticket *t;
+    int r = 0;
+    while ((t = find(b, token)) && t->state == TAKEN && r == 0)
+        r = pthread_cond_timedwait(&b->untaken, &b->lock, &until);
+    int untaken = !t || t->state != TAKEN;
+    pthread_mutex_unlock(&b->lock);
+    return untaken;
 }
 
 int lane_board_close_image(struct lane_board *b, const char *image, int closed)
@@ -165,7 +251,7 @@ int lane_board_close_image(struct lane_board *b, const char *image, int closed)
     pthread_mutex_lock(&b->lock);
     for (size_t i = 0; i < b->count; i++) {
         struct ticket *t = &b->tickets[i];
-        if (t->state == FREE || strcmp(t->image, image) != 0)
+        if (t->state == FREE || t->kind != RESTORE_TICKET || strcmp(t->image, image) != 0)
             continue;
         t->closed = closed;
         in_flight += t->state == TAKEN;
@@ -205,7 +291,7 @@ static struct ticket take(struct lane_board *b, const char *image, size_t image_
     pthread_mutex_lock(&b->lock);
     for (size_t i = 0; i < b->count && b->room > 0; i++) {
         struct ticket *t = &b->tickets[i];
-        if (t->state == OFFERED && !t->closed && strlen(t->image) == image_len
+        if (t->kind == RESTORE_TICKET && t->state == OFFERED && !t->closed && strlen(t->image) == image_len
             && memcmp(t->image, image, image_len) == 0 && payload_len <= (int64_t)t->req_cap) {
             t->state = TAKEN;
             b->room--;
@@ -217,14 +303,36 @@ static struct ticket take(struct lane_board *b, const char *image, size_t image_
     return taken;
 }
 
-/* A ticket taken for a request the lane then leaves to Python after all: offered again, its room given back. */
-static void untake(struct lane_board *b, uint64_t token)
+/* The live clone's ticket for an invocation of `clone` with a `payload_len`-byte payload, its request id
+ * reserved, or state FREE. */
+static struct ticket take_clone(struct lane_board *b, const char *clone, size_t clone_len, int64_t payload_len)
+{
+    struct ticket taken = { .state = FREE };
+    pthread_mutex_lock(&b->lock);
+    for (size_t i = 0; i < b->count; i++) {
+        struct ticket *t = &b->tickets[i];
+        if (t->kind == CLONE_TICKET && t->state == OFFERED && strlen(t->clone) == clone_len
+            && memcmp(t->clone, clone, clone_len) == 0 && payload_len <= (int64_t)t->req_cap) {
+            t->state = TAKEN;
+            taken = *t;
+            t->request_id++;
+            break;
+        }
+    }
+    pthread_mutex_unlock(&b->lock);
+    return taken;
+}
+
+/* A ticket taken for a request the lane then leaves to Python after all (or a clone's, once its invocation
+ * is over): offered again, a restore's room given back. */
+void lane_board_untake(struct lane_board *b, uint64_t token)
 {
     pthread_mutex_lock(&b->lock);
     struct ticket *t = find(b, token);
     if (t && t->state == TAKEN) {
         t->state = OFFERED;
-        b->room++;
+        b->room += t->kind == RESTORE_TICKET;
+        pthread_cond_broadcast(&b->untaken);
     }
     pthread_mutex_unlock(&b->lock);
 }
@@ -359,6 +467,92 @@ static size_t http_date(char *out, size_t cap)
     return strftime(out, cap, "%a, %d %b %Y %H:%M:%S GMT", &tm);
 }
 
+/* The head (status line, Server, Date, Content-Type, Content-Length) and `body`, as http_wire.response writes
+ * them; 0, or -1 if the client is gone. */
+static int write_response(struct lane_conn *c, struct lane_board *b, const char *status, const char *body,
+                          size_t len, int keep_alive)
+{
+    char date[64], head[512];
+    http_date(date, sizeof(date));
+    int head_len = snprintf(head, sizeof(head), "HTTP/1.1 %s\r\nServer: %s\r\nDate: %s\r\n%s"
+                            "Content-Type: application/json\r\nContent-Length: %zu\r\n\r\n", status, b->server,
+                            date, keep_alive ? "" : "Connection: close\r\n", len);
+    struct iovec iov[2] = { { head, (size_t)head_len }, { (void *)body, len } };
+    return send_all(c->fd, iov, 2);
+}
+
+/* `POST /v1/clones/{id}/invoke` of a live clone on the board: LANE_RESTORE + LANE_FLAG_LIVE to its worker under
+ * the channel's lock, the 200 written here. A stop after the ticket is taken is Python's (HANDOFF); at stage
+ * SENT the channel's lock is still held, for Python to read the reply and release it. */
+static int serve_invoke(struct lane_conn *c, struct lane_board *b, const struct lane_request *req,
+                        struct lane_served *out)
+{
+    struct lane_restore_msg *msg = (struct lane_restore_msg *)c->msg;
+    uint8_t *payload = c->msg + sizeof(*msg);
+    int64_t payload_len = decoded_length(req->payload, req->payload_len);
+    if (payload_len < 0)
+        return LANE_CONN_SLOW;
+    struct ticket t = take_clone(b, req->clone, req->clone_len, payload_len);
+    if (t.state != TAKEN)
+        return LANE_CONN_SLOW;  /* not on the board (failed, gone, busy) or too large: Python's answer */
+    if (lane_base64_decode(req->payload, req->payload_len, payload, MAX_BODY) != payload_len) {
+        lane_board_untake(b, t.token);
+        return LANE_CONN_SLOW;
+    }
+    uint64_t t0 = lane_now_ns();
+    out->token = t.token;
+    out->request_id = t.request_id;
+    out->keep_alive = req->keep_alive;
+    out->timeout_ms = req->timeout_ms;
+    out->invoke = 1;
+    memmove(c->in, c->in + req->consumed, c->len - req->consumed);  /* the request is ours now */
+    c->len -= req->consumed;
+
+    memcpy(msg->magic, LANE_RESTORE_MAGIC, 4);
+    msg->flags = LANE_FLAG_INVOKE | LANE_FLAG_LIVE;
+    msg->id = t.request_id;
+    msg->timeout_ns = (uint64_t)req->timeout_ms * 1000000ull;
+    memset(msg->image, 0, sizeof(msg->image));
+    memcpy(msg->image, t.image, strlen(t.image));
+    c->data = payload;
+    out->data_len = (uint64_t)payload_len;
+    lane_lock_acquire(t.channel, 1);
+    if (send(t.fd, msg, sizeof(*msg) + (size_t)payload_len, MSG_NOSIGNAL) < 0) {
+        lane_lock_release(t.channel);
+        out->stage = LANE_STAGE_UNSENT;
+        return LANE_CONN_HANDOFF;
+    }
+    size_t n = await_reply(c, t.fd, t.request_id, req->timeout_ms);
+    if (!n) {
+        out->stage = LANE_STAGE_SENT;  /* the channel's lock stays held: Python reads on, then releases it */
+        return LANE_CONN_HANDOFF;
+    }
+    lane_lock_release(t.channel);
+    out->restore_us = (double)(lane_now_ns() - t0) / 1e3;
+    const struct lane_reply_msg *reply = (const struct lane_reply_msg *)c->reply;
+    const uint8_t *result = c->reply + sizeof(*reply);
+    size_t result_len = n - sizeof(*reply);
+    out->status = reply->status;
+    out->invoke_ns = reply->invoke_ns;
+    if (reply->status != LANE_OK) {
+        out->stage = LANE_STAGE_REFUSED;
+        c->data = result;
+        out->data_len = result_len;
+        return LANE_CONN_HANDOFF;
+    }
+    lane_board_untake(b, t.token);  /* nothing for Python to record: the clone is on the board again */
+    char *body = (char *)c->body;
+    size_t len = 12;
+    memcpy(body, "{\"result\": \"", len);
+    len += lane_base64_encode(result, result_len, body + len);
+    len += (size_t)snprintf(body + len, BODY_CAP - len, "\", \"latency_us\": %.1f}", (double)out->invoke_ns / 1e3);
+    int written = write_response(c, b, "200 OK", body, len, out->keep_alive);
+    lane_buffer_trim(c->msg, sizeof(*msg) + (size_t)payload_len);
+    lane_buffer_trim(c->reply, n);
+    lane_buffer_trim(c->body, len);
+    return written < 0 ? LANE_CONN_EOF : LANE_CONN_SERVED;  /* a client gone: nothing else to do */
+}
+
 int lane_conn_serve(struct lane_conn *c, struct lane_board *b, struct lane_served *out)
 {
     memset(out, 0, sizeof(*out));
@@ -367,6 +561,9 @@ int lane_conn_serve(struct lane_conn *c, struct lane_board *b, struct lane_serve
     int r = read_request(c, &req);
     if (r != LANE_FAST)
         return r == READ_EOF ? LANE_CONN_EOF : r == LANE_SLOW ? LANE_CONN_SLOW : r;
+    out->kind = req.kind;
+    if (req.kind == LANE_REQ_INVOKE)
+        return serve_invoke(c, b, &req, out);
     if (req.count != 1)
         return LANE_CONN_SLOW;
     struct lane_restore_msg *msg = (struct lane_restore_msg *)c->msg;
@@ -379,7 +576,7 @@ int lane_conn_serve(struct lane_conn *c, struct lane_board *b, struct lane_serve
         return LANE_CONN_SLOW;  /* no held worker for it, or no room: Python waits for one, or says why not */
     /* decoded only now: a request the lane does not take is decoded once, by Python */
     if (req.payload && lane_base64_decode(req.payload, req.payload_len, payload, MAX_BODY) != payload_len) {
-        untake(b, t.token);
+        lane_board_untake(b, t.token);
         return LANE_CONN_SLOW;  /* not strict base64: Python's answer */
     }
     uint64_t t0 = lane_now_ns();
@@ -440,13 +637,7 @@ int lane_conn_serve(struct lane_conn *c, struct lane_board *b, struct lane_serve
     }
     memcpy(body + len, "}]}", 3);
     len += 3;
-    char date[64], head[512];
-    http_date(date, sizeof(date));
-    int head_len = snprintf(head, sizeof(head), "HTTP/1.1 201 Created\r\nServer: %s\r\nDate: %s\r\n%s"
-                            "Content-Type: application/json\r\nContent-Length: %zu\r\n\r\n", b->server, date,
-                            out->keep_alive ? "" : "Connection: close\r\n", len);
-    struct iovec iov[2] = { { head, (size_t)head_len }, { body, len } };
-    int written = send_all(c->fd, iov, 2);
+    int written = write_response(c, b, "201 Created", body, len, out->keep_alive);
     lane_buffer_trim(c->msg, sizeof(*msg) + (size_t)payload_len);
     lane_buffer_trim(c->reply, n);
     lane_buffer_trim(c->body, len);

@@ -1,7 +1,9 @@
 /* The daemon's side of the restore lane: `POST /v1/clones` for an image whose held prepared worker is on the
  * board is read, sent to that worker, and answered on the client's connection in C; the daemon's Python
- * records the clone afterwards (snapd/daemon/lane.py). The board also counts clones against the daemon's
- * limit, for both paths, so that neither can start a clone the other has no room for. */
+ * records the clone afterwards (snapd/daemon/lane.py). `POST /v1/clones/{id}/invoke` for a live clone on the
+ * board is read, sent to its worker and answered in C too, with nothing left for Python to record. The board
+ * also counts clones against the daemon's limit, for both paths, so that neither can start a clone the other
+ * has no room for. */
 #ifndef SNAPD_LANE_DAEMON_H
 #define SNAPD_LANE_DAEMON_H
 
@@ -25,6 +27,7 @@
 #define LANE_TICKET_TAKEN 2
 
 struct lane_served {
+    int32_t kind;              /* LANE_REQ_CREATE or LANE_REQ_INVOKE (lane_http.h) */
     uint64_t token;            /* the ticket taken */
     uint64_t request_id;       /* in the LANE_RESTORE sent */
     int32_t keep_alive;
@@ -39,13 +42,28 @@ struct lane_served {
     uint64_t data_len;         /* HANDOFF: the payload (UNSENT, SENT), the error text (REFUSED) */
 };
 
+/* A worker channel's lock, shared by this C side and the daemon's Python (WorkerHandle.lock): whoever sends a
+ * request on the channel holds it until that request's reply is read. */
+struct lane_lock;
+struct lane_lock *lane_lock_new(void);
+void lane_lock_free(struct lane_lock *l);
+int lane_lock_acquire(struct lane_lock *l, int blocking);  /* 1: acquired; 0: not (blocking = 0 and held) */
+void lane_lock_release(struct lane_lock *l);
+
 struct lane_board;
 struct lane_board *lane_board_new(int64_t capacity, const char *server);
 void lane_board_free(struct lane_board *b);
 /* A held prepared worker of `image` for the next fast restore, with the clone's JSON fields rendered ahead. */
 int lane_board_offer(struct lane_board *b, uint64_t token, const char *image, int worker_fd, uint32_t req_cap,
                      uint64_t request_id, const char *fields, size_t fields_len);
+/* A live clone whose invocations the lane may answer; request ids from first_id on (not the Python side's). */
+int lane_board_offer_clone(struct lane_board *b, uint64_t token, const char *clone, const char *image,
+                           int worker_fd, struct lane_lock *lock, uint32_t req_cap, uint64_t first_id);
 int lane_board_withdraw(struct lane_board *b, uint64_t token);
+/* A clone ticket taken by an invocation the lane handed to Python: offered again (Python is done with it). */
+void lane_board_untake(struct lane_board *b, uint64_t token);
+/* Until the ticket is not taken (1) or timeout_ms passed (0). */
+int lane_board_wait_untaken(struct lane_board *b, uint64_t token, int64_t timeout_ms);
 int lane_board_taken(struct lane_board *b, uint64_t token);  /* 1 while a taken ticket is not settled */
 void lane_board_settle(struct lane_board *b, uint64_t token);
 /* closed = 1: the image's tickets are taken no more; returns how many of them are taken and not settled */

@@ -1,4 +1,4 @@
-/* The fast lane's HTTP/JSON parser for `POST /v1/clones` (lane_http.h).
+/* The fast lane's HTTP/JSON parser for `POST /v1/clones` and `POST /v1/clones/{id}/invoke` (lane_http.h).
  *
  * It accepts a strict subset of what snapd/http_wire.py and vmm/api/fields.py
  * accept, and reads it the same way; everything else is LANE_SLOW, never an
@@ -12,8 +12,10 @@
 
 #include "lane_proto.h"
 
-static const char REQUEST_LINE[] = "POST /v1/clones HTTP/1.1\r\n";
-#define REQUEST_LINE_LEN (sizeof(REQUEST_LINE) - 1)
+static const char CREATE_LINE[] = "POST /v1/clones HTTP/1.1\r\n";
+static const char INVOKE_SUFFIX[] = "/invoke HTTP/1.1\r\n";  /* after "POST /v1/clones/" and the id */
+#define COMMON_LEN 15  /* "POST /v1/clones", then ' ' (create) or '/' (a clone's path) */
+#define ID_MAX 64      /* the router's ids: [A-Za-z0-9_-]{1,64} */
 /* http_wire refuses more than 100 distinct header names; counting lines is stricter */
 #define MAX_HEADER_LINES 100
 
@@ -21,6 +23,50 @@ static const char B64[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0
 
 #define IS_OWS(c) ((c) == ' ' || (c) == '\t')
 #define IS_ALNUM(c) (((c) >= 'A' && (c) <= 'Z') || ((c) >= 'a' && (c) <= 'z') || ((c) >= '0' && (c) <= '9'))
+#define IS_ID(c) (IS_ALNUM(c) || (c) == '_' || (c) == '-')
+
+/* The request line in buf[0..len): LANE_FAST with its kind, clone id and length (CRLF included), LANE_NEED_MORE
+ * while what has come is the start of a line the lane serves, LANE_SLOW as soon as it is not. Byte for byte, so
+ * another request goes to Python without waiting for its head. */
+static int request_line(const char *buf, size_t len, struct lane_request *out, size_t *line_len)
+{
+	const char *tail;  /* what the line's remaining bytes must be, from buf[id_end] on */
+	size_t i, id_end;
+
+	for (i = 0; i < len && i < COMMON_LEN; i++)
+		if (buf[i] != CREATE_LINE[i])
+			return LANE_SLOW;
+	if (i == len)
+		return LANE_NEED_MORE;
+	if (buf[COMMON_LEN] == ' ') {
+		out->kind = LANE_REQ_CREATE;
+		tail = CREATE_LINE + COMMON_LEN;
+		id_end = COMMON_LEN;
+	} else if (buf[COMMON_LEN] == '/') {
+		out->kind = LANE_REQ_INVOKE;
+		out->clone = buf + COMMON_LEN + 1;
+		for (id_end = COMMON_LEN + 1; id_end < len && IS_ID(buf[id_end]); id_end++)
+			if (id_end - COMMON_LEN > ID_MAX)
+				return LANE_SLOW;  /* an id the router would not match: Python's 404 */
+		if (id_end == len)
+			return LANE_NEED_MORE;
+		out->clone_len = id_end - COMMON_LEN - 1;
+		if (out->clone_len == 0)
+			return LANE_SLOW;
+		tail = INVOKE_SUFFIX;
+	} else {
+		return LANE_SLOW;
+	}
+	size_t total = out->kind == LANE_REQ_CREATE ? sizeof(CREATE_LINE) - 1 : id_end + sizeof(INVOKE_SUFFIX) - 1;
+	for (i = id_end; i < total; i++) {
+		if (i == len)
+			return LANE_NEED_MORE;
+		if (buf[i] != tail[i - id_end])
+			return LANE_SLOW;
+	}
+	*line_len = total;
+	return LANE_FAST;
+}
 
 /* s[0..n) equals the lower-case literal lit, ignoring ASCII case */
 static int equals_nocase(const char *s, size_t n, const char *lit)
@@ -34,24 +80,24 @@ static int equals_nocase(const char *s, size_t n, const char *lit)
 }
 
 /* Finds the blank line that ends the head, checking every byte on the way:
- * the request line byte for byte (so another request goes to Python without
- * waiting for its head), then CRLF-only line ends and printable ASCII. A bare
- * LF must be SLOW at once, not NEED_MORE: Python ends a head at "\n\n", and
- * the lane would wait for a "\r\n\r\n" the client never sends. */
-static int find_head(const char *buf, size_t len, size_t max_head, size_t *head_len)
+ * the request line (request_line), then CRLF-only line ends and printable
+ * ASCII. A bare LF must be SLOW at once, not NEED_MORE: Python ends a head at
+ * "\n\n", and the lane would wait for a "\r\n\r\n" the client never sends. */
+static int find_head(const char *buf, size_t len, size_t max_head, struct lane_request *out, size_t *line_len,
+		     size_t *head_len)
 {
 	size_t n = len < max_head ? len : max_head;
+	int r = request_line(buf, n, out, line_len);
 
-	for (size_t i = 0; i < n; i++) {
+	if (r != LANE_FAST)
+		return r == LANE_NEED_MORE && len >= max_head ? LANE_SLOW : r;
+	for (size_t i = *line_len; i < n; i++) {
 		unsigned char c = (unsigned char)buf[i];
 
-		if (i < REQUEST_LINE_LEN) {
-			if (c != (unsigned char)REQUEST_LINE[i])
-				return LANE_SLOW;
-		} else if (c == '\n') {
+		if (c == '\n') {
 			if (buf[i - 1] != '\r')
 				return LANE_SLOW;
-			if (buf[i - 2] == '\n') { /* i >= 26: buf[i - 3] is the CR of that LF */
+			if (buf[i - 2] == '\n') { /* i > line_len >= 26: buf[i - 3] is the CR of that LF */
 				*head_len = i + 1;
 				return LANE_FAST;
 			}
@@ -95,11 +141,12 @@ static int connection_header(const char *v, size_t n, int *close)
 	return LANE_FAST;
 }
 
-/* The header lines of a complete head, buf[REQUEST_LINE_LEN..head_len): every
- * line ends in CRLF and holds no other CR or LF (find_head checked). */
-static int parse_headers(const char *buf, size_t head_len, size_t max_body, size_t *content_length, int *close)
+/* The header lines of a complete head, buf[line_len..head_len): every line
+ * ends in CRLF and holds no other CR or LF (find_head checked). */
+static int parse_headers(const char *buf, size_t line_len, size_t head_len, size_t max_body, size_t *content_length,
+			 int *close)
 {
-	size_t p = REQUEST_LINE_LEN, blank = head_len - 2;
+	size_t p = line_len, blank = head_len - 2;
 	int lines = 0, have_length = 0;
 
 	while (p < blank) {
@@ -204,9 +251,12 @@ static int json_positive(struct cursor *c, int64_t *out)
 
 enum { KEY_IMAGE = 1, KEY_PAYLOAD = 2, KEY_COUNT = 4, KEY_TIMEOUT = 8 };
 
-/* The body: one object of the CLONES_CREATE fields, each at most once. */
+/* The body: one object of the CLONES_CREATE fields (create) or the INVOKE fields (invoke), each at most once. */
 static int parse_body(const char *body, size_t n, struct lane_request *out)
 {
+	int allowed = out->kind == LANE_REQ_CREATE ? KEY_IMAGE | KEY_PAYLOAD | KEY_COUNT | KEY_TIMEOUT
+						   : KEY_PAYLOAD | KEY_TIMEOUT;
+	int required = out->kind == LANE_REQ_CREATE ? KEY_IMAGE : KEY_PAYLOAD;
 	struct cursor c = { body, body + n };
 	const char *key;
 	size_t key_len;
@@ -227,7 +277,7 @@ static int parse_body(const char *body, size_t n, struct lane_request *out)
 			: key_len == 7 && !memcmp(key, "payload", 7) ? KEY_PAYLOAD
 			: key_len == 5 && !memcmp(key, "count", 5) ? KEY_COUNT
 			: key_len == 10 && !memcmp(key, "timeout_ms", 10) ? KEY_TIMEOUT : 0;
-		if (bit == 0 || (seen & bit)) /* unknown: Python's 400; duplicate: Python keeps the last */
+		if (!(bit & allowed) || (seen & bit)) /* unknown: Python's 400; duplicate: Python keeps the last */
 			return LANE_SLOW;
 		seen |= bit;
 		if (bit == KEY_IMAGE)
@@ -243,8 +293,10 @@ static int parse_body(const char *body, size_t n, struct lane_request *out)
 	if (!take(&c, '}'))
 		return LANE_SLOW;
 	skip_ws(&c);
-	if (c.p != c.end || !(seen & KEY_IMAGE))
+	if (c.p != c.end || !(seen & required))
 		return LANE_SLOW;
+	if (out->kind == LANE_REQ_INVOKE)
+		return LANE_FAST;
 	/* an id the router would not match gets Python's 404 or 400 */
 	if (out->image_len < 1 || out->image_len > LANE_IMAGE_MAX)
 		return LANE_SLOW;
@@ -257,18 +309,22 @@ static int parse_body(const char *body, size_t n, struct lane_request *out)
 int lane_parse_clone_request(const char *buf, size_t len, size_t max_head, size_t max_body,
 			     struct lane_request *out)
 {
-	size_t head_len = 0, length = 0;
+	size_t head_len = 0, line_len = 0, length = 0;
 	int close = 0, r;
+	struct lane_request line = { 0 };
 
-	r = find_head(buf, len, max_head, &head_len);
+	r = find_head(buf, len, max_head, &line, &line_len, &head_len);
 	if (r != LANE_FAST)
 		return r;
 	/* the head alone decides SLOW, before the body arrives: a refused head gets Python's answer now */
-	if (parse_headers(buf, head_len, max_body, &length, &close) != LANE_FAST)
+	if (parse_headers(buf, line_len, head_len, max_body, &length, &close) != LANE_FAST)
 		return LANE_SLOW;
 	if (len - head_len < length)
 		return LANE_NEED_MORE;
 	memset(out, 0, sizeof(*out));
+	out->kind = line.kind;
+	out->clone = line.clone;
+	out->clone_len = line.clone_len;
 	out->count = 1;
 	out->timeout_ms = 10000;
 	if (parse_body(buf + head_len, length, out) != LANE_FAST || out->timeout_ms > LANE_MAX_TIMEOUT_MS)

@@ -1,5 +1,6 @@
 /* The fast lane's request parser: decides from the bytes read so far whether
- * they are a complete `POST /v1/clones` the lane can serve without Python.
+ * they are a complete `POST /v1/clones` or `POST /v1/clones/{id}/invoke` the
+ * lane can serve without Python.
  * Pure parsing, no I/O. The rule throughout: anything the lane might read
  * differently from snapd/http_wire.py + vmm/api/fields.py is LANE_SLOW, and
  * the Python reader takes it from the same bytes. */
@@ -12,11 +13,15 @@
 #define LANE_FAST 1       /* a complete request the lane serves: fields in *out */
 #define LANE_SLOW 2       /* anything else: the Python reader takes it from the same bytes */
 #define LANE_MAX_TIMEOUT_MS 3600000  /* snapd/daemon/http.py MAX_TIMEOUT_MS: above it, Python's 400 */
+#define LANE_REQ_CREATE 1  /* POST /v1/clones */
+#define LANE_REQ_INVOKE 2  /* POST /v1/clones/{clone}/invoke */
 
 struct lane_request {
+	int kind;                                 /* LANE_REQ_CREATE or LANE_REQ_INVOKE */
+	const char *clone; size_t clone_len;      /* INVOKE: the clone id in the path, into buf */
 	size_t consumed;                          /* bytes of buf this request takes (head + body) */
 	int keep_alive;                           /* 0 on "Connection: close" */
-	const char *image; size_t image_len;      /* points into buf */
+	const char *image; size_t image_len;      /* CREATE: points into buf */
 	const char *payload; size_t payload_len;  /* the base64 text, into buf; payload == NULL when absent */
 	int64_t count;                            /* 1 when absent */
 	int64_t timeout_ms;                       /* 10000 when absent */

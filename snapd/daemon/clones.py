@@ -72,6 +72,7 @@ class CloneOps:
                     self._mark_failed(clone, clone.worker.failure or "the clone's VMM process exited")
 
     def _mark_failed(self, clone: Clone, error: str) -> None:
+        self.lane.withdraw_clone(clone.id, wait=0)  # an invocation the lane has in flight ends in a hand-off
         if clone.state != "failed":
             clone.state, clone.error = "failed", error
             self.counters["clones_failed"] += 1
@@ -181,6 +182,7 @@ class CloneOps:
             worker.shard = None  # the slot is the clone's now (freed by delete_clone)
             self.watched[worker.fileno()] = clone
             self.clones[clone_id] = clone
+        self.lane.offer_clone(clone_id, runtime.record.id, worker)  # its invocations may be answered in C now
         self.latency.observe(elapsed)
         self.counters["restores"] += 1
         return clone
@@ -321,8 +323,40 @@ class CloneOps:
         payload = decode_base64(body["payload"], "invoke.payload")
         timeout = body.get("timeout_ms", 10_000) / 1e3
         clone = self._usable(clone_id)
+        return self._invoke_reply(clone, lambda: clone.worker.invoke_live(clone.image.record.id, payload, timeout,
+                                                                          timeout=timeout + 10))
+
+    def lane_invoke_handoff(self, out, data: bytes) -> dict:
+        """The lane took a live clone's ticket for an invocation, then stopped (out.stage): finish it as invoke()
+        would. At stage SENT this thread still holds the worker channel's lock (the lane's)."""
+        clone_id, worker = self.lane.clone_ticket(out.token)
+        locked = out.stage == lane_lib.LANE_STAGE_SENT
+
+        def exchange():
+            nonlocal locked
+            if out.stage == lane_lib.LANE_STAGE_UNSENT:
+                worker.poll_events()
+                raise WorkerFailed(f"worker {worker.pid} took no invocation: {worker.failure or 'it is gone'}")
+            if out.stage == lane_lib.LANE_STAGE_REFUSED:
+                raise WorkerError(data.decode("utf-8", "replace"), protocol.LANE_KINDS.get(out.status, "vmm"))
+            locked = False  # await_reply releases it
+            return worker.await_reply("invoke", out.request_id, out.timeout_ms / 1e3 + 10, locked=True)
         try:
-            reply, result = clone.worker.invoke_live(clone.image.record.id, payload, timeout, timeout=timeout + 10)
+            clone = self._clone(clone_id)
+            return self._invoke_reply(clone, exchange)
+        finally:
+            if locked:
+                worker.lock.release()
+            clone = self.clones.get(clone_id)
+            self.lane.untake_clone(out.token)
+            if clone is None or clone.state != "running":
+                self.lane.withdraw_clone(clone_id, wait=0)
+
+    def _invoke_reply(self, clone: Clone, exchange) -> dict:
+        """An invocation's answer from ``exchange()`` (the worker's reply and result), or its error mapped."""
+        clone_id = clone.id
+        try:
+            reply, result = exchange()
         except WorkerFailed as exc:
             self._mark_failed(clone, str(exc))
             raise CloneFailed(f"clone {clone_id} failed: {exc}") from None
@@ -350,8 +384,17 @@ class CloneOps:
             raise BadRequest(f"clone {clone_id}: snapshot failed: {exc}") from None
         return {"state_path": state_path, "mem_path": mem_path}
 
+    def _off_the_lane(self, clone: Clone) -> bool:
+        """The clone's ticket off the board before its worker is let go; an invocation the lane has in flight
+        ends as it would in Python, with the worker (killed). True: the worker was killed."""
+        if self.lane.withdraw_clone(clone.id, wait=0):
+            return False
+        clone.worker.kill()
+        self.lane.withdraw_clone(clone.id)
+        return True
+
     def delete_clone(self, clone_id: str) -> None:
-        self._clone(clone_id)  # waits, outside the lock, if the lane's record of it is still to come
+        killed = self._off_the_lane(self._clone(clone_id))  # _clone waits, outside the lock, for a lane record
         with self.lock:
             clone = self._clone(clone_id, wait=False)
             del self.clones[clone_id]
@@ -365,7 +408,7 @@ class CloneOps:
             clone.image.clones -= 1
         self.lane.release()
         worker = clone.worker
-        if (self.reuse_workers and clone.state == "running" and not worker.failure and not worker.dead
+        if (not killed and self.reuse_workers and clone.state == "running" and not worker.failure and not worker.dead
                 and not clone.image.deleting and not self.closed
                 and self.pool.recycle(worker, clone.image.record.id, lambda w: self._send_recycle(w, clone.image))):
             return  # the worker is prepared again for the image (no fork, VM build or teardown)

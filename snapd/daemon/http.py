@@ -103,6 +103,11 @@ class SnapdRequestHandler(socketserver.BaseRequestHandler):
                     kind = lane.serve()  # a restore it can take never reaches the Python below
                     if kind == restore_lane.EOF_:
                         return
+                    if kind == restore_lane.SERVED and lane.out.kind == restore_lane.INVOKE:
+                        daemon.counters["lane_invocations"] += 1  # answered; nothing to record
+                        if not lane.out.keep_alive:
+                            return
+                        continue
                     if kind == restore_lane.SERVED:
                         try:
                             daemon.lane_served(lane.out)
@@ -110,6 +115,14 @@ class SnapdRequestHandler(socketserver.BaseRequestHandler):
                             log.warning("a clone the lane restored was dropped: %s", exc)
                             return
                         if not lane.out.keep_alive:
+                            return
+                        continue
+                    if kind == restore_lane.HANDOFF and lane.out.kind == restore_lane.INVOKE:
+                        out = lane.out
+                        reply = self.answer(lambda: daemon.lane_invoke_handoff(out, lane.data()), 200,
+                                            bool(out.keep_alive), "POST", "/v1/clones/{clone_id}/invoke")
+                        sock.sendall(reply)
+                        if not out.keep_alive:
                             return
                         continue
                     if kind == restore_lane.HANDOFF:

@@ -6,6 +6,10 @@ it becomes prepared, with the clone it will become already named and its JSON fi
 daemon records the clone afterwards (CloneOps.lane_served). Whoever else wants a prepared worker first takes
 its ticket back (``claim``), so a worker is never the lane's and Python's at once. The board also counts live
 clones against max_clones for both paths (``reserve`` / ``release``).
+
+A live clone has a ticket too (``offer_clone``, as the daemon records it): its invocations are read, sent to
+its worker and answered in C, under the worker channel's lock that Python's requests take as well
+(WorkerHandle.lock). The ticket is withdrawn before the worker is let go (``withdraw_clone``).
 """
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ import logging
 import os
 import secrets
 import threading
+import time
 
 from snapd._lane_native import ffi, lib
 
@@ -25,6 +30,7 @@ EOF_ = lib.LANE_CONN_EOF
 SLOW = lib.LANE_CONN_SLOW
 SERVED = lib.LANE_CONN_SERVED
 HANDOFF = lib.LANE_CONN_HANDOFF
+INVOKE = lib.LANE_REQ_INVOKE  # lane_served.kind of a live clone's invocation
 
 
 @dataclasses.dataclass
@@ -64,6 +70,8 @@ class DaemonLane:
         self.by_clone: dict[str, Ticket] = {}
         self.closed_images: set[str] = set()     # being deleted: no ticket of theirs is offered or taken
         self.tokens = itertools.count(1)
+        self.clone_tickets: dict[str, tuple[int, object]] = {}  # clone id -> (token, its WorkerHandle)
+        self.clone_tokens: dict[int, str] = {}                   # token -> clone id
 
     # -- the clone count, both paths
     def reserve(self) -> bool:
@@ -145,6 +153,55 @@ class DaemonLane:
         with self.lock:
             self.closed_images.discard(image_id)
             lib.lane_board_close_image(self.board, image_id.encode(), 0)
+
+    # -- live clones
+    def offer_clone(self, clone_id: str, image_id: str, worker) -> None:
+        """Let the lane answer the recorded clone's invocations. Its req_cap, when the prepare reply gave one,
+        sends a larger payload the Python way (a 400 there); otherwise the worker refuses it."""
+        if not self.enabled:
+            return
+        token = next(self.tokens)
+        req_cap = worker.prepared.get("req_cap") or (1 << 20)
+        with self.lock:
+            self.clone_tickets[clone_id] = (token, worker)  # holds the worker (and its lock) while on the board
+            self.clone_tokens[token] = clone_id
+            rc = lib.lane_board_offer_clone(self.board, token, clone_id.encode(), image_id.encode(), worker.fileno(),
+                                            worker.lock.native, req_cap, (1 << 62) + (token << 32))
+            if rc < 0:
+                self.clone_tickets.pop(clone_id, None)
+                self.clone_tokens.pop(token, None)
+        if rc < 0:
+            log.warning("the lane did not take clone %s: %s", clone_id, os.strerror(-rc))
+
+    def withdraw_clone(self, clone_id: str, wait: float = 60.0) -> bool:
+        """Off the board before its worker is let go, waiting up to ``wait`` s for an invocation the lane has in
+        flight (wait 0: only if none is). False: still taken."""
+        with self.lock:
+            entry = self.clone_tickets.get(clone_id)
+        if entry is None:
+            return True
+        token = entry[0]
+        deadline = time.monotonic() + wait
+        while lib.lane_board_withdraw(self.board, token) == lib.LANE_TICKET_TAKEN:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            lib.lane_board_wait_untaken(self.board, token, int(min(left, 1.0) * 1e3) + 1)
+        with self.lock:
+            if self.clone_tickets.get(clone_id, (0,))[0] == token:
+                del self.clone_tickets[clone_id]
+            self.clone_tokens.pop(token, None)
+        return True
+
+    def clone_ticket(self, token: int) -> tuple[str, object]:
+        """(clone id, worker) of a live clone's ticket the lane has taken."""
+        with self.lock:
+            clone_id = self.clone_tokens[token]
+            return clone_id, self.clone_tickets[clone_id][1]
+
+    def untake_clone(self, token: int) -> None:
+        """A live invocation the lane handed to Python is over: the clone's ticket is offered again."""
+        lib.lane_board_untake(self.board, token)
 
     def connection(self, fd: int) -> "LaneConnection":
         return LaneConnection(self, fd)

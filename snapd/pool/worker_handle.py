@@ -13,9 +13,9 @@ import os
 import select
 import signal
 import socket
-import threading
 import time
 
+from snapd._lane_native import ffi as lane_ffi, lib as lane_lib
 from snapd.pool import protocol
 from vmm.prebuilt import VmShape
 
@@ -66,9 +66,33 @@ def process_start_time(pid: int) -> int | None:
     return None if fields is None else int(fields[19])
 
 
+class ChannelLock:
+    """A worker channel's lock: a pthread mutex that the daemon's restore lane takes too, in C, while it sends a
+    live clone's invocation and reads the reply (snapd/csrc/lane_daemon.h). As threading.Lock for Python's side;
+    released by the thread that took it."""
+
+    def __init__(self):
+        self.native = lane_ffi.gc(lane_lib.lane_lock_new(), lane_lib.lane_lock_free)
+        if self.native == lane_ffi.NULL:
+            raise MemoryError("could not allocate a worker channel lock")
+
+    def acquire(self, blocking: bool = True) -> bool:
+        return bool(lane_lib.lane_lock_acquire(self.native, int(blocking)))  # the GIL is released while waiting
+
+    def release(self) -> None:
+        lane_lib.lane_lock_release(self.native)
+
+    def __enter__(self) -> "ChannelLock":
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
 class WorkerHandle:
-    """One worker process, seen from the daemon. Requests are serialised by ``lock``; the requester reads the
-    reply itself (no hand-off to another thread on the restore path)."""
+    """One worker process, seen from the daemon. Requests are serialised by ``lock`` (shared with the lane's C
+    side); the requester reads the reply itself (no hand-off to another thread on the restore path)."""
 
     _ids = itertools.count(1)
 
@@ -77,7 +101,7 @@ class WorkerHandle:
         self.shape = shape
         self.pid = 0
         self.start_time: int | None = None
-        self.lock = threading.Lock()
+        self.lock = ChannelLock()
         self.dead = False
         self.failure = ""  # the worker's own report (a page-server failure), or why it died
         self.image = ""     # the image this worker was prepared for ("" : not prepared)
@@ -117,12 +141,17 @@ class WorkerHandle:
             self._send_locked(op, message, fds)
             return self._await_locked(op, request_id, timeout)
 
-    def await_reply(self, op: str, request_id: int, timeout: float) -> tuple[dict, bytes]:
-        """The reply to a request someone else sent (the daemon's restore lane, which stopped waiting for it)."""
-        with self.lock:
+    def await_reply(self, op: str, request_id: int, timeout: float, locked: bool = False) -> tuple[dict, bytes]:
+        """The reply to a request someone else sent (the daemon's restore lane, which stopped waiting for it);
+        ``locked``: the lane still holds the channel's lock for this thread (a live invocation), released here."""
+        if not locked:
+            self.lock.acquire()
+        try:
             if self.dead:
                 raise WorkerFailed(f"worker {self.pid} is gone: {self.failure or 'it exited'}")
             return self._await_locked(op, request_id, timeout)
+        finally:
+            self.lock.release()
 
     def _await_locked(self, op: str, request_id: int, timeout: float) -> tuple[dict, bytes]:
         deadline = time.monotonic() + timeout
