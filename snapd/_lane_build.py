@@ -99,7 +99,7 @@ struct lane_lock;
 struct lane_lock *lane_lock_new(void);
 void lane_lock_free(struct lane_lock *l);
 int lane_lock_acquire(struct lane_lock *l, int blocking);
-void lane_lock_release(struct lane_lock *l);
+int lane_lock_release(struct lane_lock *l);
 struct lane_board;
 struct lane_board *lane_board_new(int64_t capacity, const char *server);
 void lane_board_free(struct lane_board *b);
@@ -109,7 +109,6 @@ int lane_board_offer_clone(struct lane_board *b, uint64_t token, const char *clo
                            int worker_fd, struct lane_lock *lock, uint32_t req_cap, uint64_t first_id);
 int lane_board_withdraw(struct lane_board *b, uint64_t token);
 void lane_board_untake(struct lane_board *b, uint64_t token);
-int lane_board_wait_untaken(struct lane_board *b, uint64_t token, int64_t timeout_ms);
 int lane_board_taken(struct lane_board *b, uint64_t token);
 void lane_board_settle(struct lane_board *b, uint64_t token);
 int lane_board_close_image(struct lane_board *b, const char *image, int closed);

@@ -258,35 +258,48 @@ def test_a_live_clones_invocations_are_answered_by_the_lane_as_python_would(kv_d
         daemon.client.delete_clone(clone["id"])
 
 
-def test_deleting_a_clone_whose_invocation_the_lane_has_in_flight_ends_it_and_the_daemon_keeps_serving(kv_daemon):
+@pytest.mark.parametrize("step", ["delete", "mark failed"])
+def test_an_invocation_in_flight_in_the_lane_finishes_and_the_clone_then_leaves_the_lane(kv_daemon, step):
+    """A DELETE (or the clone's failure) while the lane has an invocation of it in flight: as on the Python path,
+    the invocation finishes first (the worker channel's lock), and the clone's ticket is never offered again:
+    no later invocation reaches its worker through the lane."""
     daemon, image = kv_daemon
     wait_settled(daemon.daemon.pool)
     (clone,) = daemon.client.create_clones(image, payload=workloads.kv_request(10, 1))
-    token = daemon.daemon.lane.clone_tickets[clone["id"]][0]
+    lane = daemon.daemon.lane
+    token = lane.clone_tickets[clone["id"]]
     errors = []
 
-    def endless():
+    def long_invocation():
         try:
             with SnapdClient(daemon.socket_path) as other:
-                other.invoke(clone["id"], workloads.kv_request(0xFFFFFFFF, 1), timeout_ms=60_000)
+                other.invoke(clone["id"], workloads.kv_request(0xFFFFFFFF, 1), timeout_ms=1500)
         except SnapdError as exc:
             errors.append(exc)
-    thread = threading.Thread(target=endless)
+    thread = threading.Thread(target=long_invocation)
     thread.start()
     try:
-        assert wait_until(lambda: lib.lane_board_taken(daemon.daemon.lane.board, token) == 1, 5)
-        t0 = time.monotonic()
-        daemon.client.delete_clone(clone["id"])
-        assert time.monotonic() - t0 < 10
+        assert wait_until(lambda: lib.lane_board_taken(lane.board, token) == 1, 5)
+        before = lane_invocations(daemon)
+        if step == "delete":
+            daemon.client.delete_clone(clone["id"])  # waits for the invocation, as a Python one would be waited for
+        else:
+            daemon.daemon._mark_failed(daemon.daemon._clone(clone["id"]), "marked failed by the test")
         thread.join(15)
-        assert not thread.is_alive() and len(errors) == 1 and errors[0].status in (404, 502), errors
-        assert clone["id"] not in daemon.daemon.lane.clone_tickets
+        assert not thread.is_alive() and len(errors) == 1 and errors[0].status == 504, errors
+        assert lib.lane_board_withdraw(lane.board, token) == lib.LANE_TICKET_UNKNOWN, "the ticket outlived its clone"
+        assert token not in lane.live_tokens and clone["id"] not in lane.clone_tickets
+        with pytest.raises(SnapdError) as error:
+            daemon.client.invoke(clone["id"], workloads.kv_request(10, 2))
+        assert error.value.status == (404 if step == "delete" else 502) and lane_invocations(daemon) == before
         request = workloads.kv_request(100, 5)
         (again,) = daemon.client.create_clones(image, payload=request)
         workloads.verify_kv(1, 1, request, again["result"])
         daemon.client.delete_clone(again["id"])
     finally:
         thread.join(15)
+        if step != "delete":
+            daemon.client.delete_clone(clone["id"])
 
 
 def test_a_later_invocation_past_its_timeout_is_a_504_that_names_it(kv_daemon):
@@ -303,7 +316,7 @@ def test_a_later_invocation_past_its_timeout_is_a_504_that_names_it(kv_daemon):
         assert error.value.status == 504 and 0.9 < time.monotonic() - t0 < 5
         assert "within 1.000 s" in str(error.value), error.value
         assert lane_invocations(daemon) == before, "a refused invocation is Python's answer, not a served one"
-        token = daemon.daemon.lane.clone_tickets[clone["id"]][0]
+        token = daemon.daemon.lane.clone_tickets[clone["id"]]
         assert lib.lane_board_taken(daemon.daemon.lane.board, token) == 0, "the ticket was left taken"
     finally:
         daemon.client.delete_clone(clone["id"])

@@ -280,6 +280,13 @@ class LiveHandle:
         return self.worker.daemon_end.fileno()
 
 
+class LiveClone:
+    """What the lane needs of a Clone: its id and its worker."""
+
+    def __init__(self, clone_id: str, worker):
+        self.id, self.worker = clone_id, worker
+
+
 def invoke_request(clone: str, body: dict, extra_headers: str = "") -> bytes:
     data = json.dumps(body).encode()
     return (f"POST /v1/clones/{clone}/invoke HTTP/1.1\r\nHost: localhost\r\n{extra_headers}"
@@ -292,7 +299,7 @@ def live(lane):
     worker = StandInWorker(ok_reply)
     handle = LiveHandle(worker)
     client, server = socket.socketpair()
-    lane.offer_clone("c-1", IMAGE, handle)
+    lane.offer_clone(LiveClone("c-1", handle), IMAGE)
     try:
         yield lane, worker, handle, client, lane.connection(server.fileno())
     finally:
@@ -303,7 +310,7 @@ def live(lane):
 
 def test_a_live_clones_invocations_are_answered_in_c_one_request_id_each(live):
     lane, worker, handle, client, conn = live
-    token = lane.clone_tickets["c-1"][0]
+    token = lane.clone_tickets["c-1"]
     for i, text in enumerate([b"hello", b"again"]):
         client.sendall(invoke_request("c-1", {"payload": base64.b64encode(text).decode(), "timeout_ms": 250}))
         assert conn.serve() == restore_lane.SERVED and conn.out.kind == restore_lane.INVOKE
@@ -317,7 +324,10 @@ def test_a_live_clones_invocations_are_answered_in_c_one_request_id_each(live):
     assert lib.lane_board_room(lane.board) == 8, "an invocation is no clone: the count is untouched"
     assert handle.lock.acquire(blocking=False), "the lane left the worker channel's lock held"
     handle.lock.release()
-    assert lane.withdraw_clone("c-1", wait=0) and lane.clone_tickets == {}
+    lane.withdraw_clone("c-1")
+    assert lane.clone_tickets == {} and lane.live_tokens == {}
+    client.sendall(invoke_request("c-1", {"payload": "eA=="}))
+    assert conn.serve() == restore_lane.SLOW, "a withdrawn clone's invocation is Python's"
 
 
 def test_the_lane_waits_for_the_worker_channels_lock_held_by_python(live):
@@ -341,7 +351,7 @@ def test_an_invocation_the_lane_does_not_take_stays_pythons_byte_for_byte(live, 
     if case == "unknown clone":
         clone = "c-2"
     elif case == "withdrawn":
-        assert lane.withdraw_clone("c-1", wait=0)
+        lane.withdraw_clone("c-1")
     elif case == "payload over req_cap":
         payload = base64.b64encode(b"x" * 4097).decode()
     else:
@@ -349,7 +359,7 @@ def test_an_invocation_the_lane_does_not_take_stays_pythons_byte_for_byte(live, 
     request = invoke_request(clone, {"payload": payload})
     client.sendall(request)
     assert conn.serve() == restore_lane.SLOW and conn.take() == request and worker.seen == []
-    token = lane.clone_tickets.get("c-1", (0,))[0]
+    token = lane.clone_tickets.get("c-1", 0)
     assert not token or lib.lane_board_taken(lane.board, token) == 0
 
 
@@ -367,8 +377,8 @@ def test_a_live_invocation_refused_early_answered_or_unsent_is_handed_over(lane)
     try:
         for n, (worker, stage) in enumerate(zip(workers, ("REFUSED", "SENT", "UNSENT"))):
             handle = LiveHandle(worker)
-            lane.offer_clone(f"c-{n}", IMAGE, handle)
-            token = lane.clone_tickets[f"c-{n}"][0]
+            lane.offer_clone(LiveClone(f"c-{n}", handle), IMAGE)
+            token = lane.clone_tickets[f"c-{n}"]
             if stage == "UNSENT":
                 worker.end.shutdown(socket.SHUT_RDWR)  # the worker is gone: its channel refuses
             client.sendall(invoke_request(f"c-{n}", {"payload": "eA=="}))
@@ -376,7 +386,7 @@ def test_a_live_invocation_refused_early_answered_or_unsent_is_handed_over(lane)
             out = conn.out
             assert out.kind == restore_lane.INVOKE and out.token == token
             assert out.stage == getattr(lib, f"LANE_STAGE_{stage}")
-            assert lane.clone_ticket(token)[1] is handle
+            assert lane.clone_ticket(token).worker is handle
             held = not handle.lock.acquire(blocking=False)
             assert held == (stage == "SENT"), "only at SENT does the lane leave the channel's lock to Python"
             if stage == "REFUSED":
@@ -389,12 +399,15 @@ def test_a_live_invocation_refused_early_answered_or_unsent_is_handed_over(lane)
                 handle.lock.release()
             else:
                 handle.lock.release()
-            assert not lane.withdraw_clone(f"c-{n}", wait=0), "a taken ticket must not be withdrawn under the lane"
-            waiter = threading.Thread(target=lambda: lane.withdraw_clone(f"c-{n}", wait=5))
-            waiter.start()
-            lane.untake_clone(token)  # Python is done with it
-            waiter.join(5)
-            assert not waiter.is_alive() and f"c-{n}" not in lane.clone_tickets
+            if n == 0:  # withdrawn while taken: it goes when Python is done, never offered again
+                lane.withdraw_clone(f"c-{n}")
+                assert lib.lane_board_taken(lane.board, token) == 1 and token in lane.live_tokens
+                lane.untake_clone(token)
+                assert lib.lane_board_withdraw(lane.board, token) == lib.LANE_TICKET_UNKNOWN
+                assert token not in lane.live_tokens and token not in lane.closing
+            else:  # offered again once Python is done
+                lane.untake_clone(token)
+                assert lib.lane_board_taken(lane.board, token) == 0 and lane.clone_tickets[f"c-{n}"] == token
     finally:
         client.close()
         server.close()

@@ -55,7 +55,6 @@ struct ticket {
 
 struct lane_board {
     pthread_mutex_t lock;
-    pthread_cond_t untaken;  /* a ticket left TAKEN */
     int64_t room;         /* clones that may still start, both paths */
     char server[64];      /* the Server header */
     struct ticket *tickets;
@@ -75,8 +74,14 @@ struct lane_conn {
 struct lane_lock *lane_lock_new(void)
 {
     struct lane_lock *l = calloc(1, sizeof(*l));
-    if (l)
-        pthread_mutex_init(&l->mutex, NULL);
+    pthread_mutexattr_t attr;
+    if (!l)
+        return NULL;
+    /* error-checking: a release by a thread that does not hold it fails, as threading.Lock's would */
+    pthread_mutexattr_init(&attr);
+    pthread_mutexattr_settype(&attr, PTHREAD_MUTEX_ERRORCHECK);
+    pthread_mutex_init(&l->mutex, &attr);
+    pthread_mutexattr_destroy(&attr);
     return l;
 }
 
@@ -93,7 +98,7 @@ int lane_lock_acquire(struct lane_lock *l, int blocking)
     return (blocking ? pthread_mutex_lock(&l->mutex) : pthread_mutex_trylock(&l->mutex)) == 0;
 }
 
-void lane_lock_release(struct lane_lock *l) { pthread_mutex_unlock(&l->mutex); }
+int lane_lock_release(struct lane_lock *l) { return pthread_mutex_unlock(&l->mutex); }
 
 /* -- the board */
 
@@ -103,7 +108,6 @@ struct lane_board *lane_board_new(int64_t capacity, const char *server)
     if (!b)
         return NULL;
     pthread_mutex_init(&b->lock, NULL);
-    pthread_cond_init(&b->untaken, NULL);
     b->room = capacity;
     snprintf(b->server, sizeof(b->server), "%s", server);
     return b;
@@ -116,7 +120,6 @@ void lane_board_free(struct lane_board *b)
     for (size_t i = 0; i < b->count; i++)
         free(b->tickets[i].fields);
     free(b->tickets);
-    pthread_cond_destroy(&b->untaken);
     pthread_mutex_destroy(&b->lock);
     free(b);
 }
@@ -129,11 +132,10 @@ static struct ticket *find(struct lane_board *b, uint64_t token)
     return NULL;
 }
 
-static void clear(struct lane_board *b, struct ticket *t)
+static void clear(struct ticket *t)
 {
     free(t->fields);
     memset(t, 0, sizeof(*t));
-    pthread_cond_broadcast(&b->untaken);
 }
 
 /* A free slot for a new ticket (the board's lock held), or NULL. */
@@ -202,7 +204,9 @@ int lane_board_withdraw(struct lane_board *b, uint64_t token)
     struct ticket *t = find(b, token);
     int result = !t ? LANE_TICKET_UNKNOWN : t->state == TAKEN ? LANE_TICKET_TAKEN : LANE_TICKET_WITHDRAWN;
     if (result == LANE_TICKET_WITHDRAWN)
-        clear(b, t);
+        clear(t);
+    else if (result == LANE_TICKET_TAKEN && t->kind == CLONE_TICKET)
+        t->closed = 1;  /* gone when its invocation is over (untake), never offered again */
     pthread_mutex_unlock(&b->lock);
     return result;
 }
@@ -221,28 +225,8 @@ void lane_board_settle(struct lane_board *b, uint64_t token)
     pthread_mutex_lock(&b->lock);
     struct ticket *t = find(b, token);
     if (t && t->state == TAKEN)
-        clear(b, t);
+        clear(t);
     pthread_mutex_unlock(&b->lock);
-}
-
-int lane_board_wait_untaken(struct lane_board *b, uint64_t token, int64_t timeout_ms)
-{
-    struct timespec until;
-    clock_gettime(CLOCK_REALTIME, &until);
-    until.tv_sec += timeout_ms / 1000;
-    until.tv_nsec += (timeout_ms % 1000) * 1000000;
-    if (until.tv_nsec >= 1000000000) {
-        until.tv_sec++;
-        until.tv_nsec -= 1000000000;
-    }
-    pthread_mutex_lock(&b->lock);
-    struct ticket *t;
-    int r = 0;
-    while ((t = find(b, token)) && t->state == TAKEN && r == 0)
-        r = pthread_cond_timedwait(&b->untaken, &b->lock, &until);
-    int untaken = !t || t->state != TAKEN;
-    pthread_mutex_unlock(&b->lock);
-    return untaken;
 }
 
 int lane_board_close_image(struct lane_board *b, const char *image, int closed)
@@ -311,7 +295,7 @@ static struct ticket take_clone(struct lane_board *b, const char *clone, size_t 
     pthread_mutex_lock(&b->lock);
     for (size_t i = 0; i < b->count; i++) {
         struct ticket *t = &b->tickets[i];
-        if (t->kind == CLONE_TICKET && t->state == OFFERED && strlen(t->clone) == clone_len
+        if (t->kind == CLONE_TICKET && t->state == OFFERED && !t->closed && strlen(t->clone) == clone_len
             && memcmp(t->clone, clone, clone_len) == 0 && payload_len <= (int64_t)t->req_cap) {
             t->state = TAKEN;
             taken = *t;
@@ -329,10 +313,11 @@ void lane_board_untake(struct lane_board *b, uint64_t token)
 {
     pthread_mutex_lock(&b->lock);
     struct ticket *t = find(b, token);
-    if (t && t->state == TAKEN) {
+    if (t && t->state == TAKEN && t->kind == CLONE_TICKET && t->closed) {
+        clear(t);  /* withdrawn while taken */
+    } else if (t && t->state == TAKEN) {
         t->state = OFFERED;
         b->room += t->kind == RESTORE_TICKET;
-        pthread_cond_broadcast(&b->untaken);
     }
     pthread_mutex_unlock(&b->lock);
 }
@@ -440,6 +425,16 @@ static int send_all(int fd, struct iovec *iov, int n)
     return 0;
 }
 
+/* One message to a worker's channel (a signal interrupting the send is no failure); -1: it refused. */
+static int send_message(int fd, const void *msg, size_t len)
+{
+    ssize_t n;
+    do
+        n = send(fd, msg, len, MSG_NOSIGNAL);
+    while (n < 0 && errno == EINTR);
+    return n < 0 ? -1 : 0;
+}
+
 /* The worker's LANE_REPLY to request `id` into c->reply: its length, 0 when Python must go on waiting. */
 static size_t await_reply(struct lane_conn *c, int fd, uint64_t id, int64_t timeout_ms)
 {
@@ -517,13 +512,14 @@ static int serve_invoke(struct lane_conn *c, struct lane_board *b, const struct 
     c->data = payload;
     out->data_len = (uint64_t)payload_len;
     lane_lock_acquire(t.channel, 1);
-    if (send(t.fd, msg, sizeof(*msg) + (size_t)payload_len, MSG_NOSIGNAL) < 0) {
+    if (send_message(t.fd, msg, sizeof(*msg) + (size_t)payload_len) < 0) {
         lane_lock_release(t.channel);
         out->stage = LANE_STAGE_UNSENT;
         return LANE_CONN_HANDOFF;
     }
     size_t n = await_reply(c, t.fd, t.request_id, req->timeout_ms);
     if (!n) {
+        out->restore_us = (double)(lane_now_ns() - t0) / 1e3;  /* waited so far: Python waits only the rest */
         out->stage = LANE_STAGE_SENT;  /* the channel's lock stays held: Python reads on, then releases it */
         return LANE_CONN_HANDOFF;
     }
@@ -596,7 +592,7 @@ int lane_conn_serve(struct lane_conn *c, struct lane_board *b, struct lane_serve
     memcpy(msg->image, t.image, strlen(t.image));
     c->data = payload;
     out->data_len = (uint64_t)payload_len;
-    if (send(t.fd, msg, sizeof(*msg) + (size_t)payload_len, MSG_NOSIGNAL) < 0) {
+    if (send_message(t.fd, msg, sizeof(*msg) + (size_t)payload_len) < 0) {
         out->stage = LANE_STAGE_UNSENT;
         return LANE_CONN_HANDOFF;
     }

@@ -48,7 +48,7 @@ struct lane_lock;
 struct lane_lock *lane_lock_new(void);
 void lane_lock_free(struct lane_lock *l);
 int lane_lock_acquire(struct lane_lock *l, int blocking);  /* 1: acquired; 0: not (blocking = 0 and held) */
-void lane_lock_release(struct lane_lock *l);
+int lane_lock_release(struct lane_lock *l);  /* 0, or EPERM: not held by this thread */
 
 struct lane_board;
 struct lane_board *lane_board_new(int64_t capacity, const char *server);
@@ -59,11 +59,10 @@ int lane_board_offer(struct lane_board *b, uint64_t token, const char *image, in
 /* A live clone whose invocations the lane may answer; request ids from first_id on (not the Python side's). */
 int lane_board_offer_clone(struct lane_board *b, uint64_t token, const char *clone, const char *image,
                            int worker_fd, struct lane_lock *lock, uint32_t req_cap, uint64_t first_id);
+/* A taken clone ticket is marked withdrawn instead (LANE_TICKET_TAKEN): it goes when its invocation is over. */
 int lane_board_withdraw(struct lane_board *b, uint64_t token);
 /* A clone ticket taken by an invocation the lane handed to Python: offered again (Python is done with it). */
 void lane_board_untake(struct lane_board *b, uint64_t token);
-/* Until the ticket is not taken (1) or timeout_ms passed (0). */
-int lane_board_wait_untaken(struct lane_board *b, uint64_t token, int64_t timeout_ms);
 int lane_board_taken(struct lane_board *b, uint64_t token);  /* 1 while a taken ticket is not settled */
 void lane_board_settle(struct lane_board *b, uint64_t token);
 /* closed = 1: the image's tickets are taken no more; returns how many of them are taken and not settled */

@@ -72,7 +72,7 @@ class CloneOps:
                     self._mark_failed(clone, clone.worker.failure or "the clone's VMM process exited")
 
     def _mark_failed(self, clone: Clone, error: str) -> None:
-        self.lane.withdraw_clone(clone.id, wait=0)  # an invocation the lane has in flight ends in a hand-off
+        self.lane.withdraw_clone(clone.id)  # its invocations go the Python way, which refuses them
         if clone.state != "failed":
             clone.state, clone.error = "failed", error
             self.counters["clones_failed"] += 1
@@ -182,7 +182,7 @@ class CloneOps:
             worker.shard = None  # the slot is the clone's now (freed by delete_clone)
             self.watched[worker.fileno()] = clone
             self.clones[clone_id] = clone
-        self.lane.offer_clone(clone_id, runtime.record.id, worker)  # its invocations may be answered in C now
+            self.lane.offer_clone(clone, runtime.record.id)  # its invocations may be answered in C now
         self.latency.observe(elapsed)
         self.counters["restores"] += 1
         return clone
@@ -329,7 +329,8 @@ class CloneOps:
     def lane_invoke_handoff(self, out, data: bytes) -> dict:
         """The lane took a live clone's ticket for an invocation, then stopped (out.stage): finish it as invoke()
         would. At stage SENT this thread still holds the worker channel's lock (the lane's)."""
-        clone_id, worker = self.lane.clone_ticket(out.token)
+        clone = self.lane.clone_ticket(out.token)  # known while its ticket is taken, even if deleted meanwhile
+        clone_id, worker = clone.id, clone.worker
         locked = out.stage == lane_lib.LANE_STAGE_SENT
 
         def exchange():
@@ -339,18 +340,17 @@ class CloneOps:
                 raise WorkerFailed(f"worker {worker.pid} took no invocation: {worker.failure or 'it is gone'}")
             if out.stage == lane_lib.LANE_STAGE_REFUSED:
                 raise WorkerError(data.decode("utf-8", "replace"), protocol.LANE_KINDS.get(out.status, "vmm"))
-            locked = False  # await_reply releases it
-            return worker.await_reply("invoke", out.request_id, out.timeout_ms / 1e3 + 10, locked=True)
+            locked = False  # await_reply releases it; it waits only what the lane has not waited already
+            left = max(10.0, out.timeout_ms / 1e3 + 10 - out.restore_us / 1e6)
+            return worker.await_reply("invoke", out.request_id, left, locked=True)
         try:
-            clone = self._clone(clone_id)
-            return self._invoke_reply(clone, exchange)
+            return self._invoke_reply(clone, exchange)  # as an invocation begun before a DELETE ends in Python
         finally:
             if locked:
                 worker.lock.release()
-            clone = self.clones.get(clone_id)
+            if self.clones.get(clone_id) is not clone or clone.state != "running":
+                self.lane.withdraw_clone(clone_id)  # before the untake: never offered again
             self.lane.untake_clone(out.token)
-            if clone is None or clone.state != "running":
-                self.lane.withdraw_clone(clone_id, wait=0)
 
     def _invoke_reply(self, clone: Clone, exchange) -> dict:
         """An invocation's answer from ``exchange()`` (the worker's reply and result), or its error mapped."""
@@ -367,6 +367,8 @@ class CloneOps:
                 self._mark_failed(clone, clone.worker.failure)
                 raise CloneFailed(f"clone {clone_id} failed: {clone.worker.failure}") from None
             raise BadRequest(f"clone {clone_id}: {exc}") from None
+        if clone.worker.failure and clone.state == "running":  # answered, but the worker reported a failure
+            self._mark_failed(clone, clone.worker.failure)
         return {"result": base64.b64encode(result).decode(), "latency_us": round(reply["invoke"]["latency_us"], 1)}
 
     def snapshot_clone(self, body: dict, clone_id: str) -> dict:
@@ -384,17 +386,8 @@ class CloneOps:
             raise BadRequest(f"clone {clone_id}: snapshot failed: {exc}") from None
         return {"state_path": state_path, "mem_path": mem_path}
 
-    def _off_the_lane(self, clone: Clone) -> bool:
-        """The clone's ticket off the board before its worker is let go; an invocation the lane has in flight
-        ends as it would in Python, with the worker (killed). True: the worker was killed."""
-        if self.lane.withdraw_clone(clone.id, wait=0):
-            return False
-        clone.worker.kill()
-        self.lane.withdraw_clone(clone.id)
-        return True
-
     def delete_clone(self, clone_id: str) -> None:
-        killed = self._off_the_lane(self._clone(clone_id))  # _clone waits, outside the lock, for a lane record
+        self._clone(clone_id)  # waits, outside the lock, if the lane's record of it is still to come
         with self.lock:
             clone = self._clone(clone_id, wait=False)
             del self.clones[clone_id]
@@ -406,9 +399,10 @@ class CloneOps:
                     pass
             clone.shard.clones -= 1
             clone.image.clones -= 1
+            self.lane.withdraw_clone(clone_id)  # an invocation in flight in the lane finishes first (below)
         self.lane.release()
         worker = clone.worker
-        if (not killed and self.reuse_workers and clone.state == "running" and not worker.failure and not worker.dead
+        if (self.reuse_workers and clone.state == "running" and not worker.failure and not worker.dead
                 and not clone.image.deleting and not self.closed
                 and self.pool.recycle(worker, clone.image.record.id, lambda w: self._send_recycle(w, clone.image))):
             return  # the worker is prepared again for the image (no fork, VM build or teardown)

@@ -146,6 +146,7 @@ class Daemon(ImageOps, CloneOps):
         return reply  # the pool records it on the worker as it queues it
 
     def _retire(self, worker: WorkerHandle) -> None:
+        self.lane.withdraw_worker(worker)  # no clone ticket may name a worker that is gone (its fd is reused)
         worker.stop()
         self._worker_gone(worker)
 
@@ -162,7 +163,6 @@ class Daemon(ImageOps, CloneOps):
             clones = [c for c in self.clones.values() if c is not None]
             self.clones.clear()
         for clone in clones:
-            self._off_the_lane(clone)
             self._retire(clone.worker)
         self.pool.close()
         self.zygote.close()

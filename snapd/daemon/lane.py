@@ -9,7 +9,8 @@ clones against max_clones for both paths (``reserve`` / ``release``).
 
 A live clone has a ticket too (``offer_clone``, as the daemon records it): its invocations are read, sent to
 its worker and answered in C, under the worker channel's lock that Python's requests take as well
-(WorkerHandle.lock). The ticket is withdrawn before the worker is let go (``withdraw_clone``).
+(WorkerHandle.lock). The ticket is withdrawn before the worker is let go (``withdraw_clone``); one withdrawn
+while an invocation holds it goes when that invocation is over.
 """
 from __future__ import annotations
 
@@ -20,7 +21,6 @@ import logging
 import os
 import secrets
 import threading
-import time
 
 from snapd._lane_native import ffi, lib
 
@@ -70,8 +70,9 @@ class DaemonLane:
         self.by_clone: dict[str, Ticket] = {}
         self.closed_images: set[str] = set()     # being deleted: no ticket of theirs is offered or taken
         self.tokens = itertools.count(1)
-        self.clone_tickets: dict[str, tuple[int, object]] = {}  # clone id -> (token, its WorkerHandle)
-        self.clone_tokens: dict[int, str] = {}                   # token -> clone id
+        self.clone_tickets: dict[str, int] = {}               # live clone id -> its ticket's token
+        self.live_tokens: dict[int, object] = {}              # token -> the Clone, until its ticket is freed
+        self.closing: set[int] = set()                        # withdrawn while taken: freed when untaken
 
     # -- the clone count, both paths
     def reserve(self) -> bool:
@@ -155,53 +156,61 @@ class DaemonLane:
             lib.lane_board_close_image(self.board, image_id.encode(), 0)
 
     # -- live clones
-    def offer_clone(self, clone_id: str, image_id: str, worker) -> None:
-        """Let the lane answer the recorded clone's invocations. Its req_cap, when the prepare reply gave one,
-        sends a larger payload the Python way (a 400 there); otherwise the worker refuses it."""
+    def offer_clone(self, clone, image_id: str) -> None:
+        """Let the lane answer the recorded clone's invocations (the daemon calls this under its lock, as it
+        records the clone: a DELETE cannot come between). Its req_cap, when the prepare reply gave one, sends a
+        larger payload the Python way (a 400 there); otherwise the worker refuses it. ``clone``: its .id and
+        .worker are what the lane needs (snapd.daemon.clones.Clone)."""
         if not self.enabled:
             return
+        clone_id, worker = clone.id, clone.worker
         token = next(self.tokens)
         req_cap = worker.prepared.get("req_cap") or (1 << 20)
         with self.lock:
-            self.clone_tickets[clone_id] = (token, worker)  # holds the worker (and its lock) while on the board
-            self.clone_tokens[token] = clone_id
+            self._sweep_locked()
             rc = lib.lane_board_offer_clone(self.board, token, clone_id.encode(), image_id.encode(), worker.fileno(),
                                             worker.lock.native, req_cap, (1 << 62) + (token << 32))
-            if rc < 0:
-                self.clone_tickets.pop(clone_id, None)
-                self.clone_tokens.pop(token, None)
+            if rc == 0:
+                self.clone_tickets[clone_id] = token
+                self.live_tokens[token] = clone  # its worker (and the worker's lock) live while C may use them
         if rc < 0:
             log.warning("the lane did not take clone %s: %s", clone_id, os.strerror(-rc))
 
-    def withdraw_clone(self, clone_id: str, wait: float = 60.0) -> bool:
-        """Off the board before its worker is let go, waiting up to ``wait`` s for an invocation the lane has in
-        flight (wait 0: only if none is). False: still taken."""
+    def withdraw_clone(self, clone_id: str) -> None:
+        """Off the board, before the clone's worker is let go. An invocation the lane has in flight finishes (it
+        holds the worker channel's lock, which stopping or recycling the worker waits for); its ticket goes
+        then, never offered again."""
         with self.lock:
-            entry = self.clone_tickets.get(clone_id)
-        if entry is None:
-            return True
-        token = entry[0]
-        deadline = time.monotonic() + wait
-        while lib.lane_board_withdraw(self.board, token) == lib.LANE_TICKET_TAKEN:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return False
-            lib.lane_board_wait_untaken(self.board, token, int(min(left, 1.0) * 1e3) + 1)
-        with self.lock:
-            if self.clone_tickets.get(clone_id, (0,))[0] == token:
-                del self.clone_tickets[clone_id]
-            self.clone_tokens.pop(token, None)
-        return True
+            token = self.clone_tickets.pop(clone_id, None)
+            if token is not None and lib.lane_board_withdraw(self.board, token) == lib.LANE_TICKET_TAKEN:
+                self.closing.add(token)
+            elif token is not None:
+                self.live_tokens.pop(token, None)
 
-    def clone_ticket(self, token: int) -> tuple[str, object]:
-        """(clone id, worker) of a live clone's ticket the lane has taken."""
+    def withdraw_worker(self, worker) -> None:
+        """Every clone ticket of ``worker`` off the board (before it is stopped)."""
         with self.lock:
-            clone_id = self.clone_tokens[token]
-            return clone_id, self.clone_tickets[clone_id][1]
+            clone_ids = [clone.id for clone in self.live_tokens.values() if clone.worker is worker]
+        for clone_id in clone_ids:
+            self.withdraw_clone(clone_id)
+
+    def _sweep_locked(self) -> None:
+        """Forget the tickets withdrawn while taken that the lane has since let go of."""
+        for token in [t for t in self.closing if not lib.lane_board_taken(self.board, t)]:
+            self.closing.discard(token)
+            self.live_tokens.pop(token, None)
+
+    def clone_ticket(self, token: int):
+        """The clone whose ticket the lane has taken (it stays known until the ticket is let go)."""
+        with self.lock:
+            return self.live_tokens[token]
 
     def untake_clone(self, token: int) -> None:
-        """A live invocation the lane handed to Python is over: the clone's ticket is offered again."""
+        """A live invocation the lane handed to Python is over: the ticket is offered again (or goes, if it was
+        withdrawn meanwhile)."""
         lib.lane_board_untake(self.board, token)
+        with self.lock:
+            self._sweep_locked()
 
     def connection(self, fd: int) -> "LaneConnection":
         return LaneConnection(self, fd)

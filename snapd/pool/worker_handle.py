@@ -80,7 +80,8 @@ class ChannelLock:
         return bool(lane_lib.lane_lock_acquire(self.native, int(blocking)))  # the GIL is released while waiting
 
     def release(self) -> None:
-        lane_lib.lane_lock_release(self.native)
+        if lane_lib.lane_lock_release(self.native):
+            raise RuntimeError("release of a worker channel lock this thread does not hold")
 
     def __enter__(self) -> "ChannelLock":
         self.acquire()
