@@ -149,10 +149,12 @@ def _print_memory(samples: dict[str, float], image: str, n: int, mem_size: int) 
     shared = samples.get(f'snapd_shared_bytes{{image="{image}"}}', 0)
     faults = samples.get(f'snapd_page_faults{{image="{image}",kind="faults"}}', 0)
     lane = samples.get("snapd_lane_restores_total", 0)
+    invocations = samples.get("snapd_lane_invocations_total", 0)
     pss = samples.get("snapd_clone_pss_bytes", 0) / n
     private = samples.get("snapd_clone_private_bytes", 0) / n
     print(f"6. memory: the {n} clones share one copy of the image, {_size(shared)} of {mem_size / MIB:.0f} MiB paged "
           f"in on first touch")
     print(f"   (userfaultfd faults served: {faults:.0f}); per clone {_size(pss)} proportional set size, {_size(private)} "
           f"private")
-    print(f"   (its own writes and the VMM's heap). Restores answered by the restore lane (C): {lane:.0f} of {n}")
+    print(f"   (its own writes and the VMM's heap). Answered in C by the lane: {lane:.0f} of {n} restores, "
+          f"{invocations:.0f} of {n} later invocations")

@@ -157,17 +157,28 @@ def test_pipelined_requests_are_read_one_at_a_time_and_eof_ends(lane):
         worker.close()
 
 
+def refusing(kind: str, error: str):
+    """A stand-in worker's answer: the worker's refusal of kind ``kind``."""
+    def answer(header, payload):
+        return [protocol.encode_lane_reply({"ok": False, "id": header["id"], "kind": kind, "error": error}, b"")]
+    return answer
+
+
+def event_first(header, payload):
+    """A stand-in worker's answer: an unasked event, then the reply."""
+    return [protocol.encode({"event": "failed", "error": "page server gone"})] + ok_reply(header, payload)
+
+
+def handed_over_workers() -> list:
+    """Stand-in workers that refuse, send an event first, and answer (to be shut down: a gone worker)."""
+    return [StandInWorker(refusing("timeout", "no reply within 0.1 s")), StandInWorker(event_first),
+            StandInWorker(ok_reply)]
+
+
 def test_a_refusal_an_early_event_and_a_gone_worker_are_handed_over(lane):
-    def refuse(header, payload):
-        return [protocol.encode_lane_reply({"ok": False, "id": header["id"], "kind": "timeout",
-                                            "error": "no reply within 0.1 s"}, b"")]
-
-    def event_first(header, payload):
-        return [protocol.encode({"event": "failed", "error": "page server gone"})] + ok_reply(header, payload)
-
     client, server = socket.socketpair()
     conn = lane.connection(server.fileno())
-    workers = [StandInWorker(refuse), StandInWorker(event_first), StandInWorker(ok_reply)]
+    workers = handed_over_workers()
     try:
         for token, (worker, stage) in enumerate(zip(workers, ("REFUSED", "SENT", "UNSENT")), 1):
             offer(lane, worker, token=token, request_id=100 + token)
@@ -364,16 +375,9 @@ def test_an_invocation_the_lane_does_not_take_stays_pythons_byte_for_byte(live, 
 
 
 def test_a_live_invocation_refused_early_answered_or_unsent_is_handed_over(lane):
-    def refuse(header, payload):
-        return [protocol.encode_lane_reply({"ok": False, "id": header["id"], "kind": "invocation",
-                                            "error": "payload too large"}, b"")]
-
-    def event_first(header, payload):
-        return [protocol.encode({"event": "failed", "error": "page server gone"})] + ok_reply(header, payload)
-
     client, server = socket.socketpair()
     conn = lane.connection(server.fileno())
-    workers = [StandInWorker(refuse), StandInWorker(event_first), StandInWorker(ok_reply)]
+    workers = handed_over_workers()
     try:
         for n, (worker, stage) in enumerate(zip(workers, ("REFUSED", "SENT", "UNSENT"))):
             handle = LiveHandle(worker)
@@ -390,7 +394,7 @@ def test_a_live_invocation_refused_early_answered_or_unsent_is_handed_over(lane)
             held = not handle.lock.acquire(blocking=False)
             assert held == (stage == "SENT"), "only at SENT does the lane leave the channel's lock to Python"
             if stage == "REFUSED":
-                assert out.status == protocol.LANE_STATUS["invocation"] and conn.data() == b"payload too large"
+                assert out.status == protocol.LANE_STATUS["timeout"] and conn.data() == b"no reply within 0.1 s"
                 handle.lock.release()
             elif stage == "SENT":  # Python reads on from the event, with the lock the lane left it
                 event, _, _ = protocol.recv(worker.daemon_end)

@@ -454,6 +454,27 @@ static size_t await_reply(struct lane_conn *c, int fd, uint64_t id, int64_t time
     return n >= (ssize_t)sizeof(head) ? (size_t)n : 0;
 }
 
+/* The worker's LANE_REPLY (n bytes in c->reply) into out, and its result; -1 when it is a refusal (stage
+ * REFUSED, its error text as the hand-off's data). */
+static int take_reply(struct lane_conn *c, size_t n, uint64_t t0, struct lane_served *out, const uint8_t **result,
+                      size_t *result_len)
+{
+    const struct lane_reply_msg *reply = (const struct lane_reply_msg *)c->reply;
+    out->restore_us = (double)(lane_now_ns() - t0) / 1e3;
+    *result = c->reply + sizeof(*reply);
+    *result_len = n - sizeof(*reply);
+    out->status = reply->status;
+    out->generation = reply->generation;
+    out->generation_ns = reply->generation_ns;
+    out->invoke_ns = reply->invoke_ns;
+    if (reply->status == LANE_OK)
+        return 0;
+    out->stage = LANE_STAGE_REFUSED;
+    c->data = *result;
+    out->data_len = *result_len;
+    return -1;
+}
+
 static size_t http_date(char *out, size_t cap)
 {
     time_t now = time(NULL);
@@ -524,18 +545,10 @@ static int serve_invoke(struct lane_conn *c, struct lane_board *b, const struct 
         return LANE_CONN_HANDOFF;
     }
     lane_lock_release(t.channel);
-    out->restore_us = (double)(lane_now_ns() - t0) / 1e3;
-    const struct lane_reply_msg *reply = (const struct lane_reply_msg *)c->reply;
-    const uint8_t *result = c->reply + sizeof(*reply);
-    size_t result_len = n - sizeof(*reply);
-    out->status = reply->status;
-    out->invoke_ns = reply->invoke_ns;
-    if (reply->status != LANE_OK) {
-        out->stage = LANE_STAGE_REFUSED;
-        c->data = result;
-        out->data_len = result_len;
+    const uint8_t *result;
+    size_t result_len;
+    if (take_reply(c, n, t0, out, &result, &result_len) != 0)
         return LANE_CONN_HANDOFF;
-    }
     lane_board_untake(b, t.token);  /* nothing for Python to record: the clone is on the board again */
     char *body = (char *)c->body;
     size_t len = 12;
@@ -601,20 +614,10 @@ int lane_conn_serve(struct lane_conn *c, struct lane_board *b, struct lane_serve
         out->stage = LANE_STAGE_SENT;
         return LANE_CONN_HANDOFF;
     }
-    out->restore_us = (double)(lane_now_ns() - t0) / 1e3;
-    const struct lane_reply_msg *reply = (const struct lane_reply_msg *)c->reply;
-    const uint8_t *result = c->reply + sizeof(*reply);
-    size_t result_len = n - sizeof(*reply);
-    out->status = reply->status;
-    out->generation = reply->generation;
-    out->generation_ns = reply->generation_ns;
-    out->invoke_ns = reply->invoke_ns;
-    if (reply->status != LANE_OK) {
-        out->stage = LANE_STAGE_REFUSED;
-        c->data = result;
-        out->data_len = result_len;
+    const uint8_t *result;
+    size_t result_len;
+    if (take_reply(c, n, t0, out, &result, &result_len) != 0)
         return LANE_CONN_HANDOFF;
-    }
     struct timespec wall;
     clock_gettime(CLOCK_REALTIME, &wall);
     out->created = (double)wall.tv_sec + (double)wall.tv_nsec / 1e9;
