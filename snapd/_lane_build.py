@@ -115,6 +115,7 @@ int lane_board_close_image(struct lane_board *b, const char *image, int closed);
 int lane_board_reserve(struct lane_board *b);
 void lane_board_release(struct lane_board *b);
 int64_t lane_board_room(struct lane_board *b);
+uint64_t lane_board_invocations(struct lane_board *b);
 struct lane_conn;
 struct lane_conn *lane_conn_new(int fd);
 void lane_conn_free(struct lane_conn *c);

@@ -224,7 +224,7 @@ def non_canonical_b64(data: bytes) -> str:
 
 
 def lane_invocations(daemon) -> int:
-    return daemon.daemon.counters["lane_invocations"]
+    return daemon.daemon.lane.invocations()
 
 
 def test_a_live_clones_invocations_are_answered_by_the_lane_as_python_would(kv_daemon):

@@ -55,6 +55,7 @@ struct ticket {
 
 struct lane_board {
     pthread_mutex_t lock;
+    uint64_t invocations;  /* live invocations answered here (atomic) */
     int64_t room;         /* clones that may still start, both paths */
     char server[64];      /* the Server header */
     struct ticket *tickets;
@@ -259,6 +260,8 @@ void lane_board_release(struct lane_board *b)
     b->room++;
     pthread_mutex_unlock(&b->lock);
 }
+
+uint64_t lane_board_invocations(struct lane_board *b) { return __atomic_load_n(&b->invocations, __ATOMIC_RELAXED); }
 
 int64_t lane_board_room(struct lane_board *b)
 {
@@ -550,6 +553,7 @@ static int serve_invoke(struct lane_conn *c, struct lane_board *b, const struct 
     if (take_reply(c, n, t0, out, &result, &result_len) != 0)
         return LANE_CONN_HANDOFF;
     lane_board_untake(b, t.token);  /* nothing for Python to record: the clone is on the board again */
+    __atomic_add_fetch(&b->invocations, 1, __ATOMIC_RELAXED);  /* counted before the client can see the answer */
     char *body = (char *)c->body;
     size_t len = 12;
     memcpy(body, "{\"result\": \"", len);

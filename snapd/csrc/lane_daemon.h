@@ -70,6 +70,7 @@ int lane_board_close_image(struct lane_board *b, const char *image, int closed);
 int lane_board_reserve(struct lane_board *b);  /* 1: a clone may start (counted), 0: the daemon is at its limit */
 void lane_board_release(struct lane_board *b);
 int64_t lane_board_room(struct lane_board *b);
+uint64_t lane_board_invocations(struct lane_board *b);  /* live invocations the lane answered */
 
 struct lane_conn;
 struct lane_conn *lane_conn_new(int fd);

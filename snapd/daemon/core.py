@@ -87,8 +87,7 @@ class Daemon(ImageOps, CloneOps):
         self.clones: dict[str, Clone] = {}
         self.deleted: set[str] = set()
         self.latency = metrics.Histogram()
-        self.counters = {"restores": 0, "lane_restores": 0, "lane_invocations": 0, "restore_failures": 0,
-                         "clones_failed": 0}
+        self.counters = {"restores": 0, "lane_restores": 0, "restore_failures": 0, "clones_failed": 0}
         prepared = config.prepared  # settings first: a bad one must not leave a zygote behind
         if prepared is None:  # SNAPD_PREPARED: an operator's (and bench/clones.py's) override without a flag
             prepared = _env_count("SNAPD_PREPARED", config.pool_size)

@@ -205,6 +205,10 @@ class DaemonLane:
         with self.lock:
             return self.live_tokens[token]
 
+    def invocations(self) -> int:
+        """Live invocations the lane answered (counted in C before the answer is written)."""
+        return lib.lane_board_invocations(self.board)
+
     def untake_clone(self, token: int) -> None:
         """A live invocation the lane handed to Python is over: the ticket is offered again (or goes, if it was
         withdrawn meanwhile)."""

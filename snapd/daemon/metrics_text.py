@@ -33,7 +33,7 @@ def render(daemon) -> str:
                             [({}, daemon.counters["lane_restores"])])
     lines += metrics.family("snapd_lane_invocations_total", "counter",
                             "Invocations of live clones the lane answered (request read, sent and answered in C)",
-                            [({}, daemon.counters["lane_invocations"])])
+                            [({}, daemon.lane.invocations())])
     lines += metrics.family("snapd_restore_failures_total", "counter", "Restore requests that failed",
                             [({}, daemon.counters["restore_failures"])])
     lines += metrics.family("snapd_pool_idle_workers", "gauge", "Warm workers ready for a restore",
