@@ -449,6 +449,8 @@ def test_the_clone_limit_holds_on_both_paths(tmp_path, lane):
         wait_settled(daemon.daemon.pool)
         (third,) = daemon.client.create_clones(image, payload=b"three")
         workloads.verify_hello(b"three", third["result"], 1)
+        workloads.verify_hello(b"four", daemon.client.invoke(third["id"], b"four"), 2)
+        assert daemon.daemon.lane.invocations() == (1 if lane else 0), "--lane off must keep invocations Python's"
         daemon.client.delete_clone(third["id"])
         daemon.client.delete_image(image)  # its prepared workers leave the lane's board with it
         assert daemon.daemon.lane.by_clone == {}
