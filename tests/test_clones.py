@@ -432,6 +432,20 @@ def test_a_pool_is_settled_only_once_a_new_image_has_its_prepared_workers(tmp_pa
         daemon.close()
 
 
+def test_a_restore_that_ends_after_the_pool_closed_wakes_nothing(tmp_path):
+    """Daemon shutdown with a restore in flight: its end used to write to the pool's closed wake-up pipe (EBADF,
+    a traceback; or, once the number was reused, a byte into someone else's file)."""
+    daemon = RunningDaemon(str(tmp_path / "state"), pool_size=1)
+    try:
+        pool = daemon.daemon.pool
+        pool.restore_started()
+        pool.close()
+        pool.restore_finished()  # raised OSError(EBADF)
+        assert pool.wake_write == -1
+    finally:
+        daemon.close()
+
+
 @pytest.mark.parametrize("lane", [True, False], ids=["lane", "no-lane"])
 def test_the_clone_limit_holds_on_both_paths(tmp_path, lane):
     state, mem = hello_snapshot(tmp_path)

@@ -266,6 +266,8 @@ class WarmPool:
             self._wake_locked()
 
     def _wake_locked(self) -> None:
+        if self.wake_write < 0:  # closed: a restore still in flight at shutdown has nothing to wake
+            return
         try:
             os.write(self.wake_write, b"x")
         except BlockingIOError:
@@ -421,5 +423,8 @@ class WarmPool:
             worker.dead = True
             worker.channel.close()  # the new worker sees EOF after its build and exits
         self.spawning.clear()
-        os.close(self.wake_read)
-        os.close(self.wake_write)
+        with self.cond:  # under the lock _wake_locked writes with: never to a closed (or reused) descriptor
+            for fd in (self.wake_read, self.wake_write):
+                if fd >= 0:  # (closed once)
+                    os.close(fd)
+            self.wake_read = self.wake_write = -1
