@@ -223,6 +223,13 @@ def non_canonical_b64(data: bytes) -> str:
     return text[:last] + alphabet[alphabet.index(text[last]) | 1] + text[last + 1:]
 
 
+def clone_token(daemon, clone_id: str) -> int:
+    """The clone's ticket on the lane's board (offered as the daemon records it: after a lane restore's 201)."""
+    lane = daemon.daemon.lane
+    assert wait_until(lambda: clone_id in lane.clone_tickets, 5), f"clone {clone_id} never reached the lane"
+    return lane.clone_tickets[clone_id]
+
+
 def lane_invocations(daemon) -> int:
     return daemon.daemon.lane.invocations()
 
@@ -236,6 +243,7 @@ def test_a_live_clones_invocations_are_answered_by_the_lane_as_python_would(kv_d
     (clone,) = daemon.client.create_clones(image, payload=first)
     try:
         workloads.verify_kv(1, 1, first, clone["result"])
+        clone_token(daemon, clone["id"])
         before = lane_invocations(daemon)
         for seed in (2, 3):
             request = workloads.kv_request(500, seed)
@@ -267,7 +275,7 @@ def test_an_invocation_in_flight_in_the_lane_finishes_and_the_clone_then_leaves_
     wait_settled(daemon.daemon.pool)
     (clone,) = daemon.client.create_clones(image, payload=workloads.kv_request(10, 1))
     lane = daemon.daemon.lane
-    token = lane.clone_tickets[clone["id"]]
+    token = clone_token(daemon, clone["id"])
     errors = []
 
     def long_invocation():
@@ -302,6 +310,34 @@ def test_an_invocation_in_flight_in_the_lane_finishes_and_the_clone_then_leaves_
             daemon.client.delete_clone(clone["id"])
 
 
+def test_the_daemon_stops_at_once_with_an_invocation_in_flight(tmp_path):
+    """Shutdown used to wait for a clone's invocation in flight (its worker's channel lock) up to its timeout."""
+    state, mem = snapshot_builtin_guest(str(tmp_path), MEM_MIB, "workload=kv kv_mib=1", "kv")
+    daemon = RunningDaemon(str(tmp_path / "state"), pool_size=1)
+    ended = []
+    try:
+        image = daemon.client.register_image(state, mem)["id"]
+        wait_settled(daemon.daemon.pool)
+        (clone,) = daemon.client.create_clones(image, payload=workloads.kv_request(10, 1))
+        token = clone_token(daemon, clone["id"])
+
+        def long_invocation():
+            try:
+                with SnapdClient(daemon.socket_path) as other:
+                    other.invoke(clone["id"], workloads.kv_request(0xFFFFFFFF, 1), timeout_ms=60_000)
+            except (SnapdError, OSError) as exc:
+                ended.append(exc)
+        thread = threading.Thread(target=long_invocation)
+        thread.start()
+        assert wait_until(lambda: lib.lane_board_taken(daemon.daemon.lane.board, token) == 1, 5)
+    finally:
+        t0 = time.monotonic()
+        daemon.close()
+        stopped_in = time.monotonic() - t0
+    thread.join(30)
+    assert stopped_in < 10 and not thread.is_alive() and ended, (stopped_in, ended)
+
+
 def test_a_later_invocation_past_its_timeout_is_a_504_that_names_it(kv_daemon):
     """Handed to Python by the lane (the worker's refusal): a 504 that names the request's timeout (it said
     "within 0.000 s", the time left when the worker's wait began), and the clone's ticket on the board again."""
@@ -316,7 +352,7 @@ def test_a_later_invocation_past_its_timeout_is_a_504_that_names_it(kv_daemon):
         assert error.value.status == 504 and 0.9 < time.monotonic() - t0 < 5
         assert "within 1.000 s" in str(error.value), error.value
         assert lane_invocations(daemon) == before, "a refused invocation is Python's answer, not a served one"
-        token = daemon.daemon.lane.clone_tickets[clone["id"]]
+        token = clone_token(daemon, clone["id"])
         assert lib.lane_board_taken(daemon.daemon.lane.board, token) == 0, "the ticket was left taken"
     finally:
         daemon.client.delete_clone(clone["id"])
@@ -463,6 +499,8 @@ def test_the_clone_limit_holds_on_both_paths(tmp_path, lane):
         wait_settled(daemon.daemon.pool)
         (third,) = daemon.client.create_clones(image, payload=b"three")
         workloads.verify_hello(b"three", third["result"], 1)
+        if lane:
+            clone_token(daemon, third["id"])
         workloads.verify_hello(b"four", daemon.client.invoke(third["id"], b"four"), 2)
         assert daemon.daemon.lane.invocations() == (1 if lane else 0), "--lane off must keep invocations Python's"
         daemon.client.delete_clone(third["id"])

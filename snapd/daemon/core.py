@@ -162,6 +162,8 @@ class Daemon(ImageOps, CloneOps):
             clones = [c for c in self.clones.values() if c is not None]
             self.clones.clear()
         for clone in clones:
+            clone.worker.kill()  # first: an invocation in flight (holding its worker's channel) ends now
+        for clone in clones:
             self._retire(clone.worker)
         self.pool.close()
         self.zygote.close()
