@@ -88,7 +88,7 @@ def test_prefetch_restore_is_byte_identical_and_answers(recorded):
                                             serial_sink=QUIET)
         try:
             vm = listener.wait_for_vms(1)[0]
-            assert wait_stream(server, vm).prefetch_chunks == len(loading_set.chunks)
+            assert_set_installed(wait_stream(server, vm), len(loading_set.chunks))
             assert_memory_equals_snapshot(machine, str(tmp / "vm.mem"))
             machine.resume()
             request = workloads.kv_request(1000, 77)  # another invocation than the recorded one
@@ -97,6 +97,12 @@ def test_prefetch_restore_is_byte_identical_and_answers(recorded):
             assert st.errors == 0 and st.prefetch_bytes > 0
         finally:
             machine.close()
+
+
+def assert_set_installed(st, n: int) -> None:
+    """Each chunk of an n-chunk loading set went in once: by the stream, or by a fault that got to it first (the
+    VMM writes guest memory as it restores, so a fault may beat the stream to a chunk; under load it did)."""
+    assert st.prefetch_chunks <= n <= st.prefetch_chunks + st.prefetch_faults, st
 
 
 def wait_stream(server, vm):
@@ -121,8 +127,9 @@ def test_staged_prefetch_is_byte_identical_and_answers(recorded):
         try:
             vm = listener.wait_for_vms(1)[0]
             st = wait_stream(server, vm)
-            assert st.prefetch_chunks == len(loading_set.chunks)
-            assert st.stage_chunks == len(loading_set.chunks) and st.stage_fallbacks == 0
+            assert_set_installed(st, len(loading_set.chunks))
+            assert st.stage_chunks <= len(loading_set.chunks) <= st.stage_chunks + st.stage_faults
+            assert st.stage_fallbacks == 0
             assert 0 < st.stage_ioctls <= st.stage_chunks  # adjacent chunks share one UFFDIO_COPY
             assert_memory_equals_snapshot(machine, str(tmp / "vm.mem"))
             machine.resume()
@@ -167,7 +174,7 @@ def test_staging_limit_and_unstaged_chunks_fall_back_to_the_normal_path(recorded
                                             serial_sink=QUIET)
         try:
             st = wait_stream(server, listener.wait_for_vms(1)[0])
-            assert st.prefetch_chunks == len(loading_set.chunks)
+            assert_set_installed(st, len(loading_set.chunks))
             assert st.stage_fallbacks >= staged.over_limit and st.stage_chunks > 0
             assert_memory_equals_snapshot(machine, str(tmp / "vm.mem"))
             machine.resume()
@@ -187,7 +194,8 @@ def test_streamed_prefetch_without_staging_is_byte_identical(recorded):
                                             serial_sink=QUIET)
         try:
             st = wait_stream(server, listener.wait_for_vms(1)[0])
-            assert st.prefetch_chunks == len(loading_set.chunks) and st.stage_chunks == 0
+            assert_set_installed(st, len(loading_set.chunks))
+            assert st.stage_chunks == 0
             assert_memory_equals_snapshot(machine, str(tmp / "vm.mem"))
         finally:
             machine.close()
