@@ -39,7 +39,10 @@ def recorded(tmp_path_factory):
         try:
             request = workloads.kv_request(1000, 1)
             workloads.verify_kv(1, KV_MIB, request, machine.invoke(request))
+            machine.pause()  # no fault after the reply races the counts read below (under load one did)
             vm = listener.wait_for_vms(1)[0]
+            settled = wait_until(lambda: server.stats(vm).chunks_installed == server.stats(vm).recorded, 5)
+            assert settled, f"the page server's counts did not settle: {server.stats(vm)}"
             loading_set = server.stop_recording(vm)
             stats = server.stats(vm)
         finally:
