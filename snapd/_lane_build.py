@@ -8,6 +8,7 @@ does not take goes the ordinary Python way, from the same bytes. Works from setu
 run directly (`python snapd/_lane_build.py` compiles in place).
 """
 import os
+import re
 
 from cffi import FFI
 
@@ -76,55 +77,22 @@ void lane_channel_free(struct lane_channel *ch);
 int lane_held_serve(struct lane_channel *ch, struct lane_held *held, struct lane_held_result *res);
 """
 
-DAEMON_CDEF = """
-/* lane_daemon.h */
-#define LANE_CONN_EOF ...
-#define LANE_CONN_SLOW ...
-#define LANE_CONN_SERVED ...
-#define LANE_CONN_HANDOFF ...
-#define LANE_STAGE_UNSENT ...
-#define LANE_STAGE_SENT ...
-#define LANE_STAGE_REFUSED ...
-#define LANE_STAGE_UNWRITTEN ...
-#define LANE_TICKET_UNKNOWN ...
-#define LANE_TICKET_WITHDRAWN ...
-#define LANE_TICKET_TAKEN ...
-struct lane_served {
-    int32_t kind; uint64_t token; uint64_t request_id; int32_t keep_alive; int32_t stage; int32_t status; int32_t invoke;
-    int64_t timeout_ms; uint64_t generation; uint64_t generation_ns, invoke_ns;
-    double restore_us; double created; uint64_t data_len;
-    ...;
-};
-struct lane_lock;
-struct lane_lock *lane_lock_new(void);
-void lane_lock_free(struct lane_lock *l);
-int lane_lock_acquire(struct lane_lock *l, int blocking);
-int lane_lock_release(struct lane_lock *l);
-struct lane_board;
-struct lane_board *lane_board_new(int64_t capacity, const char *server);
-void lane_board_free(struct lane_board *b);
-int lane_board_offer(struct lane_board *b, uint64_t token, const char *image, int worker_fd, uint32_t req_cap,
-                     uint64_t request_id, const char *fields, size_t fields_len);
-int lane_board_offer_clone(struct lane_board *b, uint64_t token, const char *clone, const char *image,
-                           int worker_fd, struct lane_lock *lock, uint32_t req_cap, uint64_t first_id);
-int lane_board_withdraw(struct lane_board *b, uint64_t token);
-void lane_board_untake(struct lane_board *b, uint64_t token);
-int lane_board_taken(struct lane_board *b, uint64_t token);
-void lane_board_settle(struct lane_board *b, uint64_t token);
-int lane_board_close_image(struct lane_board *b, const char *image, int closed);
-int lane_board_reserve(struct lane_board *b);
-void lane_board_release(struct lane_board *b);
-int64_t lane_board_room(struct lane_board *b);
-uint64_t lane_board_invocations(struct lane_board *b);
-struct lane_conn;
-struct lane_conn *lane_conn_new(int fd);
-void lane_conn_free(struct lane_conn *c);
-int lane_conn_serve(struct lane_conn *c, struct lane_board *b, struct lane_served *out);
-size_t lane_conn_pending(struct lane_conn *c);
-size_t lane_conn_take(struct lane_conn *c, uint8_t *out, size_t cap);
-int lane_conn_push(struct lane_conn *c, const uint8_t *data, size_t len);
-const uint8_t *lane_conn_data(struct lane_conn *c);
-"""
+def header_cdef(name: str) -> str:
+    """One of our headers as cffi's cdef, so that its declarations are written once: preprocessor lines dropped,
+    each `#define NAME value` as `#define NAME ...` (cffi takes the value from the compiler). Only for headers
+    without macro-sized arrays (lane_daemon.h); the others keep a hand-written cdef."""
+    lines = []
+    with open(os.path.join(ROOT, CSRC, name)) as f:
+        for line in f:
+            define = re.match(r"#define (\w+)\s+\S", line)
+            if define:
+                lines.append(f"#define {define.group(1)} ...\n")
+            elif not line.startswith("#"):
+                lines.append(line)
+    return "".join(lines)
+
+
+DAEMON_CDEF = header_cdef("lane_daemon.h")
 
 SOURCES = ["lane_http.c", "lane_held.c", "lane_daemon.c"]
 
