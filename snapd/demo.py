@@ -63,7 +63,7 @@ def _demo(args) -> int:
 
 def _run(args, work: str) -> int:
     from snapd.client import SnapdError
-    from snapd.daemon_process import DaemonProcess, DaemonStartError, PoolNotWarmError, wait_pool
+    from snapd.daemon_process import DaemonProcess, DaemonStartError, PoolNotWarmError
     from vmm.errors import VmmError
     from vmm.snapshot import snapshot_builtin_guest
 
@@ -79,15 +79,16 @@ def _run(args, work: str) -> int:
         with DaemonProcess(os.path.join(work, "state"), "--pool-size", "1", "--max-clones", "64",
                            "--log-level", "error", prepared=1) as daemon:
             print(f"2. started `snapd serve` (pid {daemon.process.pid}, API on {daemon.socket_path})")
-            return _with_daemon(args, daemon.client, state, mem, wait_pool)
+            return _with_daemon(args, daemon.client, state, mem)
     except (DaemonStartError, PoolNotWarmError) as exc:
         raise CliError(str(exc), EXIT_FAILED) from None
     except SnapdError as exc:
         raise CliError(f"the daemon refused: {exc}", EXIT_FAILED) from None
 
 
-def _with_daemon(args, client, state: str, mem: str, wait_pool) -> int:
+def _with_daemon(args, client, state: str, mem: str) -> int:
     from snapd.client import SnapdError
+    from snapd.daemon_process import wait_pool
     from snapd.image import BaseImage
     from vmm import workloads
 

@@ -114,7 +114,8 @@ class VcpuRunner:
             self.exits += 1
             self._dispatch_exit(run.exit_reason)
 
-    def run_here(self, done: Callable[[], bool], deadline: float) -> bool:
+    def run_here(self, done: Callable[[], bool], deadline: float,
+                 park_at: tuple[int, int] | None = None) -> bool:
         """Run this vCPU on the calling thread, its own thread parked (machine paused), until ``done()``.
         A prepared clone's first invocation runs this way in the worker's main thread, which has the request:
         no hand-off to the vCPU thread and back (two wake-ups, ~0.15 ms on this nested host). False when
@@ -133,6 +134,9 @@ class VcpuRunner:
                 if vcpu.run_once() == -errno.EINTR:
                     continue
                 self.exits += 1
+                if park_at is not None and self.pending_word_read() == park_at[0]:  # park_at_read's stop
+                    self._answer_read(park_at[1])
+                    return True
                 self._dispatch_exit(run.exit_reason)
             return True
         finally:
@@ -142,23 +146,9 @@ class VcpuRunner:
         """Run this vCPU on the calling thread (its own parked) until the guest reads ``port`` (4 bytes), and
         stop there: the read is left pending, answered ``answer`` for the next KVM_RUN, which anyone may
         overwrite before that (a held function port: FN_NEXT, answered "retry" until an invocation comes). False
-        when ``deadline`` passes first, as run_here. Other exits are dispatched as the vCPU thread would."""
-        run = self.vcpu.run
-        run.immediate_exit = 0
-        install_alarm_handler()
-        signal.setitimer(signal.ITIMER_REAL, max(1e-6, deadline - time.monotonic()))
-        try:
-            while not self.machine.stop_requested and time.monotonic() < deadline:
-                if self.vcpu.run_once() == -errno.EINTR:
-                    continue
-                self.exits += 1
-                if self.pending_word_read() == port:
-                    self._answer_read(answer)
-                    return True
-                self._dispatch_exit(run.exit_reason)  # an odd-sized read of the port too: answered "retry"
-            return False
-        finally:
-            signal.setitimer(signal.ITIMER_REAL, 0)
+        when ``deadline`` passes first, as run_here. Other exits (an odd-sized read of the port too) are
+        dispatched as the vCPU thread would."""
+        return self.run_here(lambda: False, deadline, park_at=(port, answer))
 
     def dispatch_pending_exit(self) -> None:
         """Handle the exit KVM_RUN last returned, which someone else ran into (snapd's held lane) and left."""

@@ -32,9 +32,6 @@
 #define OFF_REQ_LEN 64
 #define NEXT_DELIVERED 1u
 #define NEXT_RETRY 0u
-/* After the reply, how long the guest may take to come back to FN_NEXT and be parked there again (as
- * snapd/pool/worker.py HOLD_BUDGET_S; a guest busy for longer is Python's to carry on). */
-#define PARK_BUDGET_NS 20000000ull
 
 struct lane_channel {
     int fd;
@@ -176,10 +173,10 @@ static int run_to_reply(struct lane_held *held, struct lane_held_result *res, ui
 static void park_in_next(struct lane_held *held, struct lane_held_result *res)
 {
     struct kvm_run *run = held->run;
-    uint64_t deadline = lane_now_ns() + PARK_BUDGET_NS;
+    uint64_t deadline = lane_now_ns() + held->park_budget_ns;
     if (run->immediate_exit || __atomic_load_n(&held->stop, __ATOMIC_RELAXED))
         return;  /* a stop or pause came during the invocation (kick): Python's */
-    set_alarm(PARK_BUDGET_NS);
+    set_alarm(held->park_budget_ns);
     for (;;) {
         if (ioctl(held->vcpu_fd, KVM_RUN, 0) < 0) {
             uint64_t now = lane_now_ns();

@@ -27,6 +27,7 @@ struct lane_held {
     int stop;                     /* set by Python's disarm (from any thread): the lane does not arm itself again */
     int live;
     uint64_t generation;          /* live: the clone's generation id, for the reply */
+    uint64_t park_budget_ns;      /* after a reply, how long the guest may take back to FN_NEXT to be parked */
     int vcpu_fd;
     void *run;                    /* the vCPU's struct kvm_run */
     uint64_t mailbox;             /* host address of the guest's mailbox */

@@ -103,33 +103,8 @@ class SnapdRequestHandler(socketserver.BaseRequestHandler):
                     kind = lane.serve()  # a restore it can take never reaches the Python below
                     if kind == restore_lane.EOF_:
                         return
-                    if kind == restore_lane.SERVED and lane.out.kind == restore_lane.INVOKE:
-                        if not lane.out.keep_alive:  # answered (and counted) in C: nothing to record
-                            return
-                        continue
-                    if kind == restore_lane.SERVED:
-                        try:
-                            daemon.lane_served(lane.out)
-                        except ApiError as exc:  # answered, but the daemon could not keep the clone (stopping)
-                            log.warning("a clone the lane restored was dropped: %s", exc)
-                            return
-                        if not lane.out.keep_alive:
-                            return
-                        continue
-                    if kind == restore_lane.HANDOFF and lane.out.kind == restore_lane.INVOKE:
-                        out = lane.out
-                        reply = self.answer(lambda: daemon.lane_invoke_handoff(out, lane.data()), 200,
-                                            bool(out.keep_alive), "POST", "/v1/clones/{clone_id}/invoke")
-                        sock.sendall(reply)
-                        if not out.keep_alive:
-                            return
-                        continue
-                    if kind == restore_lane.HANDOFF:
-                        out = lane.out
-                        reply = self.answer(lambda: daemon.lane_handoff(out, lane.data()), 201, bool(out.keep_alive),
-                                            "POST", "/v1/clones")
-                        sock.sendall(reply)
-                        if not out.keep_alive:
+                    if kind in (restore_lane.SERVED, restore_lane.HANDOFF):
+                        if not self.after_lane(daemon, lane, kind):
                             return
                         continue
                     stream.buf += lane.take()  # SLOW: the request is http_wire's, from the same bytes
@@ -151,6 +126,25 @@ class SnapdRequestHandler(socketserver.BaseRequestHandler):
                     stream.buf.clear()
         except (BrokenPipeError, ConnectionResetError):
             return  # the client went away
+
+    def after_lane(self, daemon: Daemon, lane, kind: int) -> bool:
+        """What follows a request the lane took: a restore it answered is recorded, one it stopped (HANDOFF) is
+        finished here and answered; an invocation it answered needs nothing (counted in C). False: the
+        connection ends."""
+        out = lane.out
+        invoke = out.kind == restore_lane.INVOKE
+        if kind == restore_lane.SERVED and not invoke:
+            try:
+                daemon.lane_served(out)
+            except ApiError as exc:  # answered, but the daemon could not keep the clone (stopping)
+                log.warning("a clone the lane restored was dropped: %s", exc)
+                return False
+        elif kind == restore_lane.HANDOFF:
+            finish = daemon.lane_invoke_handoff if invoke else daemon.lane_handoff
+            path = "/v1/clones/{clone_id}/invoke" if invoke else "/v1/clones"
+            self.request.sendall(self.answer(lambda: finish(out, lane.data()), 200 if invoke else 201,
+                                             bool(out.keep_alive), "POST", path))
+        return bool(out.keep_alive)
 
     def dispatch(self, request: http_wire.Request) -> bytes:
         def call():

@@ -37,11 +37,12 @@ class HeldLane:
         self.result = ffi.new("struct lane_held_result *")
         install_alarm_handler()  # the lane bounds the guest with SIGALRM, as run_here does
 
-    def arm(self, machine, image: str, live: bool = False) -> None:
+    def arm(self, machine, image: str, live: bool = False, park_budget: float = 0.02) -> None:
         """``machine`` (paused, its one vCPU parked in FN_NEXT, the read left pending) may be answered in C: its
-        restore (a prepared clone), or with ``live`` its next invocation (the worker's running clone)."""
+        restore (a prepared clone), or with ``live`` its next invocation (the worker's running clone). After
+        its reply the guest gets ``park_budget`` seconds to come back to FN_NEXT and be parked there again."""
         fnport, held = machine.fnport, self.held
-        held.live, held.generation = live, fnport.generation
+        held.live, held.generation, held.park_budget_ns = live, fnport.generation, int(park_budget * 1e9)
         held.vcpu_fd = machine.vcpus[0].fd
         held.run = ffi.cast("void *", _address(machine.vcpus[0].run))
         held.mailbox = _address(machine.memory.host_pointer(fnport.mailbox_gpa))

@@ -32,7 +32,7 @@ from vmm.uffd_backend import UffdBackend, UffdBackendError
 READ_MEMORY_MAX = 1 << 20
 # After an invocation answered on the main thread, how long the guest may take to come back to its FN_NEXT read
 # and be parked there (its next invocation then answered with no thread to wake, in C if the lane can); a guest
-# busy for longer goes on on its vCPU thread.
+# busy for longer goes on on its vCPU thread. The lane's C side gets it when armed.
 HOLD_BUDGET_S = 0.02
 PAGE = 4096
 MADV_POPULATE_WRITE = 23  # Linux 5.14+, <linux/mman.h>
@@ -110,9 +110,9 @@ class Worker:
         """Let the lane answer the next restore itself if a prepared clone is held in FN_NEXT (worker._prepare),
         or the next invocation if the live clone is parked there (_settle_held)."""
         if self._parked_in_next(self.prepared):
-            self.lane.arm(self.prepared, self.image)
+            self.lane.arm(self.prepared, self.image, park_budget=HOLD_BUDGET_S)
         elif self.held and self._parked_in_next(self.machine):
-            self.lane.arm(self.machine, self.image, live=True)
+            self.lane.arm(self.machine, self.image, live=True, park_budget=HOLD_BUDGET_S)
         else:
             self.lane.disarm()
 
