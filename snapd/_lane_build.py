@@ -15,28 +15,6 @@ from cffi import FFI
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CSRC = os.path.join("snapd", "csrc")  # relative to ROOT: setuptools wants relative sources
 
-HTTP_CDEF = """
-/* lane_http.h */
-#define LANE_NEED_MORE ...
-#define LANE_FAST ...
-#define LANE_SLOW ...
-#define LANE_REQ_CREATE ...
-#define LANE_REQ_INVOKE ...
-struct lane_request {
-    int kind;
-    const char *clone; size_t clone_len;
-    size_t consumed;
-    int keep_alive;
-    const char *image; size_t image_len;
-    const char *payload; size_t payload_len;
-    int64_t count;
-    int64_t timeout_ms;
-};
-int lane_parse_clone_request(const char *buf, size_t len, size_t max_head, size_t max_body,
-                             struct lane_request *out);
-int64_t lane_base64_decode(const char *in, size_t len, uint8_t *out, size_t cap);
-size_t lane_base64_encode(const uint8_t *in, size_t len, char *out);
-"""
 
 HELD_CDEF = """
 /* lane_proto.h */
@@ -80,7 +58,7 @@ int lane_held_serve(struct lane_channel *ch, struct lane_held *held, struct lane
 def header_cdef(name: str) -> str:
     """One of our headers as cffi's cdef, so that its declarations are written once: preprocessor lines dropped,
     each `#define NAME value` as `#define NAME ...` (cffi takes the value from the compiler). Only for headers
-    without macro-sized arrays (lane_daemon.h); the others keep a hand-written cdef."""
+    without macro-sized arrays (lane_http.h, lane_daemon.h); the others keep a hand-written cdef."""
     lines = []
     with open(os.path.join(ROOT, CSRC, name)) as f:
         for line in f:
@@ -92,6 +70,7 @@ def header_cdef(name: str) -> str:
     return "".join(lines)
 
 
+HTTP_CDEF = header_cdef("lane_http.h")
 DAEMON_CDEF = header_cdef("lane_daemon.h")
 
 SOURCES = ["lane_http.c", "lane_held.c", "lane_daemon.c"]
