@@ -5,8 +5,8 @@ PY        := $(VENV)/bin/python
 STAMP     := $(VENV)/.installed
 SUDO      := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # Headers and libraries the cffi extensions link against (the page server decompresses in C).
-APT_PKGS  := liblz4-dev libzstd-dev libxxhash-dev
-BUILD_DEPS := pyproject.toml setup.py $(wildcard vmm/*_build.py snapd/*_build.py vmm/guest/*.c vmm/guest/*.h vmm/guest/*.S vmm/guest/*.ld vmm/guest/Makefile snapd/csrc/*)
+APT_PKGS  := liblz4-dev libzstd-dev libxxhash-dev libseccomp-dev
+BUILD_DEPS := pyproject.toml setup.py $(wildcard vmm/*_build.py vmm/jail/_build.py vmm/jail/*.[ch] snapd/*_build.py vmm/guest/*.c vmm/guest/*.h vmm/guest/*.S vmm/guest/*.ld vmm/guest/Makefile snapd/csrc/*)
 
 .PHONY: demo test test-fast bench system-deps guest clean
 
@@ -43,5 +43,5 @@ $(STAMP): $(BUILD_DEPS)
 	touch $(STAMP)
 
 clean:
-	rm -rf $(VENV) build *.egg-info vmm/_kvm_native*.so snapd/_uffd_native*.so
+	rm -rf $(VENV) build *.egg-info vmm/_kvm_native*.so vmm/jail/_native*.so snapd/_uffd_native*.so snapd/_lane_native*.so
 	$(MAKE) -C vmm/guest clean

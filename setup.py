@@ -18,6 +18,7 @@ setup(
         "vmm/_kvm_build.py:ffibuilder",
         "snapd/_uffd_build.py:ffibuilder",
         "snapd/_lane_build.py:ffibuilder",
+        "vmm/jail/_build.py:ffibuilder",
     ],
     cmdclass={"build_py": BuildPyWithGuest},
 )

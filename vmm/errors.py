@@ -16,6 +16,11 @@ class KvmError(VmmError):
         super().__init__(f"{text}: {detail}" if detail else text)
 
 
+class JailError(KvmError):
+    """A confinement step (namespace, mount, credentials, seccomp, cgroup, path resolution) failed; names the
+    call and the errno."""
+
+
 class KvmUnavailable(VmmError):
     """/dev/kvm is missing or cannot be opened."""
 
