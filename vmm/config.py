@@ -1,4 +1,5 @@
 """The machine configuration: a plain value the CLI and the API build, and the VMM validates."""
+import functools
 import os
 from dataclasses import dataclass
 
@@ -16,6 +17,7 @@ def builtin_guest_image() -> str:
     return path
 
 
+@functools.cache  # read once: a jailed worker validates configs with no /proc to read
 def host_memory_bytes() -> int:
     with open("/proc/meminfo") as meminfo:
         fields = dict(line.split(":", 1) for line in meminfo)

@@ -16,6 +16,9 @@
 #include <unistd.h>
 #include <linux/capability.h>
 #include <linux/openat2.h>
+#include <linux/kvm.h>
+#include <linux/userfaultfd.h>
+#include <sys/ioctl.h>
 #include <seccomp.h>
 
 #define RET(expr) do { long r_ = (expr); return r_ < 0 ? -errno : (int)r_; } while (0)
@@ -39,9 +42,9 @@ int jail_prctl(int option, unsigned long a2, unsigned long a3, unsigned long a4,
     RET(prctl(option, a2, a3, a4, a5));
 }
 
-/* Empty the bounding and ambient sets (needs CAP_SETPCAP, so before the uid change), then the effective,
- * permitted and inheritable sets with capset(2): nothing is left to regain, even by a set-uid program. */
-int jail_drop_capabilities(void)
+/* Empty the bounding and ambient sets (needs CAP_SETPCAP, so before the uid change): nothing dropped later can
+ * come back, even through a set-uid program. */
+int jail_drop_bounding_set(void)
 {
     for (int cap = 0; cap <= CAP_LAST_CAP; cap++) {
         if (prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) < 0 && errno != EINVAL)
@@ -49,6 +52,12 @@ int jail_drop_capabilities(void)
     }
     if (prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0) < 0 && errno != EINVAL)
         return -errno;
+    return 0;
+}
+
+/* Empty the effective, permitted and inheritable sets. */
+int jail_clear_capabilities(void)
+{
     struct __user_cap_header_struct header = { .version = _LINUX_CAPABILITY_VERSION_3, .pid = 0 };
     struct __user_cap_data_struct data[_LINUX_CAPABILITY_U32S_3];
     memset(data, 0, sizeof data);

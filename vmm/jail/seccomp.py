@@ -1,0 +1,115 @@
+"""Seccomp allow-lists, built with libseccomp (vmm/jail/_build.py), one per process role.
+
+The default action kills the whole process (SECCOMP_RET_KILL_PROCESS: the daemon sees it die by SIGSYS and
+reports the clone failed with that reason). Calls that name a file by path are answered EACCES instead: the
+jail's root is empty anyway, and Python asks for files on its own (an import not made before the jail, a
+traceback's source lines), which must fail as an error, not kill a clone that did nothing wrong.
+
+Why each call is there (docs/security.md has the table):
+- KVM and userfaultfd: ioctl, restricted to the KVMIO and UFFDIO families and four tty/fd ioctls Python's I/O
+  layer issues; userfaultfd itself (a clone re-registers its memory on each recycle).
+- Memory: mmap, munmap, mprotect, madvise, mremap, brk; process_vm_readv/writev on the process itself only
+  (the VMM's fault-safe guest-memory copies, vmm_self_read/write).
+- Descriptors it was given: read/write and their vector and positional forms, lseek, fstat (AT_EMPTY_PATH
+  only), fcntl, dup, close, ftruncate, fallocate, fsync (snapshots written into descriptors the daemon opened).
+- Its channel and the page server's socket: sendmsg, recvmsg, sendto, recvfrom, get/setsockopt, getsockname,
+  shutdown; no socket, connect, bind or accept (the network and other processes are out of reach).
+- Threads and time: clone (threads only: CLONE_THREAD), futex, set_robust_list, rseq, signals to its own
+  threads (tgkill and kill of its own pid), setitimer (the vCPU run deadline), clocks, sleeps, poll/select/epoll.
+"""
+from __future__ import annotations
+
+import errno
+import os
+
+from vmm.errors import JailError
+from vmm.jail.native import check, ffi, lib
+
+FILE_BY_NAME = ("open", "openat", "openat2", "stat", "lstat", "access", "faccessat", "faccessat2", "readlink",
+                "readlinkat", "statx", "getcwd", "statfs", "getdents64", "mkdir", "unlink", "rename")
+
+BASE = (
+    # memory
+    "mmap", "munmap", "mprotect", "madvise", "mremap", "brk",
+    # descriptors it holds
+    "read", "write", "readv", "writev", "pread64", "pwrite64", "preadv", "pwritev", "lseek", "close", "close_range",
+    "dup", "dup3", "fcntl", "fstat", "ftruncate", "fallocate", "fsync", "fdatasync", "pipe2", "eventfd2",
+    # sockets it was handed
+    "sendmsg", "recvmsg", "sendto", "recvfrom", "getsockopt", "setsockopt", "getsockname", "getpeername",
+    "shutdown",
+    # waiting
+    "poll", "ppoll", "select", "pselect6", "epoll_create1", "epoll_ctl", "epoll_wait", "epoll_pwait",
+    # threads, signals, time
+    "futex", "set_robust_list", "get_robust_list", "rseq", "set_tid_address", "exit", "exit_group",
+    "rt_sigaction", "rt_sigprocmask", "rt_sigreturn", "rt_sigpending", "rt_sigtimedwait", "sigaltstack",
+    "restart_syscall", "getpid", "gettid", "getppid", "getuid", "geteuid", "getgid", "getegid", "sched_yield",
+    "sched_getaffinity", "setitimer", "getitimer", "clock_gettime", "clock_getres", "clock_nanosleep",
+    "nanosleep", "gettimeofday", "getrandom", "membarrier", "uname",
+)
+
+# Role -> extra calls beyond BASE.
+ROLES = {
+    "worker": ("userfaultfd", "memfd_create"),          # a clone worker of snapd
+    "vmm": ("userfaultfd", "memfd_create", "accept4", "socket", "bind", "listen", "unlink"),  # vmm --api-sock
+}
+
+
+class Rule:
+    """One libseccomp rule: action for ``syscall`` when every (arg, op, a, b) comparison holds."""
+
+    def __init__(self, syscall: str, action: int, *comparisons: tuple[int, int, int, int]):
+        self.syscall, self.action, self.comparisons = syscall, action, comparisons
+
+
+def _syscall_number(name: str) -> int | None:
+    nr = lib.seccomp_syscall_resolve_name(name.encode())
+    return None if nr < 0 else nr
+
+
+def rules_for(role: str, pid: int) -> list[Rule]:
+    """The allow-list of ``role`` for a process whose own pid (as it sees it) is ``pid``."""
+    if role not in ROLES:
+        raise JailError("seccomp profile", errno.EINVAL, f"no seccomp role {role!r} (known: {', '.join(ROLES)})")
+    allow, eacces = lib.SCMP_ACT_ALLOW, lib.jail_scmp_act_errno(errno.EACCES)
+    rules = [Rule(name, allow) for name in BASE + ROLES[role]]
+    if role == "vmm":  # the API socket is a Unix socket; nothing else
+        rules = [r for r in rules if r.syscall != "socket"] + [Rule("socket", allow, (0, lib.SCMP_CMP_EQ, 1, 0))]
+    rules += [Rule(name, eacces) for name in FILE_BY_NAME]
+    mask_eq = lib.SCMP_CMP_MASKED_EQ
+    rules += [Rule("ioctl", allow, (1, mask_eq, 0xFF00, family << 8)) for family in (lib.KVMIO, lib.UFFDIO)]
+    rules += [Rule("ioctl", allow, (1, lib.SCMP_CMP_EQ, request, 0))
+              for request in (lib.FIONBIO, lib.FIOCLEX, lib.FIONCLEX, lib.FIONREAD, lib.TCGETS)]
+    rules.append(Rule("newfstatat", allow, (3, mask_eq, lib.AT_EMPTY_PATH, lib.AT_EMPTY_PATH)))
+    rules.append(Rule("newfstatat", eacces, (3, mask_eq, lib.AT_EMPTY_PATH, 0)))
+    rules.append(Rule("clone", allow, (0, mask_eq, lib.CLONE_THREAD, lib.CLONE_THREAD)))
+    # clone3 passes its flags in memory, out of a filter's reach: ENOSYS makes glibc fall back to clone.
+    rules.append(Rule("clone3", lib.jail_scmp_act_errno(errno.ENOSYS)))
+    for name in ("tgkill", "kill", "process_vm_readv", "process_vm_writev"):  # itself only
+        rules.append(Rule(name, allow, (0, lib.SCMP_CMP_EQ, pid, 0)))
+    return rules
+
+
+def load(role: str, pid: int | None = None) -> int:
+    """Install ``role``'s filter on the calling thread (and the threads it starts later); returns the number of
+    rules. Needs no_new_privs (or CAP_SYS_ADMIN)."""
+    rules = rules_for(role, os.getpid() if pid is None else pid)
+    ctx = lib.seccomp_init(lib.SCMP_ACT_KILL_PROCESS)
+    if ctx == ffi.NULL:
+        raise JailError("seccomp_init", errno.ENOMEM)
+    try:
+        seen = set()
+        for rule in rules:
+            nr = _syscall_number(rule.syscall)
+            if nr is None:
+                continue  # not a call on this architecture (open/stat on arm64, say)
+            if not rule.comparisons and (rule.syscall, rule.action) in seen:
+                continue
+            seen.add((rule.syscall, rule.action))
+            args = ffi.new("struct scmp_arg_cmp[]", [
+                {"arg": a, "op": op, "datum_a": da, "datum_b": db} for a, op, da, db in rule.comparisons] or 1)
+            check(lib.seccomp_rule_add_array(ctx, rule.action, nr, len(rule.comparisons), args),
+                  "seccomp_rule_add", rule.syscall)
+        check(lib.seccomp_load(ctx), "seccomp_load", role)
+        return len(rules)
+    finally:
+        lib.seccomp_release(ctx)
