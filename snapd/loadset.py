@@ -84,7 +84,7 @@ class LoadingSet:
         if size == 0:
             raise LoadingSetCorrupt(name, "loading set file is empty")
         if data[:len(MAGIC)] != MAGIC[:min(size, len(MAGIC))]:
-            raise LoadingSetCorrupt(name, f"not a loading set (magic {bytes(data[:8])!r})")
+            raise LoadingSetCorrupt(name, "not a loading set (it does not begin with the loading-set magic)")
         if size < HEADER.size:
             raise LoadingSetCorrupt(name, f"loading set truncated: {size} bytes, the header alone is {HEADER.size}")
         _, major, minor, chunk_size, mem_size, ident, count, _ = HEADER.unpack_from(data)
@@ -107,6 +107,28 @@ class LoadingSet:
     def save(self, path: str | os.PathLike) -> None:
         """Atomically (temp file, fsync, rename, directory fsync)."""
         atomic_write(path, self.to_bytes())
+
+    @staticmethod
+    def max_file_size(mem_size: int, chunk_size: int) -> int:
+        """The largest loading-set file an image of ``mem_size`` bytes in ``chunk_size``-byte chunks can have (each
+        chunk listed once): a bound to check before reading a caller's file into memory."""
+        return HEADER.size + 4 * -(-mem_size // max(chunk_size, 1)) + DIGEST_LEN
+
+    @classmethod
+    def read_fd(cls, fd: int, name: str, max_size: int) -> "LoadingSet":
+        """The loading set in an open file (read once, from its start, from the descriptor); a file larger than
+        ``max_size`` (``max_file_size``) is refused before anything is read into memory."""
+        try:
+            size = os.fstat(fd).st_size
+            if size > max_size:
+                raise LoadingSetCorrupt(name, f"{size} bytes, more than the {max_size} a loading set of this image "
+                                              "can have")
+            data = os.pread(fd, size + 1, 0)  # +1: a file that grew after the fstat is refused, not cut
+        except OSError as exc:
+            raise LoadingSetCorrupt(name, f"cannot read it: {exc.strerror or exc}") from None
+        if len(data) > size:
+            raise LoadingSetCorrupt(name, "the file grew while it was read")
+        return cls.from_bytes(data, name)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "LoadingSet":

@@ -25,7 +25,7 @@ __all__ = [
     "MAGIC", "VERSION", "DEFAULT_MAX_SIZE",
     "SnapshotFormatError", "BadMagic", "UnsupportedVersion", "Truncated", "ChecksumMismatch",
     "TooLarge", "TrailingData",
-    "pack_state_file", "unpack_state_file", "write_state_file", "read_state_file",
+    "pack_state_file", "unpack_state_file", "write_state_file", "read_state_file", "read_state_fd",
     "encode_state", "decode_state", "save_state", "load_state",
 ]
 
@@ -85,7 +85,7 @@ def unpack_state_file(data: bytes, name: str = "<memory>",
         raise TooLarge(f"{name}: {size} bytes exceeds the limit of {max_size}")
     magic = data[:len(MAGIC)]
     if magic != MAGIC[:len(magic)]:
-        raise BadMagic(f"{name}: bad magic {bytes(magic)!r}, expected {MAGIC!r}")
+        raise BadMagic(f"{name}: bad magic: not a snapshot state file (it does not begin with UVMSNAP)")
     if size < _HEADER.size:
         raise Truncated(f"{name}: truncated header ({size} of {_HEADER.size} bytes)")
     _, major, minor, length = _HEADER.unpack_from(data)
@@ -114,13 +114,25 @@ def write_state_file(path: str | os.PathLike, body: bytes) -> None:
 def read_state_file(path: str | os.PathLike,
                     max_size: int = DEFAULT_MAX_SIZE) -> tuple[tuple[int, int], bytes]:
     """Read and validate a state file; return ((major, minor), body)."""
-    name = os.fspath(path)
     with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        if size > max_size:  # checked before reading anything into memory
-            raise TooLarge(f"{name}: {size} bytes exceeds the limit of {max_size}")
-        data = f.read(max_size + 1)  # +1: a file that grew after fstat is still caught
-    return unpack_state_file(data, name, max_size)
+        return unpack_state_file(read_state_fd(f.fileno(), os.fspath(path), max_size), os.fspath(path), max_size)
+
+
+def read_state_fd(fd: int, name: str, max_size: int = DEFAULT_MAX_SIZE) -> bytes:
+    """The whole of an open state file (from its start), its size checked against ``max_size`` before anything
+    is read into memory; not yet validated (``unpack_state_file``)."""
+    size = os.fstat(fd).st_size
+    if size > max_size:  # checked before reading anything into memory
+        raise TooLarge(f"{name}: {size} bytes exceeds the limit of {max_size}")
+    pieces, left, offset = [], max_size + 1, 0  # +1: a file that grew after fstat is still caught
+    while left > 0:
+        piece = os.pread(fd, min(left, 1 << 20), offset)
+        if not piece:
+            break
+        pieces.append(piece)
+        offset += len(piece)
+        left -= len(piece)
+    return b"".join(pieces)
 
 
 # --- strict dataclass <-> msgpack codec -------------------------------------------------------
@@ -197,9 +209,8 @@ def _dataclass_decoder(cls) -> _Decoder:
         if len(v) != len(fields) or not names.issuperset(v):
             unknown = sorted(map(str, set(v) - names))
             missing = sorted(names - set(v))
-            if unknown:
-                e = _FieldError(f"unknown field in {cls.__name__}")
-                e.path.append("." + unknown[0])
+            if unknown:  # not named: the name is the file's bytes, and a reply never quotes those
+                e = _FieldError(f"unknown field in {cls.__name__} ({len(unknown)} not among its fields)")
             else:
                 e = _FieldError(f"missing field in {cls.__name__}")
                 e.path.append("." + missing[0])
@@ -213,8 +224,8 @@ def _dataclass_decoder(cls) -> _Decoder:
                 raise
         try:
             return cls(**kwargs)
-        except (TypeError, ValueError) as exc:  # a __post_init__ validation refused the values
-            raise _FieldError(f"{cls.__name__} rejected its fields: {exc}") from None
+        except (TypeError, ValueError) as exc:  # a __post_init__ validation refused the values (not quoted: they
+            raise _FieldError(f"{cls.__name__} rejected its fields ({type(exc).__name__})") from None  # are the file's)
     return dec
 
 
@@ -281,8 +292,8 @@ def decode_state(data: bytes, cls: type[T]) -> T:
     dec = _decoder_for(cls)
     try:
         plain = msgpack.unpackb(data, raw=False, use_list=True, strict_map_key=True)
-    except Exception as exc:  # msgpack raises several unrelated types for malformed input
-        raise SnapshotFormatError(f"state body is not valid msgpack: {exc}") from None
+    except Exception as exc:  # msgpack raises several unrelated types for malformed input (their text may quote
+        raise SnapshotFormatError(f"state body is not valid msgpack ({type(exc).__name__})") from None  # bytes)
     try:
         return dec(plain)
     except _FieldError as e:

@@ -11,7 +11,8 @@ import uuid
 from dataclasses import dataclass
 
 from snapd.atomic import atomic_file
-from snapd.snapfile import SnapshotFormatError, load_state, save_state
+from snapd.snapfile import (DEFAULT_MAX_SIZE, SnapshotFormatError, decode_state, encode_state, load_state,
+                            pack_state_file, read_state_fd, save_state, unpack_state_file)
 from vmm.config import MachineConfig
 from vmm.devices.fnport import FunctionPort
 from vmm.devices.i8042 import I8042
@@ -59,33 +60,38 @@ def write_memory_file(memory: GuestMemory, path: str) -> None:
     """Raw guest memory, regions back to back; all-zero MiBs become holes (sparse file)."""
     if memory.inaccessible_reason:
         raise SnapshotError(f"cannot snapshot guest memory: {memory.inaccessible_reason}")
-    piece = None  # one buffer for memory served by a page server, reused piece after piece
     with atomic_file(path) as out:
-        for region in memory.regions:
-            view = memoryview(region.buffer())
-            anonymous = 1 if region.backing == "anon" else 0
-            for offset in range(0, region.size, COPY_PIECE):
-                length = min(COPY_PIECE, region.size - offset)
-                if region.backing == "uffd":  # untouched pages hold image data: read (and fault in) everything
-                    piece = piece if piece is not None else ffi.new("char[]", COPY_PIECE)
-                    check(lib.vmm_self_read(piece, ffi.cast("char *", region.host_addr + offset), length),
-                          f"read of guest memory at {region.guest_phys_addr + offset:#x}")
-                    if lib.vmm_is_zero(piece, length):
-                        out.seek(length, os.SEEK_CUR)  # a hole, as for the other backings
-                    else:
-                        out.write(ffi.buffer(piece, length))
-                elif not lib.vmm_range_has_data(ffi.cast("char *", region.host_addr + offset), length, anonymous):
-                    out.seek(length, os.SEEK_CUR)
+        write_memory(memory, out)
+
+
+def write_memory(memory: GuestMemory, out) -> None:
+    """Guest memory into ``out`` (a binary file object, from its current position, which must be the start):
+    regions back to back, all-zero MiBs skipped (holes), truncated at the end."""
+    if memory.inaccessible_reason:
+        raise SnapshotError(f"cannot snapshot guest memory: {memory.inaccessible_reason}")
+    piece = None  # one buffer for memory served by a page server, reused piece after piece
+    for region in memory.regions:
+        view = memoryview(region.buffer())
+        anonymous = 1 if region.backing == "anon" else 0
+        for offset in range(0, region.size, COPY_PIECE):
+            length = min(COPY_PIECE, region.size - offset)
+            if region.backing == "uffd":  # untouched pages hold image data: read (and fault in) everything
+                piece = piece if piece is not None else ffi.new("char[]", COPY_PIECE)
+                check(lib.vmm_self_read(piece, ffi.cast("char *", region.host_addr + offset), length),
+                      f"read of guest memory at {region.guest_phys_addr + offset:#x}")
+                if lib.vmm_is_zero(piece, length):
+                    out.seek(length, os.SEEK_CUR)  # a hole, as for the other backings
                 else:
-                    out.write(view[offset:offset + length])
-        out.truncate(out.tell())
+                    out.write(ffi.buffer(piece, length))
+            elif not lib.vmm_range_has_data(ffi.cast("char *", region.host_addr + offset), length, anonymous):
+                out.seek(length, os.SEEK_CUR)
+            else:
+                out.write(view[offset:offset + length])
+    out.truncate(out.tell())
 
 
-def create_snapshot(machine: Microvm, snapshot_path: str, mem_file_path: str,
-                    snapshot_type: str = "Full") -> SnapshotTimings:
-    """Full: all of guest memory. Diff: only pages written since the machine's last snapshot (or the snapshot it
-    was restored from); needs track_dirty_pages."""
-    t0 = time.perf_counter()
+def _capture(machine: Microvm, snapshot_type: str) -> MicrovmState:
+    """The state of a paused machine for a ``snapshot_type`` snapshot (its dirty log restarted)."""
     if machine.io_left_pending:  # a vCPU is mid-instruction: its saved state would not be resumable
         raise SnapshotError("the VM was paused with a port-I/O exit pending; resume it before a snapshot")
     if snapshot_type == "Diff":
@@ -94,13 +100,21 @@ def create_snapshot(machine: Microvm, snapshot_path: str, mem_file_path: str,
         if not machine.snapshot_id:
             raise SnapshotError("a Diff snapshot needs a parent: take a Full snapshot first (or load one)")
         runs = page_runs(sorted(file_page_of(machine.memory, p) for p in machine.take_dirty_pages()))
-        state = capture_state(machine, parent_snapshot_id=machine.snapshot_id, diff_page_runs=runs)
-    elif snapshot_type == "Full":
+        return capture_state(machine, parent_snapshot_id=machine.snapshot_id, diff_page_runs=runs)
+    if snapshot_type == "Full":
         state = capture_state(machine)
         if machine.config.track_dirty_pages:
             machine.take_dirty_pages()  # the next Diff is relative to this snapshot
-    else:
-        raise SnapshotError(f"snapshot_type must be 'Full' or 'Diff', not {snapshot_type!r}")
+        return state
+    raise SnapshotError(f"snapshot_type must be 'Full' or 'Diff', not {snapshot_type!r}")
+
+
+def create_snapshot(machine: Microvm, snapshot_path: str, mem_file_path: str,
+                    snapshot_type: str = "Full") -> SnapshotTimings:
+    """Full: all of guest memory. Diff: only pages written since the machine's last snapshot (or the snapshot it
+    was restored from); needs track_dirty_pages."""
+    t0 = time.perf_counter()
+    state = _capture(machine, snapshot_type)
     t1 = time.perf_counter()
     try:
         if snapshot_type == "Diff":
@@ -115,6 +129,29 @@ def create_snapshot(machine: Microvm, snapshot_path: str, mem_file_path: str,
     return SnapshotTimings(state_ms=(t1 - t0) * 1e3, memory_ms=(t2 - t1) * 1e3)
 
 
+def create_snapshot_fds(machine: Microvm, state_fd: int, mem_fd: int) -> SnapshotTimings:
+    """A Full snapshot written into two open, empty files (from offset 0), for a process that may not open paths
+    (a clone's worker: snapd's daemon creates the files beneath its snapshot root, hands the descriptors over,
+    and fsyncs and renames them when both are complete). Nothing is fsynced or renamed here; the descriptors stay
+    open (the caller's)."""
+    t0 = time.perf_counter()
+    state = _capture(machine, "Full")
+    t1 = time.perf_counter()
+    try:
+        for fd in (state_fd, mem_fd):
+            os.ftruncate(fd, 0)
+            os.lseek(fd, 0, os.SEEK_SET)
+        with os.fdopen(mem_fd, "wb", closefd=False) as out:
+            write_memory(machine.memory, out)
+        with os.fdopen(state_fd, "wb", closefd=False) as out:
+            out.write(pack_state_file(encode_state(state)))
+    except OSError as exc:
+        raise SnapshotError(f"cannot write snapshot: {exc.strerror}") from None
+    machine.snapshot_id = state.snapshot_id
+    t2 = time.perf_counter()
+    return SnapshotTimings(state_ms=(t1 - t0) * 1e3, memory_ms=(t2 - t1) * 1e3)
+
+
 def read_snapshot(snapshot_path: str) -> MicrovmState:
     try:
         state = load_state(snapshot_path, MicrovmState)
@@ -124,11 +161,33 @@ def read_snapshot(snapshot_path: str) -> MicrovmState:
         raise SnapshotError(f"cannot read snapshot file {snapshot_path}: {exc.strerror}") from None
     except SnapshotFormatError as exc:
         raise SnapshotError(str(exc)) from None
-    if state.kind != SNAPSHOT_KIND:
-        raise SnapshotError(f"{snapshot_path} is a '{state.kind}' snapshot, not a '{SNAPSHOT_KIND}' one")
+    return check_snapshot(state, snapshot_path)
+
+
+def read_snapshot_fd(fd: int, name: str) -> tuple[MicrovmState, bytes]:
+    """(state, the file's bytes) of an open state file, read once from the descriptor (size bounded by the state
+    file format's limit before anything is read); ``name`` is what messages call it. No message quotes the file's
+    bytes."""
+    try:
+        data = read_state_fd(fd, name, DEFAULT_MAX_SIZE)
+        _, body = unpack_state_file(data, name, DEFAULT_MAX_SIZE)
+        state = decode_state(body, MicrovmState)
+    except OSError as exc:
+        raise SnapshotError(f"cannot read snapshot file {name}: {exc.strerror}") from None
+    except SnapshotFormatError as exc:
+        text = str(exc)
+        raise SnapshotError(text if text.startswith(name) else f"{name}: {text}") from None
+    return check_snapshot(state, name), data
+
+
+def check_snapshot(state: MicrovmState, name: str) -> MicrovmState:
+    if state.kind != SNAPSHOT_KIND:  # the kind it names is not quoted: it is the file's bytes
+        raise SnapshotError(f"{name} is not a '{SNAPSHOT_KIND}' snapshot")
     if len(state.vcpus) != state.config.vcpu_count or not state.vcpus:
-        raise SnapshotError(f"{snapshot_path}: holds {len(state.vcpus)} vCPU states for a "
+        raise SnapshotError(f"{name}: holds {len(state.vcpus)} vCPU states for a "
                             f"{state.config.vcpu_count}-vCPU machine")
+    if not state.memory or any(r.size <= 0 or r.file_offset < 0 for r in state.memory):
+        raise SnapshotError(f"{name}: its memory layout is empty or has a region of no size or before the file")
     return state
 
 
@@ -136,12 +195,17 @@ def region_layouts(state: MicrovmState) -> list[RegionLayout]:
     return [RegionLayout(r.name, r.guest_phys_addr, r.size, r.file_offset) for r in state.memory]
 
 
+def memory_file_size(state: MicrovmState) -> int:
+    """The bytes of memory file the snapshot's layout needs (the file ``write_memory`` writes is exactly that)."""
+    return max(r.file_offset + r.size for r in state.memory)
+
+
 def open_memory_file(mem_file_path: str, state: MicrovmState) -> int:
     try:
         fd = os.open(mem_file_path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as exc:
         raise SnapshotError(f"cannot open memory file {mem_file_path}: {exc.strerror}") from None
-    need = max(r.file_offset + r.size for r in state.memory)
+    need = memory_file_size(state)
     have = os.fstat(fd).st_size
     if have < need:
         os.close(fd)

@@ -4,7 +4,6 @@ from __future__ import annotations
 import collections
 import errno
 import hashlib
-import mmap
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -47,14 +46,17 @@ def new_chunk(buf, digest: bytes, codec: int, level: int) -> NewChunk:
     return NewChunk(digest, used, stored, len(buf), xxhash.xxh3_64_intdigest(stored))
 
 
-def _chunk_job(view, mem_size, chunk_size, codec, level, known):
+def _chunk_job(fd, mem_size, chunk_size, codec, level, known):
     zero = bytes(chunk_size)
 
     def job(i: int):
         start = i * chunk_size
-        buf = view[start:min(start + chunk_size, mem_size)]
-        # memoryview == bytes compares with memcmp; the zero test is far cheaper than hashing
-        if buf == zero[:len(buf)]:
+        length = min(chunk_size, mem_size - start)
+        buf = os.pread(fd, length, start)  # releases the GIL; a descriptor, not a mapping: a file truncated
+        if len(buf) != length:             # under us is an error here, not a SIGBUS in the daemon
+            raise OSError(errno.EIO, f"the memory file ended at byte {start + len(buf)} while it was read "
+                                     f"(it was {mem_size} bytes): it changed during the build")
+        if buf == zero[:length]:  # bytes == bytes compares with memcmp; far cheaper than hashing
             return i, None, None
         h = hashlib.blake2b(buf, digest_size=32).digest()  # releases the GIL on large buffers
         if known(h):
@@ -63,34 +65,35 @@ def _chunk_job(view, mem_size, chunk_size, codec, level, known):
     return job
 
 
-def build_image(mem_path: str | os.PathLike, store_dir: str | os.PathLike, image_path: str | os.PathLike,
+def build_image(mem_path: str | os.PathLike | int, store_dir: str | os.PathLike, image_path: str | os.PathLike,
                 chunk_size: int = DEFAULT_CHUNK_SIZE, codec: str = DEFAULT_CODEC, level: int | None = None,
                 progress: Callable[[int, int], None] | None = None, source_id: str = "",
-                workers: int | None = None) -> BuildResult:
-    """Build `image_path` from `mem_path`, storing new chunks in `store_dir`.
+                workers: int | None = None, mem_size: int | None = None) -> BuildResult:
+    """Build `image_path` from `mem_path` (a path, or an open descriptor of the memory file, read with pread and
+    left open), storing new chunks in `store_dir`. ``mem_size``: the bytes to build from (default: the file's
+    size); a file shorter than that fails the build.
 
     progress(done_bytes, total_bytes) is called from this thread as chunks complete.
     """
     check_chunk_size(chunk_size)
     cid, level = resolve_codec(codec, level)
     image_path = os.path.abspath(image_path)
-    with open(mem_path, "rb") as f, ChunkStore(store_dir) as store:
-        mem_size = os.fstat(f.fileno()).st_size
-        n = nchunks_for(mem_size, chunk_size)
-        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if mem_size else None
-        view = memoryview(mm) if mm is not None else memoryview(b"")
-        try:
-            has_data = _chunks_with_data(f.fileno(), mem_size, chunk_size, n)
-            result = _build(view, mem_size, n, chunk_size, cid, level, store, progress, workers, has_data)
-        finally:
-            view.release()
-            if mm is not None:
-                mm.close()
-        entries, zero, dup, new, new_bytes = result
-        rel_store = os.path.relpath(store.root, os.path.dirname(image_path))
-        hdr = Header(chunk_size, cid, level, mem_size, n,
-                     content_id(chunk_size, mem_size, (e.hash for e in entries)), source_id, rel_store)
-        write_index(image_path, hdr, entries)
+    fd = mem_path if isinstance(mem_path, int) else os.open(mem_path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        with ChunkStore(store_dir) as store:
+            if mem_size is None:
+                mem_size = os.fstat(fd).st_size
+            n = nchunks_for(mem_size, chunk_size)
+            has_data = _chunks_with_data(fd, mem_size, chunk_size, n)
+            entries, zero, dup, new, new_bytes = _build(fd, mem_size, n, chunk_size, cid, level, store, progress,
+                                                        workers, has_data)
+            rel_store = os.path.relpath(store.root, os.path.dirname(image_path))
+            hdr = Header(chunk_size, cid, level, mem_size, n,
+                         content_id(chunk_size, mem_size, (e.hash for e in entries)), source_id, rel_store)
+            write_index(image_path, hdr, entries)
+    finally:
+        if fd is not mem_path:
+            os.close(fd)
     return BuildResult(image_path, n, zero, dup, new, new_bytes)
 
 
@@ -150,13 +153,13 @@ class StoreBatch:
         self.pending_raw = 0
 
 
-def _build(view, mem_size, n, chunk_size, codec, level, store, progress, workers, has_data=None):
+def _build(fd, mem_size, n, chunk_size, codec, level, store, progress, workers, has_data=None):
     entries: list[Entry | None] = [None] * n
     hashes: list[bytes | None] = [None] * n
     batch = StoreBatch(store, entries, hashes)
     seen: set[bytes] = set()
     zero = dup = done = 0
-    job = _chunk_job(view, mem_size, chunk_size, codec, level, lambda h: h in store or h in seen)
+    job = _chunk_job(fd, mem_size, chunk_size, codec, level, lambda h: h in store or h in seen)
 
     workers = workers or os.cpu_count() or 1
     # Enough in flight that workers keep compressing while this thread appends and fsyncs a batch.

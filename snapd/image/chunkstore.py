@@ -138,8 +138,8 @@ class ChunkStore:
                 return
             magic, version, _ = IDX_HEADER.unpack(head)
             if magic != IDX_MAGIC or version != STORE_VERSION:
-                raise StoreCorrupt(self.idx_path, f"not a version {STORE_VERSION} chunk index "
-                                   f"(magic {magic!r}, version {version})")
+                what = "another format's magic" if magic != IDX_MAGIC else f"version {version}"
+                raise StoreCorrupt(self.idx_path, f"not a version {STORE_VERSION} chunk index ({what})")
         finally:
             os.close(fd)
 

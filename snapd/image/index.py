@@ -105,7 +105,7 @@ def decode_index(data: bytes, name: str) -> tuple[Header, memoryview]:
     if size == 0:
         raise IndexTruncated(name, "index file is empty")
     if data[:len(MAGIC)] != MAGIC[:min(size, len(MAGIC))]:
-        raise ImageFormatError(name, f"not an image index (magic {bytes(data[:8])!r})")
+        raise ImageFormatError(name, "not an image index (it does not begin with the index magic)")
     if size < HEADER.size:
         raise IndexTruncated(name, f"index truncated: {size} bytes, header alone is {HEADER.size}")
     (_, major, minor, header_size, chunk_size, codec, _, level, mem_size, nchunks, cid,

@@ -22,6 +22,7 @@ class Field:
     minimum: int | None = None
     maximum: int | None = None
     spec: "ObjectSpec | None" = None  # for json_type "object"
+    path: bool = False  # a file path: a NUL byte in it is refused (no file name holds one)
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,8 @@ def check_object(value, spec: ObjectSpec, where: str = "") -> dict:
         item = value[name]
         if not _type_ok(item, rule.json_type):
             raise BadRequest(f"{where}.{name} must be {JSON_TYPE_NAMES[rule.json_type]}, not {json.dumps(item)}")
+        if rule.path and "\0" in item:
+            raise BadRequest(f"{where}.{name} {json.dumps(item)} contains a NUL byte: no file path can (refused)")
         if rule.enum and item not in rule.enum:
             raise BadRequest(f"{where}.{name} must be one of {', '.join(rule.enum)}, not {json.dumps(item)}")
         if rule.minimum is not None and item < rule.minimum:
@@ -99,9 +102,9 @@ MACHINE_CONFIG = ObjectSpec("machine-config", MACHINE_CONFIG_FIELDS)
 MACHINE_CONFIG_PATCH = ObjectSpec("machine-config", {name: Field(f.json_type, False, f.enum, f.minimum)
                                                      for name, f in MACHINE_CONFIG_FIELDS.items()})
 BOOT_SOURCE = ObjectSpec("boot-source", {
-    "kernel_image_path": Field("string", required=True),
+    "kernel_image_path": Field("string", required=True, path=True),
     "boot_args": Field("string"),
-    "initrd_path": Field("string"),
+    "initrd_path": Field("string", path=True),
 })
 INSTANCE_ACTION = ObjectSpec("actions", {
     "action_type": Field("string", required=True, enum=("InstanceStart", "SendCtrlAltDel", "FlushMetrics")),
@@ -114,17 +117,17 @@ INVOKE = ObjectSpec("invoke", {
 INVOCATION_WAIT = ObjectSpec("invocations.wait", {"timeout_ms": Field("integer", minimum=1)})
 SNAPSHOT_CREATE = ObjectSpec("snapshot/create", {
     "snapshot_type": Field("string", enum=("Full", "Diff")),
-    "snapshot_path": Field("string", required=True),
-    "mem_file_path": Field("string", required=True),
+    "snapshot_path": Field("string", required=True, path=True),
+    "mem_file_path": Field("string", required=True, path=True),
 })
 MEMORY_BACKEND = ObjectSpec("mem_backend", {
     "backend_type": Field("string", required=True, enum=("File", "Uffd")),
-    "backend_path": Field("string", required=True),
+    "backend_path": Field("string", required=True, path=True),
 })
 SNAPSHOT_LOAD = ObjectSpec("snapshot/load", {
-    "snapshot_path": Field("string", required=True),
+    "snapshot_path": Field("string", required=True, path=True),
     "mem_backend": Field("object", spec=MEMORY_BACKEND),
-    "mem_file_path": Field("string"),  # deprecated by Firecracker in favour of mem_backend
+    "mem_file_path": Field("string", path=True),  # deprecated by Firecracker in favour of mem_backend
     "enable_diff_snapshots": Field("boolean"),  # deprecated by Firecracker: track_dirty_pages
     "track_dirty_pages": Field("boolean"),
     "resume_vm": Field("boolean"),
