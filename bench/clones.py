@@ -56,7 +56,7 @@ def hello_daemon(args, work: str):
     state, mem = make_hello_snapshot(work, args.mem_mib)
     prepared = args.pool_size if args.prepared is None else args.prepared
     with DaemonProcess(os.path.join(work, "state"), "--pool-size", str(args.pool_size),
-                       prepared=prepared) as daemon:
+                       prepared=prepared, import_roots=[work]) as daemon:
         image = daemon.client.register_image(state, mem)["id"]
         wait_pool(daemon.client, args.pool_size, prepared=prepared)
         yield daemon, image
@@ -116,9 +116,9 @@ def run_latency_ab(args, work: str) -> None:
         prepared_of = {"A": 0, "B": prepared}
     samples = {"A": [], "B": []}
     with DaemonProcess(os.path.join(work, "a"), "--pool-size", str(args.pool_size), *options["A"],
-                       prepared=prepared_of["A"]) as a, \
+                       prepared=prepared_of["A"], import_roots=[work]) as a, \
             DaemonProcess(os.path.join(work, "b"), "--pool-size", str(args.pool_size), *options["B"],
-                          prepared=prepared_of["B"]) as b:
+                          prepared=prepared_of["B"], import_roots=[work]) as b:
         daemons = {"A": (a.client, a.client.register_image(state, mem)["id"]),
                    "B": (b.client, b.client.register_image(state, mem)["id"])}
         wait_pool(a.client, args.pool_size, prepared=prepared_of["A"])
@@ -243,7 +243,8 @@ def run_memory(args, work: str) -> None:
     counts = [int(c) for c in args.counts.split(",")]
     rows = []
     with DaemonProcess(os.path.join(work, "state"), "--pool-size", str(args.pool_size), "--max-spawning", "2",
-                       "--max-clones", str(max(counts)), "--max-count", "64", prepared=args.prepared) as daemon:
+                       "--max-clones", str(max(counts)), "--max-count", "64", prepared=args.prepared,
+                       import_roots=[work]) as daemon:
         client = daemon.client
         image = client.register_image(state, mem)["id"]
         live = 0
@@ -280,7 +281,7 @@ def run_rate(args, work: str) -> None:
     state, mem = make_hello_snapshot(work, args.mem_mib)
     prepared = args.pool_size if args.prepared is None else args.prepared
     with DaemonProcess(os.path.join(work, "state"), "--pool-size", str(args.pool_size),
-                       "--max-spawning", str(args.max_spawning), prepared=prepared) as daemon:
+                       "--max-spawning", str(args.max_spawning), prepared=prepared, import_roots=[work]) as daemon:
         image = daemon.client.register_image(state, mem)["id"]
         wait_pool(daemon.client, args.pool_size, prepared=prepared)
         from snapd.client import SnapdClient

@@ -77,7 +77,7 @@ def _run(args, work: str) -> int:
           f"{os.path.getsize(mem) / MIB:.0f} MiB memory file, {os.path.getsize(state) / 1024:.1f} KiB state file")
     try:
         with DaemonProcess(os.path.join(work, "state"), "--pool-size", "1", "--max-clones", "64",
-                           "--log-level", "error", prepared=1) as daemon:
+                           "--log-level", "error", prepared=1, import_roots=[work]) as daemon:
             print(f"2. started `snapd serve` (pid {daemon.process.pid}, API on {daemon.socket_path})")
             return _with_daemon(args, daemon.client, state, mem)
     except (DaemonStartError, PoolNotWarmError) as exc:

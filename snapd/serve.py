@@ -38,6 +38,9 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("serve", help="run the clone daemon: HTTP/JSON API on a Unix socket")
     p.add_argument("--state-dir", required=True, help="images, chunk store, snapshots and runtime records")
     p.add_argument("--socket", default=None, help="API socket (default: STATE_DIR/snapd.sock)")
+    p.add_argument("--import-root", action="append", default=[], metavar="DIR",
+                   help="another directory the API may read snapshots and loading sets beneath (repeatable; "
+                        "STATE_DIR/import always is, and relative paths are relative to it)")
     p.add_argument("--tcp-port", type=_port, default=None, help="also serve the API on 127.0.0.1:PORT")
     p.add_argument("--pool-size", type=_count, default=2, help="warm workers kept ready per VM shape (default 2)")
     p.add_argument("--max-spawning", type=_count, default=4, help="worker forks in flight at once (default 4)")
@@ -101,7 +104,7 @@ def _serve(args) -> int:
     config = DaemonConfig(state_dir=args.state_dir, pool_size=args.pool_size, max_spawning=args.max_spawning,
                           max_clones=args.max_clones, max_count=args.max_count, restore_timeout=args.restore_timeout,
                           lane=args.lane == "on",
-                          huge_dir=huge_dir)
+                          huge_dir=huge_dir, import_roots=tuple(os.path.abspath(d) for d in args.import_root))
     try:
         daemon = Daemon(config, socket_path)
     except DaemonConfigError as exc:

@@ -11,8 +11,12 @@ MEM_MIB = 64
 
 
 class RunningDaemon:
+    """The tests write their snapshots beside the state directory: its parent is an import root (the API reads
+    only beneath import roots, snapd.daemon.paths) unless ``import_roots`` says otherwise."""
+
     def __init__(self, state_dir: str, **config):
         self.socket_path = os.path.join(state_dir, "snapd.sock")
+        config.setdefault("import_roots", (os.path.dirname(os.path.abspath(state_dir)),))
         self.daemon = Daemon(DaemonConfig(state_dir=state_dir, **config), self.socket_path)
         self.server = SnapdUnixServer(self.socket_path, self.daemon)
         self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)

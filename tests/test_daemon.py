@@ -30,8 +30,10 @@ def snapshot(tmp_path_factory):
 
 
 @pytest.fixture
-def running(tmp_path):
-    daemon = RunningDaemon(str(tmp_path / "state"), pool_size=2, max_count=8, max_clones=300)
+def running(tmp_path, snapshot):
+    # import roots: the module's snapshot, and this test's directory (clone snapshots are written in its state)
+    daemon = RunningDaemon(str(tmp_path / "state"), pool_size=2, max_count=8, max_clones=300,
+                           import_roots=(os.path.dirname(snapshot[0]), str(tmp_path)))
     yield daemon
     daemon.close()
 
@@ -65,7 +67,7 @@ def test_every_operation_answers_as_documented(doc, running, snapshot, tmp_path)
         body={"payload": payload, "timeout_ms": 10000}, expect=200)
     api("DELETE", f"/v1/images/{image}", "/v1/images/{image_id}", expect=409)
     files = api("POST", f"/v1/clones/{clone['id']}/snapshot", "/v1/clones/{clone_id}/snapshot",
-                body={"state_path": str(tmp_path / "c.state"), "mem_path": str(tmp_path / "c.mem")}, expect=200)
+                body={"state_path": "c.state", "mem_path": "c.mem"}, expect=200)  # beneath STATE/snapshots
     written = os.stat(files["mem_path"])
     assert written.st_blocks * 512 < written.st_size // 2, "a clone's snapshot wrote its zero MiBs, not holes"
     api("DELETE", f"/v1/clones/{clone['id']}", "/v1/clones/{clone_id}", expect=204)

@@ -37,7 +37,7 @@ def recorded(state_dir) -> set[int]:
 def test_a_restarted_daemon_keeps_images_and_stops_what_the_old_one_started(tmp_path):
     state, mem = hello_snapshot(tmp_path)
     state_dir = str(tmp_path / "state")
-    first = DaemonProcess(state_dir, "--pool-size", "1")
+    first = DaemonProcess(state_dir, "--pool-size", "1", import_roots=[tmp_path])
     try:
         image = first.client.register_image(state, mem)["id"]
         clones = first.client.create_clones(image, count=2, payload=b"before")
@@ -71,7 +71,7 @@ def test_snapd_serve_keeps_images_on_huge_pages_in_a_mount_the_host_never_sees(t
         pytest.skip("huge pages for shared images need root (mount namespace + tmpfs mount)")
     state, mem = hello_snapshot(tmp_path)
     state_dir = str(tmp_path / "state")
-    with DaemonProcess(state_dir, "--pool-size", "1") as daemon:
+    with DaemonProcess(state_dir, "--pool-size", "1", import_roots=[tmp_path]) as daemon:
         image = daemon.client.register_image(state, mem)
         assert image["huge_pages"] and image["chunk_size"] == 2 << 20, image
         request = workloads.hello_request("huge")

@@ -268,7 +268,7 @@ def test_daemon_prefills_an_image_registered_with_a_loading_set(tmp_path):
         assert status["prefill"][0]["present_chunks"] >= recorded["chunks"]
         bad = api.request("POST", "/v1/images", {"state_path": state, "mem_path": mem,
                                                  "loading_set": str(tmp_path / "missing.loadset")})
-        assert bad.status == 400 and "missing.loadset" in bad.json()["fault_message"]
+        assert bad.status == 404 and "missing.loadset" in bad.json()["fault_message"]  # nothing there
         for c in (c1, c2):
             api.delete_clone(c["id"])
     finally:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import base64
 import dataclasses
 import logging
-import os
 import select
 import time
 
@@ -372,19 +371,26 @@ class CloneOps:
         return {"result": base64.b64encode(result).decode(), "latency_us": round(reply["invoke"]["latency_us"], 1)}
 
     def snapshot_clone(self, body: dict, clone_id: str) -> dict:
+        """A Full snapshot of the clone into two new files beneath STATE/snapshots (snapd.daemon.paths): the daemon
+        creates them (temporary names, O_EXCL, in the targets' directories), the worker writes into the
+        descriptors it is sent (it opens no path), and the daemon fsyncs and puts both in place once both are
+        complete. On any failure neither target exists and the temporaries are gone."""
         clone = self._usable(clone_id)
-        directory = os.path.join(self.state_dir, "snapshots")
         stem = f"{clone_id}-{int(time.time() * 1000)}"
-        state_path = body.get("state_path") or os.path.join(directory, stem + ".state")
-        mem_path = body.get("mem_path") or os.path.join(directory, stem + ".mem")
+        files = self.paths.snapshot_files(body.get("state_path") or stem + ".state",
+                                          body.get("mem_path") or stem + ".mem")
         try:
-            clone.worker.request({"op": "snapshot", "state_path": state_path, "mem_path": mem_path}, timeout=600)
-        except WorkerFailed as exc:
-            self._mark_failed(clone, str(exc))
-            raise CloneFailed(f"clone {clone_id} failed: {exc}") from None
-        except WorkerError as exc:
-            raise BadRequest(f"clone {clone_id}: snapshot failed: {exc}") from None
-        return {"state_path": state_path, "mem_path": mem_path}
+            try:
+                clone.worker.request({"op": "snapshot"}, b"", files.fds, timeout=600)
+            except WorkerFailed as exc:
+                self._mark_failed(clone, str(exc))
+                raise CloneFailed(f"clone {clone_id} failed: {exc}") from None
+            except WorkerError as exc:
+                raise BadRequest(f"clone {clone_id}: snapshot failed: {exc}") from None
+            files.commit()
+            return files.paths
+        finally:
+            files.close()
 
     def delete_clone(self, clone_id: str) -> None:
         self._clone(clone_id)  # waits, outside the lock, if the lane's record of it is still to come

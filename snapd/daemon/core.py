@@ -20,6 +20,7 @@ from snapd.daemon.image_ops import ImageOps
 from snapd.daemon.images import ImageRegistry
 from snapd.daemon.lane import DaemonLane
 from snapd.daemon.metrics_text import render as render_metrics
+from snapd.daemon.paths import ApiPaths, PathsConfigError
 from snapd.daemon.records import ProcessRecords
 from snapd.daemon.shards import VMS_PER_SHARD, ImageRuntime, Shard
 from snapd.image import ImageError
@@ -63,6 +64,8 @@ class DaemonConfig:
     huge_dir: str | None = None    # a huge=always tmpfs (snapd.hugetmpfs): shared images on 2 MiB pages
     lane: bool = True              # restores of held prepared workers in C, daemon (snapd.daemon.lane) and worker
                                    # (snapd.pool.held_lane) sides; False: JSON and Python all the way
+    import_roots: tuple[str, ...] = ()  # directories the API may read beneath, besides STATE/import (the first,
+                                        # relative paths' base); snapd.daemon.paths
 
 
 class Daemon(ImageOps, CloneOps):
@@ -72,7 +75,11 @@ class Daemon(ImageOps, CloneOps):
         self.state_dir = os.path.abspath(config.state_dir)
         self.run_dir = os.path.join(self.state_dir, "run")
         os.makedirs(self.run_dir, exist_ok=True)
-        os.makedirs(os.path.join(self.state_dir, "snapshots"), exist_ok=True)
+        try:  # STATE/import and STATE/snapshots made here; a bad import root stops the start before any process
+            self.paths = ApiPaths(self.state_dir, config.import_roots)
+        except PathsConfigError as exc:
+            raise DaemonConfigError(str(exc)) from None
+        self._remove_snapshot_leftovers()
         self.lock = threading.Lock()
         self.records = ProcessRecords(self.run_dir)
         self.stale_stopped = self.records.stop_leftovers()
@@ -111,6 +118,16 @@ class Daemon(ImageOps, CloneOps):
                 log.error("image %s is not served: %s", record.id, exc)
         self.monitor = threading.Thread(target=self._monitor, name="snapd-monitor", daemon=True)
         self.monitor.start()
+
+    def _remove_snapshot_leftovers(self) -> None:
+        """Temporary files of clone snapshots a previous daemon did not finish (snapd.daemon.paths)."""
+        directory = self.paths.snapshots.path
+        for name in os.listdir(directory):
+            if name.startswith(".snapd-") and name.endswith(".tmp"):
+                try:
+                    os.unlink(os.path.join(directory, name))
+                except OSError:
+                    pass
 
     # -- worker bookkeeping
     def _worker_ready(self, worker: WorkerHandle) -> None:
@@ -172,6 +189,7 @@ class Daemon(ImageOps, CloneOps):
         self.epoll.close()
         for runtime in self.images.values():
             runtime.close()
+        self.paths.close()
         for name in os.listdir(self.run_dir):
             if name.endswith(".sock"):
                 try:

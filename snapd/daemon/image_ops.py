@@ -8,7 +8,7 @@ keep workers of its shape (and prepared ones for it).
 from __future__ import annotations
 
 from snapd.daemon.errors import BadRequest, Conflict, NotFound
-from snapd.daemon.images import ImageRecord, ImageRegistrationError
+from snapd.daemon.images import ImageRecord, ImageRegistrationError, SnapshotSource, open_snapshot
 from snapd.daemon.shards import ImageRuntime
 from snapd.pageserver_image import HUGE_PAGE
 
@@ -30,9 +30,18 @@ class ImageOps:
         return runtime
 
     def register_image(self, body: dict) -> dict:
+        """Register the snapshot at the body's paths (beneath the import roots: snapd.daemon.paths)."""
+        source = open_snapshot(self.paths, body["state_path"], body["mem_path"])
         try:
-            record = self.registry.register(body["state_path"], body["mem_path"],
-                                            body.get("chunk_size", self.default_chunk_size()), body.get("codec", "lz4"))
+            return self.register_snapshot(source, body.get("chunk_size", self.default_chunk_size()),
+                                          body.get("codec", "lz4"))
+        finally:
+            source.close()
+
+    def register_snapshot(self, source: SnapshotSource, chunk_size: int | None, codec: str) -> dict:
+        """Build the base image of an opened, checked snapshot and bring it into service."""
+        try:
+            record = self.registry.register(source, chunk_size, codec)
         except ImageRegistrationError as exc:
             raise BadRequest(f"images: {exc}") from None
         self._activate(record)

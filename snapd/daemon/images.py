@@ -20,7 +20,6 @@ import dataclasses
 import json
 import os
 import secrets
-import shutil
 import logging
 import time
 
@@ -30,7 +29,8 @@ from snapd.image import DEFAULT_CHUNK_SIZE, ImageError, build_image
 from snapd.image.codecs import CodecError
 from snapd.loadset import LoadingSet, LoadingSetError, default_path
 from vmm.prebuilt import VmShape
-from vmm.snapshot import SnapshotError, open_memory_file, read_snapshot, refuse_diff
+from vmm.persist import MicrovmState
+from vmm.snapshot import SnapshotError, memory_file_size, read_snapshot_fd, refuse_diff
 
 
 log = logging.getLogger("snapd")
@@ -38,6 +38,48 @@ log = logging.getLogger("snapd")
 
 class ImageRegistrationError(ValueError):
     """The snapshot cannot be registered (missing or invalid files, a Diff snapshot, bad build options)."""
+
+
+@dataclasses.dataclass
+class SnapshotSource:
+    """A snapshot to register, opened once and checked: its state (parsed from ``state_bytes``, the state file as
+    read, which the registry keeps a copy of) and a descriptor of its memory file, exactly the layout's size."""
+    state: MicrovmState
+    state_bytes: bytes
+    mem_fd: int
+    state_name: str  # absolute names, for the record and messages
+    mem_name: str
+
+    @property
+    def mem_size(self) -> int:
+        return memory_file_size(self.state)
+
+    def close(self) -> None:
+        if self.mem_fd >= 0:
+            os.close(self.mem_fd)
+            self.mem_fd = -1
+
+
+def open_snapshot(paths, state_path: str, mem_path: str, where: str = "images") -> SnapshotSource:
+    """Open and check a snapshot at a caller's paths beneath the import roots (snapd.daemon.paths): the state file
+    at most the format's size and valid, a Full snapshot; the memory file exactly the size its layout says. Each
+    file is opened once; the bytes read are the ones used. Raises an ApiError naming the field and the problem
+    (never quoting the files' bytes)."""
+    from snapd.snapfile import DEFAULT_MAX_SIZE
+    with paths.opened(state_path, f"{where}.state_path", DEFAULT_MAX_SIZE) as (state_fd, state_name):
+        try:
+            state, data = read_snapshot_fd(state_fd, state_path)
+            refuse_diff(state, state_path)
+        except SnapshotError as exc:
+            raise BadRequest(f"{where}: {exc}") from None
+    need = memory_file_size(state)
+    mem_fd, mem_name = paths.open_import(mem_path, f"{where}.mem_path", need)
+    have = os.fstat(mem_fd).st_size
+    if have != need:
+        os.close(mem_fd)
+        raise BadRequest(f"{where}.mem_path: memory file {mem_path!r} is {have} bytes; the snapshot's memory layout "
+                         f"needs exactly {need}")
+    return SnapshotSource(state, data, mem_fd, state_name, mem_name)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,26 +123,21 @@ class ImageRegistry:
                     log.error("image record %s is skipped: it cannot be read (%s: %s)", path, type(exc).__name__, exc)
         return records
 
-    def register(self, state_path: str, mem_path: str, chunk_size: int | None = None,
-                 codec: str = "lz4") -> ImageRecord:
-        try:
-            state = read_snapshot(state_path)
-            refuse_diff(state, state_path)
-            os.close(open_memory_file(mem_path, state))
-        except SnapshotError as exc:
-            raise ImageRegistrationError(str(exc)) from None
+    def register(self, source: SnapshotSource, chunk_size: int | None = None, codec: str = "lz4") -> ImageRecord:
+        """Copy the state file (the bytes read) and build the base image from the open memory file."""
+        state = source.state
         image_id = "img-" + secrets.token_hex(6)
         base = os.path.join(self.dir, image_id)
         try:
-            shutil.copyfile(state_path, base + ".state")
-            build_image(mem_path, self.store, base + ".img", chunk_size=chunk_size or DEFAULT_CHUNK_SIZE,
-                        codec=codec, source_id=state.snapshot_id)
+            atomic_write(base + ".state", source.state_bytes)
+            build_image(source.mem_fd, self.store, base + ".img", chunk_size=chunk_size or DEFAULT_CHUNK_SIZE,
+                        codec=codec, source_id=state.snapshot_id, mem_size=source.mem_size)
         except (ValueError, CodecError, ImageError, OSError) as exc:
             self._remove_files(image_id)
-            raise ImageRegistrationError(f"cannot build the base image of {mem_path}: {exc}") from None
+            raise ImageRegistrationError(f"cannot build the base image of {source.mem_name}: {exc}") from None
         record = ImageRecord(image_id, base + ".state", base + ".img", state.config.vcpu_count,
                              state.config.mem_size_mib, chunk_size or DEFAULT_CHUNK_SIZE, codec,
-                             os.path.abspath(state_path), os.path.abspath(mem_path), time.time())
+                             source.state_name, source.mem_name, time.time())
         atomic_write(base + ".json", json.dumps(record.to_json(), indent=1).encode())
         return record
 
@@ -165,18 +202,32 @@ def _install(daemon, runtime, ls: LoadingSet) -> None:
         image.prefill(path)
 
 
-def register_image(daemon, body: dict) -> dict:
-    """POST /v1/images: Daemon.register_image, then, with "loading_set", its pre-fill starts in the background
-    (the reply does not wait for it). An unreadable loading-set file is refused (400) before anything is built;
-    one recorded on another image is refused in the reply's loading_set.error and the image is served by plain
-    lazy paging."""
-    ls = None
-    if "loading_set" in body:
+def _read_loading_set(daemon, path: str, field: str, mem_size: int, chunk_size: int) -> LoadingSet:
+    """A caller's loading-set file beneath the import roots, bounded by the largest set an image of that geometry
+    can have, read once from its descriptor."""
+    with daemon.paths.opened(path, field) as (fd, _):
         try:
-            ls = LoadingSet.load(body["loading_set"])
+            return LoadingSet.read_fd(fd, path, LoadingSet.max_file_size(mem_size, chunk_size))
         except LoadingSetError as exc:
-            raise BadRequest(f"images.loading_set: {exc}") from None
-    reply = daemon.register_image({k: v for k, v in body.items() if k != "loading_set"})
+            raise BadRequest(f"{field}: {exc}") from None
+
+
+def register_image(daemon, body: dict) -> dict:
+    """POST /v1/images: the snapshot's files opened beneath the import roots and checked, then, with
+    "loading_set", that file read (an unreadable one is refused, 400, before anything is built); then
+    Daemon.register_snapshot builds the image and its pre-fill starts in the background (the reply does not wait
+    for it). A set recorded on another image is refused in the reply's loading_set.error and the image is served
+    by plain lazy paging."""
+    source = open_snapshot(daemon.paths, body["state_path"], body["mem_path"])
+    try:
+        chunk_size = body.get("chunk_size", daemon.default_chunk_size())
+        ls = None
+        if "loading_set" in body:
+            ls = _read_loading_set(daemon, body["loading_set"], "images.loading_set", source.mem_size,
+                                   chunk_size or DEFAULT_CHUNK_SIZE)
+        reply = daemon.register_snapshot(source, chunk_size, body.get("codec", "lz4"))
+    finally:
+        source.close()
     if ls is not None:
         error = ""
         try:
@@ -199,8 +250,9 @@ def set_loading_set(daemon, body: dict, image_id: str) -> dict:
     reply, that clone's working set). Either way it is kept beside the image and pre-filled into every shard."""
     runtime = _runtime(daemon, image_id)
     if "path" in body:
+        table = runtime.table
+        ls = _read_loading_set(daemon, body["path"], "loading_set.path", table.mem_size, table.chunk_size)
         try:
-            ls = LoadingSet.load(body["path"])
             _install(daemon, runtime, ls)
         except LoadingSetError as exc:
             raise BadRequest(f"loading_set: {exc}; image {image_id} is unchanged") from None

@@ -25,7 +25,7 @@ from vmm.errors import InvocationError, VmmError
 from vmm.machine import PAUSED, STOPPED
 from vmm.native import ffi, lib
 from vmm.prebuilt import PrebuiltVm, VmShape
-from vmm.snapshot import create_snapshot, machine_config_of, read_snapshot, restore_into, resume_restored
+from vmm.snapshot import create_snapshot_fds, machine_config_of, read_snapshot, restore_into, resume_restored
 from vmm.uffd_backend import UffdBackend, UffdBackendError
 
 
@@ -135,7 +135,7 @@ class Worker:
             elif op == "invoke":
                 reply, out = self._invoke(data, header.get("timeout", 10.0), here=self.held)
             elif op == "snapshot":
-                reply, out = self._snapshot(header), b""
+                reply, out = self._snapshot(header, fds), b""
             elif op == "preload":
                 if self.machine is None and self.prepared is None:
                     self._rehearse(self._state(header["image"], header["state_path"]))
@@ -447,14 +447,19 @@ class Worker:
         return {"ok": True, "latency_us": (time.perf_counter() - t0) * 1e6,
                 "generation": machine.fnport.generation}, result
 
-    def _snapshot(self, header: dict) -> dict:
+    def _snapshot(self, header: dict, fds: list[int]) -> dict:
+        """A Full snapshot into the two files the daemon opened (state, memory: SCM_RIGHTS with the request): the
+        worker opens no path (it may run where none can be opened); the daemon fsyncs and renames them."""
         machine = self.machine
         if machine is None:
             return {"ok": False, "error": "no clone is running in this worker", "kind": "protocol"}
+        if len(fds) != 2:
+            return {"ok": False, "error": f"a snapshot takes the state and memory files' descriptors, {len(fds)} "
+                    "came", "kind": "protocol"}
         self._release_held()  # a parked read must be completed (by its vCPU thread) before the state is saved
         machine.pause()
         try:
-            create_snapshot(machine, header["state_path"], header["mem_path"])
+            create_snapshot_fds(machine, fds[0], fds[1])
         finally:
             if machine.state != STOPPED:
                 machine.resume()
