@@ -1,11 +1,14 @@
 """`snapd serve`: run the clone daemon (registered by snapd.cli; docs/snapd.md).
 
-    snapd serve --state-dir DIR [--socket PATH] [--tcp-port N] [--pool-size N] [--max-clones N] ...
+    snapd serve --state-dir DIR [--socket PATH] [--socket-group G] [--tcp-port N --token-file F]
+                [--import-root DIR ...] [--pool-size N] [--max-clones N] ...
 """
 from __future__ import annotations
 
+import grp
 import logging
 import os
+import stat
 import resource
 import selectors
 import signal
@@ -36,12 +39,21 @@ _count.__name__, _port.__name__ = "whole number >= 1", "port (1-65535)"  # argpa
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("serve", help="run the clone daemon: HTTP/JSON API on a Unix socket")
-    p.add_argument("--state-dir", required=True, help="images, chunk store, snapshots and runtime records")
-    p.add_argument("--socket", default=None, help="API socket (default: STATE_DIR/snapd.sock)")
+    p.add_argument("--state-dir", required=True,
+                   help="images, chunk store, runtime records; STATE_DIR/import: where the API reads snapshots and "
+                        "loading sets from; STATE_DIR/snapshots: where clone snapshots are written")
+    p.add_argument("--socket", default=None, help="API socket (default: STATE_DIR/snapd.sock), mode 0660: its owner "
+                                                  "and group may use the API (which starts VMs)")
+    p.add_argument("--socket-group", default=None, metavar="NAME|GID",
+                   help="the API socket's group (default: the daemon's primary group)")
     p.add_argument("--import-root", action="append", default=[], metavar="DIR",
                    help="another directory the API may read snapshots and loading sets beneath (repeatable; "
                         "STATE_DIR/import always is, and relative paths are relative to it)")
-    p.add_argument("--tcp-port", type=_port, default=None, help="also serve the API on 127.0.0.1:PORT")
+    p.add_argument("--tcp-port", type=_port, default=None,
+                   help="also serve the API on 127.0.0.1:PORT (needs --token-file: every request must carry "
+                        "Authorization: Bearer TOKEN, Host 127.0.0.1:PORT or localhost:PORT, JSON bodies)")
+    p.add_argument("--token-file", default=None, metavar="FILE",
+                   help="the bearer token of the TCP API (its first line; required with --tcp-port)")
     p.add_argument("--pool-size", type=_count, default=2, help="warm workers kept ready per VM shape (default 2)")
     p.add_argument("--max-spawning", type=_count, default=4, help="worker forks in flight at once (default 4)")
     p.add_argument("--max-clones", type=_count, default=1024, help="live clones, all images (default 1024)")
@@ -65,6 +77,64 @@ def raise_fd_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
+def socket_group(text: str | None) -> int:
+    """The gid of --socket-group (a group name or a number); default: the daemon's primary group."""
+    if text is None:
+        return os.getgid()
+    try:
+        return grp.getgrnam(text).gr_gid
+    except KeyError:
+        pass
+    if text.isdigit():
+        return int(text)
+    raise CliError(f"--socket-group {text}: no such group (give a group name or a numeric gid)")
+
+
+def read_token(path: str | None, tcp_port: int | None) -> str | None:
+    """The TCP API's bearer token: --tcp-port needs --token-file, a readable file whose first line is the token
+    (printable ASCII, no spaces)."""
+    if tcp_port is None:
+        if path is not None:
+            raise CliError("--token-file is only used with --tcp-port")
+        return None
+    if path is None:
+        raise CliError("--tcp-port needs --token-file FILE: every TCP request must carry Authorization: Bearer "
+                       "<token> (the API starts VMs, and TCP is open to every local user and web page)")
+    try:
+        with open(path, "rb") as f:
+            info = os.fstat(f.fileno())
+            if not stat.S_ISREG(info.st_mode):
+                raise CliError(f"--token-file {path}: not a regular file")
+            data = f.read(4096)
+    except OSError as exc:
+        raise CliError(f"--token-file {path}: cannot read it: {exc.strerror}") from None
+    token = data.split(b"\n", 1)[0].strip()
+    if not token:
+        raise CliError(f"--token-file {path}: empty: its first line must be the token")
+    if not all(0x21 <= b <= 0x7e for b in token):
+        raise CliError(f"--token-file {path}: the token must be printable ASCII without spaces")
+    if info.st_mode & 0o077:
+        log.warning("--token-file %s can be read by other users (mode %o): chmod 600 it", path, info.st_mode & 0o777)
+    return token.decode("ascii")
+
+
+def serve_unix_socket(path: str, daemon, gid: int):
+    """The API's Unix socket: bound with only its owner's bits (umask), then given its group, then mode 0660."""
+    from snapd.daemon.http import SnapdUnixServer
+    old_umask = os.umask(0o077)
+    try:
+        server = SnapdUnixServer(path, daemon)
+    finally:
+        os.umask(old_umask)
+    try:
+        os.chown(path, os.getuid(), gid)
+        os.chmod(path, 0o660)
+    except OSError as exc:
+        server.server_close()
+        raise CliError(f"--socket-group: cannot give {path} group {gid}: {exc.strerror}") from None
+    return server
+
+
 def huge_pages_dir(mode: str, state_dir: str) -> str | None:
     """The huge-page tmpfs for shared images (snapd.hugetmpfs), per --huge-pages; None: plain memfds."""
     if mode == "off":
@@ -81,7 +151,7 @@ def huge_pages_dir(mode: str, state_dir: str) -> str | None:
 
 def _serve(args) -> int:
     from snapd.daemon.core import Daemon, DaemonConfig, DaemonConfigError
-    from snapd.daemon.http import SnapdTcpServer, SnapdUnixServer
+    from snapd.daemon.http import SnapdTcpServer
     from vmm.api.server import remove_stale_socket
     from vmm.errors import VmmError
 
@@ -94,6 +164,8 @@ def _serve(args) -> int:
     # Several daemon threads (HTTP, page-server accept, pool refill, monitor) share the GIL; a restore's reply
     # must not wait the default 5 ms for another thread to give it up.
     sys.setswitchinterval(0.0002)
+    gid = socket_group(args.socket_group)  # the settings a caller can get wrong first: nothing is started yet
+    token = read_token(args.token_file, args.tcp_port)
     os.makedirs(args.state_dir, exist_ok=True)
     huge_dir = huge_pages_dir(args.huge_pages, args.state_dir)  # first: no thread may run yet (unshare)
     socket_path = os.path.abspath(args.socket or os.path.join(args.state_dir, "snapd.sock"))
@@ -111,13 +183,12 @@ def _serve(args) -> int:
         raise CliError(str(exc)) from None
     servers = []
     try:
-        old_umask = os.umask(0o077)  # the API starts VMs: only our user may talk to it
-        try:
-            servers.append(SnapdUnixServer(socket_path, daemon))
-        finally:
-            os.umask(old_umask)
+        servers.append(serve_unix_socket(socket_path, daemon, gid))  # the API starts VMs: owner and group only
         if args.tcp_port is not None:
-            servers.append(SnapdTcpServer(args.tcp_port, daemon))
+            try:
+                servers.append(SnapdTcpServer(args.tcp_port, daemon, token))
+            except OSError as exc:
+                raise CliError(f"--tcp-port {args.tcp_port}: cannot listen on 127.0.0.1: {exc.strerror}") from None
         return _loop(servers, socket_path)
     except VmmError as exc:
         raise CliError(str(exc)) from None

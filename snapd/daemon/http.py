@@ -2,9 +2,17 @@
 127.0.0.1. Requests and replies go through snapd.http_wire (a lean HTTP/1.1 reader/writer: http.server's
 email-based header parsing was a tenth of a restore's latency); body validation is the VMM API's
 (vmm.api.fields), and so are the server socket helpers (vmm.api.server.UnixHttpServer).
+
+The Unix socket is guarded by its mode and group (snapd.serve). TCP is open to every local user and to every web
+page a local browser shows, so each TCP request must carry ``Authorization: Bearer <token>`` (401 otherwise),
+name the listener in ``Host`` (421 otherwise: a DNS-rebound page sends its own host name), and send a body only as
+``Content-Type: application/json`` (415 otherwise: the one kind of body a cross-origin page cannot send without a
+preflight, which this API never answers). TCP connections never go through the restore lane (which would answer
+before these checks); the Unix socket's do.
 """
 from __future__ import annotations
 
+import hmac
 import json
 import logging
 import socket
@@ -24,13 +32,13 @@ from vmm.api.server import Router, UnixHttpServer, error_reply
 log = logging.getLogger("snapd")
 
 IMAGE_REGISTER = ObjectSpec("images", {
-    "state_path": Field("string", required=True),
-    "mem_path": Field("string", required=True),
+    "state_path": Field("string", required=True, path=True),
+    "mem_path": Field("string", required=True, path=True),
     "chunk_size": Field("integer", minimum=4096),
     "codec": Field("string", enum=("lz4", "zstd", "raw")),
-    "loading_set": Field("string"),  # a loading-set file: pre-filled into the shared memfd (snapd.daemon.images)
+    "loading_set": Field("string", path=True),  # a loading-set file: pre-filled into the shared memfd
 })
-LOADING_SET = ObjectSpec("loading_set", {"path": Field("string")})  # {}: record from the clones' faults
+LOADING_SET = ObjectSpec("loading_set", {"path": Field("string", path=True)})  # {}: record from the clones' faults
 MAX_TIMEOUT_MS = 3_600_000  # an hour: also what the restore lane takes (snapd/csrc/lane_http.c LANE_MAX_TIMEOUT_MS)
 CLONES_CREATE = ObjectSpec("clones", {
     "image": Field("string", required=True),
@@ -43,8 +51,8 @@ INVOKE = ObjectSpec("invoke", {
     "timeout_ms": Field("integer", minimum=1, maximum=MAX_TIMEOUT_MS),
 })
 SNAPSHOT = ObjectSpec("snapshot", {
-    "state_path": Field("string"),
-    "mem_path": Field("string"),
+    "state_path": Field("string", path=True),
+    "mem_path": Field("string", path=True),
 })
 
 
@@ -92,10 +100,11 @@ class SnapdRequestHandler(socketserver.BaseRequestHandler):
 
     def handle(self) -> None:
         sock = self.request
+        guard = getattr(self.server, "guard", None)  # TCP: every request checked (TcpGuard), none through the lane
         if sock.family != socket.AF_UNIX:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         daemon = self.server.controller
-        lane = daemon.lane.connection(sock.fileno()) if daemon.lane.enabled else None
+        lane = daemon.lane.connection(sock.fileno()) if daemon.lane.enabled and guard is None else None
         stream = http_wire.Stream(sock)
         try:
             while True:
@@ -112,6 +121,11 @@ class SnapdRequestHandler(socketserver.BaseRequestHandler):
                     request = stream.read_request()
                     if request is None:
                         return
+                    if guard is not None:
+                        refused = guard.refuse(request)  # before the body is read: an unchecked caller sends none
+                        if refused is not None:
+                            sock.sendall(refused)
+                            return
                     stream.read_body(request)
                 except http_wire.WireError as exc:  # the stream cannot be trusted past this: answer, close
                     sock.sendall(http_wire.response(exc.status, json.dumps({"fault_message": str(exc)}).encode(),
@@ -182,12 +196,49 @@ class SnapdUnixServer(UnixHttpServer):
         self.RequestHandlerClass = SnapdRequestHandler  # UnixHttpServer fixes the VMM's handler
 
 
+class TcpGuard:
+    """The checks every request on the TCP listener passes before its body is read or it is routed: the listener's
+    Host, the bearer token (compared in constant time), and a JSON body. Each refusal is a JSON error naming the
+    rule, and the connection closes."""
+
+    def __init__(self, port: int, token: str):
+        if not token:
+            raise ValueError("the TCP listener needs a token")
+        self.token = token.encode()
+        self.port = port
+        self.hosts = {f"127.0.0.1:{port}", f"localhost:{port}"}
+
+    def refuse(self, request: http_wire.Request) -> bytes | None:
+        host = request.headers.get("host", "").strip().lower()
+        if host not in self.hosts:
+            return self._reply(421, f"Host {host[:100]!r} is not this listener's: send Host: 127.0.0.1:{self.port} "
+                                    f"or localhost:{self.port} (requests for other host names are refused)")
+        scheme, _, given = request.headers.get("authorization", "").strip().partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode("latin-1"), self.token):
+            return self._reply(401, "the TCP API needs Authorization: Bearer <token> with the token of snapd serve "
+                                    "--token-file", {"WWW-Authenticate": 'Bearer realm="snapd"'})
+        if request.length:
+            media = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+            if media != "application/json":
+                return self._reply(415, "a request body must be sent as Content-Type: application/json on the TCP "
+                                        "API (other types are refused: cross-origin pages send them)")
+        return None
+
+    @staticmethod
+    def _reply(status: int, message: str, headers: dict | None = None) -> bytes:
+        return http_wire.response(status, json.dumps({"fault_message": message}).encode(), "application/json",
+                                  headers or {}, True, SERVER)
+
+
 class SnapdTcpServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
+    """The API on 127.0.0.1:PORT, for clients that cannot reach the Unix socket; every request is checked by its
+    TcpGuard (token, Host, JSON body) and none goes through the restore lane."""
     daemon_threads = True
     block_on_close = False
     allow_reuse_address = True
     request_queue_size = 512
 
-    def __init__(self, port: int, daemon: Daemon):
+    def __init__(self, port: int, daemon: Daemon, token: str):
         self.controller = daemon
+        self.guard = TcpGuard(port, token)
         super().__init__(("127.0.0.1", port), SnapdRequestHandler)

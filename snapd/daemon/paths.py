@@ -142,4 +142,3 @@ class SnapshotFiles:
         for new in (self.state, self.mem):
             if new is not None:
                 new.close()
-
