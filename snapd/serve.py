@@ -15,6 +15,7 @@ import signal
 import sys
 
 from snapd.cli import CliError
+from snapd.pool.jail import DEFAULT_UID_RANGE, parse_uid_range
 
 log = logging.getLogger("snapd")
 
@@ -34,7 +35,12 @@ def _port(text: str) -> int:
     return value
 
 
+def _uid_range(text: str) -> tuple[int, int]:
+    return parse_uid_range(text)
+
+
 _count.__name__, _port.__name__ = "whole number >= 1", "port (1-65535)"  # argparse's words for a bad value
+_uid_range.__name__ = "uid range FIRST-LAST"
 
 
 def register(subparsers) -> None:
@@ -66,6 +72,13 @@ def register(subparsers) -> None:
     p.add_argument("--lane", default="on", choices=("on", "off"),
                    help="restores of held prepared workers read, restored and answered in C, no Python on their "
                         "path (default on; off: every request the Python way on both sides, for comparison)")
+    p.add_argument("--jail", default="on", choices=("on", "off"),
+                   help="jail every clone worker: own uid from --uid-range, namespaces, empty root, no capabilities, "
+                        "seccomp allow-list, cgroup (default on; off: a development switch, logged as a warning)")
+    p.add_argument("--uid-range", type=_uid_range, default=DEFAULT_UID_RANGE, metavar="FIRST-LAST",
+                   help="uids (and gids) for jailed workers, one per live worker (default %d-%d)" % DEFAULT_UID_RANGE)
+    p.add_argument("--clone-memory-mib", type=_count, default=None,
+                   help="memory limit of each clone's cgroup in MiB (default: guest memory + 64 MiB)")
     p.add_argument("--log-level", default="warning", choices=("error", "warning", "info", "debug"))
     p.set_defaults(func=_serve)
 
@@ -175,7 +188,8 @@ def _serve(args) -> int:
         raise CliError(str(exc)) from None
     config = DaemonConfig(state_dir=args.state_dir, pool_size=args.pool_size, max_spawning=args.max_spawning,
                           max_clones=args.max_clones, max_count=args.max_count, restore_timeout=args.restore_timeout,
-                          lane=args.lane == "on",
+                          lane=args.lane == "on", jail=args.jail, uid_range=args.uid_range,
+                          clone_memory_mib=args.clone_memory_mib,
                           huge_dir=huge_dir, import_roots=tuple(os.path.abspath(d) for d in args.import_root))
     try:
         daemon = Daemon(config, socket_path)

@@ -75,8 +75,31 @@ def check(rc: int, call: str) -> int:
     raise _BY_ERRNO.get(-rc, UffdError)(call, -rc)
 
 
+_device_fd = -1  # /dev/userfaultfd, opened while we could (use_device)
+
+
+def use_device() -> bool:
+    """Open /dev/userfaultfd for every later ``create``, if we may: a uffd made from it catches kernel-mode faults
+    with no capability (the syscall wants CAP_SYS_PTRACE for that), so a worker keeps the means after it drops
+    its privileges in its jail. False: not there or not ours to open (the syscall is used)."""
+    global _device_fd
+    if _device_fd < 0:
+        try:
+            _device_fd = os.open("/dev/userfaultfd", os.O_RDWR | os.O_CLOEXEC)
+        except OSError:
+            return False
+    return True
+
+
+def device_fd() -> int:
+    return _device_fd
+
+
 def create(flags: int = lib.O_CLOEXEC | lib.O_NONBLOCK) -> int:
-    """userfaultfd(2). No UFFD_USER_MODE_ONLY: faults raised by KVM in kernel mode must be caught."""
+    """A new userfaultfd. No UFFD_USER_MODE_ONLY: faults raised by KVM in kernel mode must be caught."""
+    if _device_fd >= 0:
+        return check(lib.snapd_ioctl(_device_fd, lib.USERFAULTFD_IOC_NEW, ffi.cast("void *", flags)),
+                     "ioctl(/dev/userfaultfd, USERFAULTFD_IOC_NEW)")
     return check(lib.snapd_uffd_create(flags), "userfaultfd")
 
 
@@ -143,7 +166,15 @@ def create_registered_uffd(regions: list[tuple[int, int]], mode: str = "missing"
         features |= lib.UFFD_FEATURE_MINOR_SHMEM
     fd = create()
     try:
-        granted, _ = api(fd, features)
+        try:
+            granted, _ = api(fd, features)
+        except UffdError as exc:
+            # Fork events need CAP_SYS_PTRACE; a jailed worker has none, and never forks (its seccomp filter
+            # allows threads only), so it has no fork event to report: ask without.
+            if exc.errno != errno.EPERM or not features & lib.UFFD_FEATURE_EVENT_FORK:
+                raise
+            features &= ~lib.UFFD_FEATURE_EVENT_FORK
+            granted, _ = api(fd, features)
         if granted & features != features:
             raise UffdInvalidError("UFFDIO_API (features missing)", errno.EINVAL)
         for addr, size in regions:

@@ -67,8 +67,9 @@ def parse_regions(payload: object) -> list[Region]:
 
 # ---------------------------------------------------------------- VMM side
 
-def send_uffd(sock_path: str, uffd_fd: int, regions: list, timeout: float = 5.0) -> socket.socket:
-    """Connect to the page server and hand it uffd_fd with the region list.
+def send_uffd(server: str | socket.socket, uffd_fd: int, regions: list, timeout: float = 5.0) -> socket.socket:
+    """Connect to the page server (``server``: its socket path, or a connection already made) and hand it
+    uffd_fd with the region list.
 
     `regions` holds Region objects, dicts in the wire format, or (addr, size, offset) tuples.
     Returns the connected socket: keep it open for the VM's lifetime and watch it with
@@ -83,10 +84,12 @@ def send_uffd(sock_path: str, uffd_fd: int, regions: list, timeout: float = 5.0)
         else:
             addr, size, offset = r
             wire.append(Region(addr, size, offset).to_json())
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    connected = isinstance(server, socket.socket)
+    sock = server if connected else socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:
         sock.settimeout(timeout)
-        sock.connect(sock_path)
+        if not connected:
+            sock.connect(server)
         payload = json.dumps(wire).encode()
         sent = socket.send_fds(sock, [payload], [uffd_fd])
         if sent < len(payload):

@@ -53,9 +53,23 @@ def write_process_memory(pid: int, address: int, data: bytes) -> None:
         mem.write(data)
 
 
-def zygote_children(zygote_pid: int) -> set[int]:
-    with open(f"/proc/{zygote_pid}/task/{zygote_pid}/children") as f:
+def children(pid: int) -> set[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
         return {int(p) for p in f.read().split()}
+
+
+def worker_processes(zygote_pid: int, daemon_pid: int | None = None) -> set[int]:
+    """The daemon's worker processes: forked by the zygote, and, when jailed, handed to the daemon (their
+    subreaper) once the parent that forked them into their pid namespace left."""
+    found = set()
+    for pid in children(zygote_pid) | children(daemon_pid or os.getpid()):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if b"snapd.pool.zygote" in f.read() and pid != zygote_pid:
+                    found.add(pid)
+        except OSError:
+            pass
+    return found
 
 
 def thread_count(pid: int) -> int:

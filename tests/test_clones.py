@@ -108,14 +108,18 @@ def test_a_crashed_worker_marks_its_clone_failed_and_the_daemon_keeps_serving(ru
     daemon.client.delete_clone(clone["id"])
 
 
-def test_the_zygote_is_single_threaded_and_workers_are_its_children(running):
+def test_the_zygote_is_single_threaded_and_the_daemon_reaps_its_jailed_workers(running):
+    """Workers are forked from the zygote into pid namespaces of their own; the parent that forked them there
+    leaves, so they come to the daemon, their subreaper, which reads why each one exited."""
     daemon, image, _, _ = running
     zygote = daemon.daemon.zygote.pid
     assert thread_count(zygote) == 1
     (clone,) = daemon.client.create_clones(image)
     try:
         with open(f"/proc/{clone['pid']}/stat") as f:
-            assert int(f.read().rsplit(")", 1)[1].split()[1]) == zygote
+            assert int(f.read().rsplit(")", 1)[1].split()[1]) == os.getpid()  # the daemon runs in this process
+        with open(f"/proc/{clone['pid']}/cmdline", "rb") as f:
+            assert b"snapd.pool.zygote" in f.read()
     finally:
         daemon.client.delete_clone(clone["id"])
 

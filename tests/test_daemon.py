@@ -10,7 +10,7 @@ import pytest
 from snapd.client import SnapdClient, SnapdError
 from snapd.daemon.http import ROUTES
 from tests.conftest import ROOT, requires_kvm, wait_until
-from tests.daemon_helpers import RunningDaemon, hello_snapshot, zygote_children
+from tests.daemon_helpers import RunningDaemon, hello_snapshot, worker_processes
 from tests.openapi_helpers import CheckedClient, check_spec, documented_operations
 from vmm import workloads
 
@@ -267,7 +267,7 @@ def test_200_concurrent_restores_all_answer_and_leak_nothing(running, snapshot):
     assert deadline_ok, (f"{shard.server.live_vms()} page-server VM slots still live, "
                          f"{len(pool.prepared_workers(image))} prepared workers, shard count {shard.clones}")
     assert wait_until(lambda: pool.settled()
-                      and zygote_children(daemon.zygote.pid) == {w.pid for w in pool.warm_workers()})
+                      and worker_processes(daemon.zygote.pid) == {w.pid for w in pool.warm_workers()})
     fds_after = fd_targets()
     # No memfd appeared (one may have gone: an earlier test's page server finalised in the meantime).
     new_memfds = Counter(t for t in fds_after if "memfd" in t) - Counter(t for t in fds_before if "memfd" in t)

@@ -6,6 +6,7 @@ server listening at ``backend_path`` (docs/page-server.md). The connection stays
 leaving a vCPU waiting forever on a fault nobody will serve.
 """
 import os
+import socket
 import threading
 
 from snapd.uffd import UffdError, create_registered_uffd
@@ -20,8 +21,10 @@ class UffdBackendError(VmmError):
 
 
 class UffdBackend:
-    def __init__(self, memory: GuestMemory, backend_path: str, mode: str = "missing"):
-        self.backend_path = backend_path
+    def __init__(self, memory: GuestMemory, backend: str | socket.socket, mode: str = "missing"):
+        """``backend``: the page server's socket path, or a connection to it already made (a jailed worker is
+        handed one: it reaches no socket by name)."""
+        self.server_name = f"page server at {backend}" if isinstance(backend, str) else "page server"
         self.memory = memory
         self.closing = False  # our own close ends the connection too: that is not a server failure
         self.uffd = -1
@@ -29,10 +32,10 @@ class UffdBackend:
         try:
             self.uffd = create_registered_uffd([(r.host_addr, r.size) for r in memory.regions], mode)
             regions = [Region(r.host_addr, r.size, r.layout.file_offset, PAGE_SIZE) for r in memory.regions]
-            self.sock = send_uffd(backend_path, self.uffd, regions)
+            self.sock = send_uffd(backend, self.uffd, regions)
         except (OSError, UffdError) as exc:
             self.close()
-            raise UffdBackendError(f"cannot hand guest memory to the page server at {backend_path}: {exc}") from None
+            raise UffdBackendError(f"cannot hand guest memory to the {self.server_name}: {exc}") from None
         self.messages = ServerMessages(self.sock)
         for region in memory.regions:
             region.backing = "uffd"  # untouched pages hold image data, not zeros: snapshots must read them
@@ -45,7 +48,7 @@ class UffdBackend:
     def wait_ready(self, timeout: float = 30.0) -> None:
         """Wait for the server's ``ready`` (in eager mode: every chunk installed); raise on its failure."""
         if not self._settled.wait(timeout):
-            raise UffdBackendError(f"page server at {self.backend_path} was not ready within {timeout} s")
+            raise UffdBackendError(f"{self.server_name} was not ready within {timeout} s")
         if self.failures:
             raise UffdBackendError(self.failures[0])
 
@@ -66,7 +69,7 @@ class UffdBackend:
         A vCPU waiting on a fault is not woken by a signal here. Closing the uffd wakes it, but its retried fault
         would then find plain anonymous memory (zeros); with the memory made inaccessible first, the retry fails
         and KVM_RUN returns an error instead. Host-side accesses go through vmm_self_read/write and fail too."""
-        self.memory.inaccessible_reason = f"cut off from the page server at {self.backend_path}"
+        self.memory.inaccessible_reason = f"cut off from the {self.server_name}"
         for region in self.memory.regions:
             lib.vmm_mprotect(ffi.cast("void *", region.host_addr), region.size, lib.PROT_NONE)
         if self.uffd >= 0:
@@ -88,15 +91,15 @@ class UffdBackend:
             while self.sock is not None:
                 for message in self.messages.read(timeout=None):
                     if "error" in message:
-                        self._fail(f"page server at {self.backend_path}: {message['error']}")
+                        self._fail(f"{self.server_name}: {message['error']}")
                         return
                     if message.get("ready"):
                         self._settled.set()
         except PageServerDied as exc:
-            self._fail(f"page server at {self.backend_path} died: {exc}")
+            self._fail(f"{self.server_name} died: {exc}")
         except (OSError, ValueError):
             if self.sock is not None:
-                self._fail(f"lost the page server at {self.backend_path}")
+                self._fail(f"lost the {self.server_name}")
 
     def set_failure_handler(self, on_failure) -> None:
         """``on_failure(message)`` from now on; called at once if the server already failed."""

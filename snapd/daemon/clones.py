@@ -20,6 +20,7 @@ from snapd.daemon.lane import clone_endpoints, new_clone_id
 from snapd.daemon.shards import ImageRuntime, Shard
 from snapd.pool import protocol
 from snapd.pool.pool import PoolError, WorkerError, WorkerFailed, WorkerHandle
+from snapd.pool.worker_handle import PROCESS_EXITED
 from vmm.api.fields import decode_base64
 
 log = logging.getLogger("snapd")
@@ -68,7 +69,7 @@ class CloneOps:
                             pass
                 if clone is not None and clone.state == "running":
                     clone.worker.poll_events()
-                    self._mark_failed(clone, clone.worker.failure or "the clone's VMM process exited")
+                    self._mark_failed(clone, clone.worker.failure or PROCESS_EXITED)
 
     def _mark_failed(self, clone: Clone, error: str) -> None:
         self.lane.withdraw_clone(clone.id)  # its invocations go the Python way, which refuses them
@@ -117,6 +118,7 @@ class CloneOps:
                 except PoolError as exc:
                     raise Unavailable(f"clones: {exc}") from None
                 lane = worker.image == image_id and worker.prepared.get("held") and self.lane.enabled
+                connection = None
                 if worker.image == image_id:  # prepared: memory mapped, page server attached, state written
                     header = {"op": "restore", "prepared": True, "image": image_id, "invoke": payload is not None,
                               "timeout": invoke_timeout}
@@ -124,11 +126,15 @@ class CloneOps:
                 else:
                     with self.lock:
                         shard = runtime.assign_slot(worker)
-                    header = {"op": "restore", "image": image_id, "state_path": runtime.record.state_path,
-                              "page_server": shard.sock_path, "invoke": payload is not None,
+                    header = {"op": "restore", "image": image_id, "invoke": payload is not None,
                               "timeout": invoke_timeout}
-                    fds = (shard.image.memfd,)
                 try:
+                    if worker.image != image_id:
+                        try:
+                            connection = shard.connect()
+                        except OSError as exc:
+                            raise WorkerFailed(f"the page server of {image_id} cannot be reached: {exc}") from None
+                        fds = runtime.worker_fds(shard, connection)
                     timeout = max(1.0, deadline - time.monotonic()) + invoke_timeout
                     if lane:  # the worker answers from C: a struct each way, its records known from the prepare
                         reply, result = worker.restore_held(image_id, payload, invoke_timeout, timeout)
@@ -147,6 +153,9 @@ class CloneOps:
                         raise CloneFailed(f"clones: restore of {image_id} failed: {exc}") from None
                 except WorkerError as exc:
                     raise self._restore_refused(worker, exc, image_id, invoke_timeout) from None
+                finally:
+                    if connection is not None:
+                        connection.close()  # the worker has its own copy
         except BaseException:
             self._restore_undone(clone_id, runtime)
             raise
@@ -305,7 +314,7 @@ class CloneOps:
     def get_clone(self, clone_id: str) -> dict:
         clone = self._clone(clone_id)
         if clone.state == "running" and not clone.worker.poll_events():
-            self._mark_failed(clone, clone.worker.failure or "the clone's VMM process exited")
+            self._mark_failed(clone, clone.worker.failure or PROCESS_EXITED)
         elif clone.worker.failure and clone.state == "running":
             self._mark_failed(clone, clone.worker.failure)
         return clone.to_json(self.socket_path)
@@ -422,6 +431,6 @@ class CloneOps:
                 raise WorkerFailed("the image is being deleted")
             shard = runtime.assign_slot(worker)
         worker.image = ""  # not takeable as prepared until the pool has its reply
-        return worker.send_request({"op": "recycle", "image": runtime.record.id,
-                                    "state_path": runtime.record.state_path, "page_server": shard.sock_path,
-                                    "timeout": 10.0}, b"", [shard.image.memfd])
+        with shard.connect() as connection:
+            return worker.send_request({"op": "recycle", "image": runtime.record.id, "timeout": 10.0}, b"",
+                                       runtime.worker_fds(shard, connection))

@@ -24,7 +24,9 @@ from snapd.daemon.paths import ApiPaths, PathsConfigError
 from snapd.daemon.records import ProcessRecords
 from snapd.daemon.shards import VMS_PER_SHARD, ImageRuntime, Shard
 from snapd.image import ImageError
+from snapd.pool.jail import DEFAULT_UID_RANGE, WorkerJail
 from snapd.pool.pool import WarmPool, WorkerError, WorkerFailed, WorkerHandle, Zygote
+from snapd.pool.worker_handle import PROCESS_EXITED
 
 __all__ = ["VMS_PER_SHARD", "Clone", "Daemon", "DaemonConfig", "ImageRuntime", "Shard"]
 
@@ -64,6 +66,9 @@ class DaemonConfig:
     huge_dir: str | None = None    # a huge=always tmpfs (snapd.hugetmpfs): shared images on 2 MiB pages
     lane: bool = True              # restores of held prepared workers in C, daemon (snapd.daemon.lane) and worker
                                    # (snapd.pool.held_lane) sides; False: JSON and Python all the way
+    jail: str = "on"               # on: every worker jailed (snapd.pool.jail; "user" mode when not root); off: none
+    uid_range: tuple[int, int] = DEFAULT_UID_RANGE  # one uid and gid per live worker (root mode)
+    clone_memory_mib: int | None = None  # a clone worker's memory limit (None: guest memory + VMM overhead)
     import_roots: tuple[str, ...] = ()  # directories the API may read beneath, besides STATE/import (the first,
                                         # relative paths' base); snapd.daemon.paths
 
@@ -101,7 +106,9 @@ class Daemon(ImageOps, CloneOps):
         reuse = config.reuse_workers
         if reuse is None:
             reuse = os.environ.get("SNAPD_REUSE", "1") != "0"
-        self.zygote = Zygote()
+        self.jail = WorkerJail("off" if config.jail == "off" else "root", self.state_dir, config.uid_range,
+                               memory_mib=config.clone_memory_mib)
+        self.zygote = Zygote(self.jail)
         self.records.add(self.zygote.pid, self.zygote.start_time, "zygote")
         self.reuse_workers = bool(reuse) and prepared > 0
         self.lane = DaemonLane(config.max_clones, SERVER, socket_path, enabled=config.lane)
@@ -132,10 +139,22 @@ class Daemon(ImageOps, CloneOps):
     # -- worker bookkeeping
     def _worker_ready(self, worker: WorkerHandle) -> None:
         self.records.add(worker.pid, worker.start_time, "worker")
+        if worker.lease is not None:
+            self.jail.watch(worker.lease, worker.pid, lambda reason: self._worker_exited(worker, reason))
         for runtime in list(self.images.values()):  # images registered after this worker's fork
             if runtime.record.shape == worker.shape:
-                worker.send_quietly({"op": "preload", "image": runtime.record.id,
-                                     "state_path": runtime.record.state_path})
+                worker.send_quietly({"op": "preload", "image": runtime.record.id}, fds=[runtime.state_fd])
+
+    def _worker_exited(self, worker: WorkerHandle, reason: str) -> None:
+        """The reaper's news of a jailed worker's end (snapd.pool.jail): its clone, if any, fails with the
+        reason (a seccomp kill, its memory limit), replacing the monitor's plainer word if it came first."""
+        worker.failure = worker.failure or reason
+        with self.lock:
+            clone = next((c for c in self.clones.values() if c is not None and c.worker is worker), None)
+        if clone is not None and clone.state == "running":
+            self._mark_failed(clone, reason)
+        elif clone is not None and clone.error == PROCESS_EXITED:
+            clone.error = reason
 
     def _worker_gone(self, worker: WorkerHandle) -> None:
         if worker.pid:
@@ -154,9 +173,10 @@ class Daemon(ImageOps, CloneOps):
                 return None
             shard = runtime.assign_slot(worker)
         try:
-            reply, _ = worker.request({"op": "prepare", "image": image_id, "state_path": runtime.record.state_path,
-                            "page_server": shard.sock_path, "timeout": 10.0}, b"", [shard.image.memfd], timeout=30.0)
-        except (WorkerFailed, WorkerError) as exc:
+            with shard.connect() as connection:
+                reply, _ = worker.request({"op": "prepare", "image": image_id, "timeout": 10.0}, b"",
+                                          runtime.worker_fds(shard, connection), timeout=30.0)
+        except (WorkerFailed, WorkerError, OSError) as exc:
             log.warning("could not prepare a worker for %s: %s", image_id, exc)
             return None  # the pool retires it (which frees the shard slot)
         return reply  # the pool records it on the worker as it queues it
@@ -184,6 +204,7 @@ class Daemon(ImageOps, CloneOps):
             self._retire(clone.worker)
         self.pool.close()
         self.zygote.close()
+        self.jail.close()
         self.records.remove(self.zygote.pid)
         self.monitor.join(5)
         self.epoll.close()

@@ -7,6 +7,7 @@ counts its clones; ``Shard`` counts the page-server slots taken on it and report
 from __future__ import annotations
 
 import os
+import socket
 
 from snapd.daemon.images import ImageRecord
 from snapd.pageserver import ChunkTable, Image, Listener, PageServer
@@ -30,6 +31,19 @@ class Shard:
             raise
         self.sock_path = sock_path
         self.clones = 0
+
+    def connect(self, timeout: float = 5.0) -> socket.socket:
+        """A connection to this shard's page server for a worker, which sends its userfaultfd over it: a jailed
+        worker can reach no socket by name, so the daemon connects and hands the socket over."""
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            sock.settimeout(timeout)
+            sock.connect(self.sock_path)
+            sock.settimeout(None)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
 
     def memfd_bytes(self) -> int:
         return os.fstat(self.image.memfd).st_blocks * 512
@@ -59,6 +73,13 @@ class ImageRuntime:
         self.shards: list[Shard] = []
         self.clones = 0
         self.deleting = False
+        # The daemon's copy of the state file, open for good: workers read the state from it (they open nothing)
+        self.state_fd = os.open(record.state_path, os.O_RDONLY | os.O_CLOEXEC)
+
+    def worker_fds(self, shard: Shard, connection: socket.socket) -> tuple[int, int, int]:
+        """What a worker restoring this image is sent (snapd.pool.worker RESTORE_FDS): the shard's memfd, a
+        connection to its page server, the state file."""
+        return shard.image.memfd, connection.fileno(), self.state_fd
 
     def shard_for_new_clone(self) -> Shard:
         """Called with the daemon lock held."""
@@ -90,3 +111,6 @@ class ImageRuntime:
         for shard in self.shards:
             shard.close()
         self.shards.clear()
+        if self.state_fd >= 0:
+            os.close(self.state_fd)
+            self.state_fd = -1

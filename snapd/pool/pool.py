@@ -381,6 +381,11 @@ class WarmPool:
             worker.dead = True
             worker.channel.close()
             self._note_failure(hello.get("error", "bad hello"))
+            if worker.lease is not None:  # reaped first if it got as far as its own pid namespace
+                if hello.get("pid"):
+                    self.zygote.jail.watch(worker.lease, hello["pid"], lambda reason: None)
+                else:
+                    self.zygote.jail.release(worker.lease)
             return
         worker.pid = hello["pid"]
         worker.start_time = process_start_time(worker.pid)

@@ -22,10 +22,11 @@ from snapd.uffd import UffdError, create_registered_uffd, unregister as uffd_unr
 from snapd.uffd_handshake import Region
 from vmm.devices.fnport import FN_NEXT, FN_PORT_BASE, MAILBOX_HEADER
 from vmm.errors import InvocationError, VmmError
+from vmm.jail import host_pid
 from vmm.machine import PAUSED, STOPPED
 from vmm.native import ffi, lib
 from vmm.prebuilt import PrebuiltVm, VmShape
-from vmm.snapshot import create_snapshot_fds, machine_config_of, read_snapshot, restore_into, resume_restored
+from vmm.snapshot import create_snapshot_fds, machine_config_of, read_snapshot_fd, restore_into, resume_restored
 from vmm.uffd_backend import UffdBackend, UffdBackendError
 
 
@@ -36,6 +37,8 @@ READ_MEMORY_MAX = 1 << 20
 HOLD_BUDGET_S = 0.02
 PAGE = 4096
 MADV_POPULATE_WRITE = 23  # Linux 5.14+, <linux/mman.h>
+# The descriptors of a prepare, recycle or full restore, in this order (the daemon's ImageRuntime.worker_fds).
+RESTORE_FDS = ("the image memfd", "a page-server connection", "the state file")
 
 
 def discard_console(data: bytes) -> None:
@@ -73,11 +76,10 @@ class Worker:
         uffd = create_registered_uffd([(r.host_addr, r.size) for r in machine.memory.regions], "missing")
         os.close(uffd)
         json.dumps([Region(r.host_addr, r.size, r.layout.file_offset).to_json() for r in machine.memory.regions])
-        socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC).close()
 
     # -- the loop
     def serve(self) -> None:
-        protocol.send(self.channel, {"event": "ready", "pid": os.getpid()})
+        protocol.send(self.channel, {"event": "ready", "pid": host_pid()})
         self.lane = lane = held_lane.HeldLane(self.channel.fileno())
         while True:
             self._arm_lane()
@@ -137,8 +139,8 @@ class Worker:
             elif op == "snapshot":
                 reply, out = self._snapshot(header, fds), b""
             elif op == "preload":
-                if self.machine is None and self.prepared is None:
-                    self._rehearse(self._state(header["image"], header["state_path"]))
+                if self.machine is None and self.prepared is None and len(fds) == 1:
+                    self._rehearse(self._state(header["image"], fds[0]))
                 return  # no reply: sent to idle workers in the background
             elif op == "read_memory":
                 reply, out = self._read_memory(header["gpa"], header["size"])
@@ -194,10 +196,12 @@ class Worker:
                     pass
 
     # -- operations
-    def _state(self, image: str, state_path: str):
+    def _state(self, image: str, state_fd: int):
+        """The parsed state of ``image``: inherited from the zygote, or read once from the daemon's descriptor
+        of its state file (a jailed worker opens no file by name)."""
         state = self.states.get(image)
         if state is None:
-            state = self.states[image] = read_snapshot(state_path)
+            state = self.states[image] = read_snapshot_fd(state_fd, f"the state file of image {image}")[0]
         return state
 
     def _prepare(self, header: dict, fds: list[int]) -> dict:
@@ -210,9 +214,9 @@ class Worker:
         t0 = time.perf_counter()
         if self.machine is not None or self.prepared is not None:
             return {"ok": False, "error": "this worker is already in use", "kind": "protocol"}
-        if len(fds) != 1:
-            return {"ok": False, "error": f"prepare needs the image memfd, got {len(fds)} fds", "kind": "protocol"}
-        machine = self._restore_paused(header, fds[0], {})
+        if len(fds) != len(RESTORE_FDS):
+            return {"ok": False, "error": f"prepare needs {RESTORE_FDS}, got {len(fds)} fds", "kind": "protocol"}
+        machine = self._restore_paused(header, fds, {})
         machine.fnport.ready.clear()
         resume_restored(machine)
         held = machine.fnport.ready.wait(header.get("timeout", 10.0))  # set when the guest reaches FN_NEXT
@@ -231,7 +235,7 @@ class Worker:
         self.prepare_timings = {"prepare_us": (t1 - t0) * 1e6, "populate_us": (t2 - t1) * 1e6}
         # What the daemon records for the clone this becomes, known now: a lane restore's reply carries only
         # what the restore itself makes (generation, first reply). "held": the daemon may send LANE_RESTORE.
-        return {"ok": True, "pid": os.getpid(), "held": machine.state == PAUSED, "req_cap": machine.fnport.req_cap,
+        return {"ok": True, "pid": host_pid(), "held": machine.state == PAUSED, "req_cap": machine.fnport.req_cap,
                 "timings": self.prepare_timings,
                 "regions": [[r.guest_phys_addr, r.size, r.host_addr] for r in machine.memory.regions]}
 
@@ -270,8 +274,8 @@ class Worker:
         machine = self.machine
         if machine is None or self.prepared is not None:
             return {"ok": False, "error": "this worker runs no clone to recycle", "kind": "protocol"}
-        if len(fds) != 1:
-            return {"ok": False, "error": f"recycle needs the image memfd, got {len(fds)} fds", "kind": "protocol"}
+        if len(fds) != len(RESTORE_FDS):
+            return {"ok": False, "error": f"recycle needs {RESTORE_FDS}, got {len(fds)} fds", "kind": "protocol"}
         if header.get("image") != self.image:
             return {"ok": False, "error": f"this worker ran {self.image}, not {header.get('image')}",
                     "kind": "protocol"}
@@ -382,16 +386,18 @@ class Worker:
         reply["total_us"] = (time.perf_counter() - t0) * 1e6
         return reply, result
 
-    def _restore_paused(self, header: dict, memfd: int, marks: dict):
-        """Remap, register with the page server, write the state; the vCPUs stay parked."""
+    def _restore_paused(self, header: dict, fds: list[int], marks: dict):
+        """Remap, register with the page server, write the state; the vCPUs stay parked. ``fds``: RESTORE_FDS."""
+        memfd, page_server_fd, state_fd = fds
         self.image = header["image"]
-        state = self._state(self.image, header["state_path"])
+        state = self._state(self.image, state_fd)
 
         def register_with_page_server(machine) -> None:
             marks["remap"] = time.perf_counter()
             # Lazy mode: the server sends "ready" at once and serves faults as they come; a fault raised before
             # it has attached simply waits in the uffd, so the restore does not wait for that round trip.
-            self.backend = UffdBackend(machine.memory, header["page_server"])
+            connection = socket.socket(fileno=os.dup(page_server_fd))  # the message's fds are closed after it
+            self.backend = UffdBackend(machine.memory, connection)
             self.backend.set_failure_handler(lambda error: self._page_server_failed(machine, error))
             marks["uffd"] = time.perf_counter()
 
@@ -403,10 +409,10 @@ class Worker:
         t0 = time.perf_counter()
         if self.machine is not None or self.prepared is not None:
             return {"ok": False, "error": "this worker already runs a clone", "kind": "protocol"}, b""
-        if len(fds) != 1:
-            return {"ok": False, "error": f"restore needs the image memfd, got {len(fds)} fds", "kind": "protocol"}, b""
+        if len(fds) != len(RESTORE_FDS):
+            return {"ok": False, "error": f"restore needs {RESTORE_FDS}, got {len(fds)} fds", "kind": "protocol"}, b""
         marks = {}
-        machine = self._restore_paused(header, fds[0], marks)
+        machine = self._restore_paused(header, fds, marks)
         t2 = time.perf_counter()
         self.machine = machine
         resume_restored(machine)

@@ -20,6 +20,9 @@ from snapd.pool import protocol
 from vmm.prebuilt import VmShape
 
 
+PROCESS_EXITED = "the clone's VMM process exited"  # until the daemon's reaper says why (snapd.pool.jail)
+
+
 def readable(fd, timeout: float) -> bool:
     """Whether ``fd`` (or an object with fileno()) becomes readable within ``timeout`` seconds. poll, not select:
     select() cannot watch a descriptor numbered 1024 or above (FD_SETSIZE), and the daemon holds several per
@@ -97,9 +100,10 @@ class WorkerHandle:
 
     _ids = itertools.count(1)
 
-    def __init__(self, channel: socket.socket, shape: VmShape):
+    def __init__(self, channel: socket.socket, shape: VmShape, lease=None):
         self.channel = channel
         self.shape = shape
+        self.lease = lease  # snapd.pool.jail.Lease: its uid, cgroup and, once reaped, why it exited
         self.pid = 0
         self.start_time: int | None = None
         self.lock = ChannelLock()
@@ -202,12 +206,12 @@ class WorkerHandle:
                 raise WorkerFailed(f"worker {self.pid} is gone: {self.failure or 'it exited'}")
         return None
 
-    def send_quietly(self, header: dict) -> None:
+    def send_quietly(self, header: dict, fds=()) -> None:
         """A message that takes no reply (preload); a dead worker is simply skipped."""
         with self.lock:
             if not self.dead:
                 try:
-                    protocol.send(self.channel, header)
+                    protocol.send(self.channel, header, fds=fds)
                 except OSError:
                     pass
 
@@ -217,7 +221,7 @@ class WorkerHandle:
         try:
             reply, data, extra = protocol.recv(self.channel)
         except (protocol.ProtocolError, OSError) as exc:
-            self._mark_dead("the worker process exited" if isinstance(exc, protocol.PeerGone)
+            self._mark_dead(PROCESS_EXITED if isinstance(exc, protocol.PeerGone)
                             else f"{type(exc).__name__}: {exc}")
             return None
         for fd in extra:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import gc
+import json
 import os
 import signal
 import socket
@@ -66,9 +67,26 @@ def reap_children(signum, frame) -> None:
             return
 
 
+def confine(settings: dict, header: dict, channel_fd: int) -> None:
+    """Jail a just-forked child before it becomes a worker (vmm.jail): join the cgroup the daemon made for it,
+    then namespaces, an empty root, its own uid, no capabilities, the worker's seccomp allow-list. It keeps only
+    its channel and /dev/kvm (already open: the VM is created from that descriptor)."""
+    from vmm.jail import JailSpec, enter
+    from vmm.jail.cgroups import CgroupGroup
+    from vmm.machine import shared_kvm
+
+    from snapd import uffd
+
+    CgroupGroup("", [(None, path) for path in header.get("cgroup_dirs") or ()]).join()
+    keep = (channel_fd, shared_kvm().fd) + ((uffd.device_fd(),) if uffd.use_device() else ())
+    enter(JailSpec(root=settings["root"], uid=header.get("uid"), gid=header.get("gid"), seccomp="worker",
+                   keep_fds=keep))
+
+
 class Zygote:
-    def __init__(self, control: socket.socket):
+    def __init__(self, control: socket.socket, jail: dict):
         self.control = control
+        self.jail = jail  # snapd.pool.jail.WorkerJail.zygote_settings()
         self.states: dict = {}
 
     def run(self) -> None:
@@ -84,7 +102,7 @@ class Zygote:
             op = header.get("op")
             if op == "fork" and len(fds) == 1:
                 shape = VmShape(int(header["vcpu_count"]), int(header["mem_size_mib"]))
-                self.fork(fds[0], shape, run_worker)
+                self.fork(fds[0], shape, run_worker, header)
             elif op == "preload":
                 try:
                     self.states[header["image"]] = read_snapshot(header["state_path"])
@@ -100,12 +118,20 @@ class Zygote:
                 except OSError:
                     pass
 
-    def fork(self, channel_fd: int, shape, run_worker) -> None:
+    def fork(self, channel_fd: int, shape, run_worker, header: dict) -> None:
         assert threading.active_count() == 1, "the zygote must not fork with other threads alive"
         pid = os.fork()
         if pid == 0:
             signal.signal(signal.SIGCHLD, signal.SIG_DFL)
             self.control.close()
+            if self.jail.get("mode", "off") != "off":
+                try:
+                    confine(self.jail, header, channel_fd)
+                except Exception as exc:  # noqa: BLE001 (reported to the daemon, which counts the failure)
+                    from vmm.jail import host_pid
+                    protocol.send(socket.socket(fileno=channel_fd), {
+                        "event": "error", "pid": host_pid(), "error": f"the worker could not be jailed: {exc}"})
+                    os._exit(1)
             run_worker(socket.socket(fileno=channel_fd), shape, self.states)  # never returns
             os._exit(1)
 
@@ -113,6 +139,7 @@ class Zygote:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m snapd.pool.zygote")
     parser.add_argument("--control-fd", type=int, required=True)
+    parser.add_argument("--jail", default='{"mode": "off"}', help="JSON: snapd.pool.jail.WorkerJail settings")
     args = parser.parse_args(argv)
     die_with_parent()
     control = socket.socket(fileno=args.control_fd)
@@ -123,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     protocol.send(control, {"event": "ready", "pid": os.getpid()})
     gc.collect()
     gc.freeze()
-    Zygote(control).run()
+    Zygote(control, json.loads(args.jail)).run()
     return 0
 
 

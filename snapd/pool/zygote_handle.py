@@ -6,12 +6,14 @@ reads that hello). ``PoolError`` (no worker could be had) is raised here and by 
 """
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 import threading
 
 from snapd.pool import protocol
+from snapd.pool.jail import WorkerJail
 from snapd.pool.worker_handle import WorkerHandle, process_start_time, readable
 from vmm.prebuilt import VmShape
 
@@ -25,13 +27,17 @@ class PoolError(RuntimeError):
 class Zygote:
     """The zygote child process and its control channel."""
 
-    def __init__(self, python: str = sys.executable, start_timeout: float = 60.0):
+    def __init__(self, jail: WorkerJail, python: str = sys.executable, start_timeout: float = 60.0):
+        self.jail = jail
         ours, theirs = protocol.channel_pair()
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
+        # Only what Python needs to find our code: the daemon's environment (its tokens, say) stays out of the
+        # zygote and so out of every worker's /proc/PID/environ.
+        env = {"PYTHONPATH": os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))}
         self.control = ours
         self.lock = threading.Lock()
         try:
-            self.process = subprocess.Popen([python, "-m", "snapd.pool.zygote", "--control-fd", str(theirs.fileno())],
+            self.process = subprocess.Popen([python, "-m", "snapd.pool.zygote", "--control-fd", str(theirs.fileno()),
+                                             "--jail", json.dumps(jail.zygote_settings())],
                                             pass_fds=[theirs.fileno()], env=env, stdin=subprocess.DEVNULL)
         finally:
             theirs.close()
@@ -47,17 +53,23 @@ class Zygote:
         self.start_time = process_start_time(self.pid)
 
     def fork_worker(self, shape: VmShape) -> WorkerHandle:
+        try:
+            lease = self.jail.lease(shape.vcpu_count, shape.mem_size_mib)
+        except OSError as exc:  # JailError: no free uid, or the cgroup could not be made
+            raise PoolError(f"no jail for a new worker: {exc}") from None
         ours, theirs = protocol.channel_pair()
         try:
             with self.lock:
                 protocol.send(self.control, {"op": "fork", "vcpu_count": shape.vcpu_count,
-                                             "mem_size_mib": shape.mem_size_mib}, fds=[theirs.fileno()])
+                                             "mem_size_mib": shape.mem_size_mib, **lease.fork_fields()},
+                              fds=[theirs.fileno()])
         except OSError as exc:
             ours.close()
+            self.jail.release(lease)
             raise PoolError(f"the zygote is gone: {exc}") from None
         finally:
             theirs.close()
-        return WorkerHandle(ours, shape)
+        return WorkerHandle(ours, shape, lease)
 
     def preload(self, image: str, state_path: str) -> None:
         with self.lock:
