@@ -3,11 +3,14 @@
     PYTHONPATH=. .venv/bin/python -m bench.clones latency [--mem-mib 512] [--n 200] [--prepared N]
     PYTHONPATH=. .venv/bin/python -m bench.clones latency-ab [--n 100]   (no prepared workers vs prepared, alternating)
     PYTHONPATH=. .venv/bin/python -m bench.clones latency-ab --ab lane   (the restore lane off vs on, alternating)
+    PYTHONPATH=. .venv/bin/python -m bench.clones latency-ab --ab jail [--prepared 0]   (--jail off vs on)
+    PYTHONPATH=. .venv/bin/python -m bench.clones rate-ab [--rounds 3]    (rate, --jail off and on in turns)
     PYTHONPATH=. .venv/bin/python -m bench.clones latency-gaps [--gaps 1,2,5,20,100]   (on the wire, by idle time)
     PYTHONPATH=. .venv/bin/python -m bench.clones invoke-gaps [--gaps 1,2,5,20,100]    (a live clone's invocations)
     PYTHONPATH=. .venv/bin/python -m bench.clones memory  [--mem-mib 256] [--counts 1,10,100,1000]
     PYTHONPATH=. .venv/bin/python -m bench.clones rate    [--mem-mib 512] [--seconds 10] [--clients 4]
-    (SNAPD_REUSE=0 in the environment: deleted clones' workers exit instead of being reused)
+    (SNAPD_REUSE=0 in the environment: deleted clones' workers exit instead of being reused;
+     --jail off: every daemon's workers unjailed, a development switch, for comparison)
 
 The daemon runs as `snapd serve` in its own process (as a scheduler would see it); this process is the client.
 Latency is one API request, POST /v1/clones with a hello payload, to the guest's first hello reply (verified),
@@ -55,7 +58,7 @@ def hello_daemon(args, work: str):
     yields (daemon, image id)."""
     state, mem = make_hello_snapshot(work, args.mem_mib)
     prepared = args.pool_size if args.prepared is None else args.prepared
-    with DaemonProcess(os.path.join(work, "state"), "--pool-size", str(args.pool_size),
+    with DaemonProcess(os.path.join(work, "state"), "--pool-size", str(args.pool_size), "--jail", args.jail,
                        prepared=prepared, import_roots=[work]) as daemon:
         image = daemon.client.register_image(state, mem)["id"]
         wait_pool(daemon.client, args.pool_size, prepared=prepared)
@@ -101,14 +104,18 @@ def run_latency(args, work: str) -> dict:
 
 
 def run_latency_ab(args, work: str) -> None:
-    """Two daemons side by side, requests alternating between them: a ratio from one run on a shared, noisy
-    machine. --ab prepared: A without prepared workers, B with; --ab lane: both with, A with the restore lane
+    """Two daemons side by side, requests alternating between them, each timed on the wire after --gap-ms of
+    idle: a ratio from one run on a shared, noisy machine. --ab prepared: A without prepared workers, B with; --ab lane: both with, A with the restore lane
     off (every request the Python way), B with it on."""
     state, mem = make_hello_snapshot(work, args.mem_mib)
     prepared = args.pool_size if args.prepared is None else args.prepared
     if args.ab == "lane":
         options = {"A": ("--lane", "off"), "B": ("--lane", "on")}
         labels = {"A": "lane off", "B": "lane on"}
+        prepared_of = {"A": prepared, "B": prepared}
+    elif args.ab == "jail":
+        options = {"A": ("--jail", "off"), "B": ("--jail", "on")}
+        labels = {"A": "jail off", "B": "jail on"}
         prepared_of = {"A": prepared, "B": prepared}
     else:
         options = {"A": (), "B": ()}
@@ -119,23 +126,25 @@ def run_latency_ab(args, work: str) -> None:
                        prepared=prepared_of["A"], import_roots=[work]) as a, \
             DaemonProcess(os.path.join(work, "b"), "--pool-size", str(args.pool_size), *options["B"],
                           prepared=prepared_of["B"], import_roots=[work]) as b:
-        daemons = {"A": (a.client, a.client.register_image(state, mem)["id"]),
-                   "B": (b.client, b.client.register_image(state, mem)["id"])}
+        daemons = {"A": (a, a.client.register_image(state, mem)["id"]),
+                   "B": (b, b.client.register_image(state, mem)["id"])}
         wait_pool(a.client, args.pool_size, prepared=prepared_of["A"])
         wait_pool(b.client, args.pool_size, prepared=prepared_of["B"])
+        wires = {name: WireClient(d.socket_path) for name, (d, _) in daemons.items()}
         for i in range(args.n + args.warmup):
             for name in ("A", "B") if i % 2 else ("B", "A"):
-                client, image = daemons[name]
-                elapsed_ms, clone = timed_clone(client, image, i)
+                daemon, image = daemons[name]
+                elapsed_ms, clone = wire_clone(wires[name], daemon.client, image, i, args.gap_ms)
                 if i >= args.warmup:
                     samples[name].append((elapsed_ms, clone["restore_us"] / 1e3))
-                time.sleep(args.gap_ms / 1e3)
+        for wire in wires.values():
+            wire.close()
     rows = []
     for name, label in labels.items():
-        for k, what in ((0, "e2e one request"), (1, "daemon: request to reply")):
+        for k, what in ((0, "on the wire"), (1, "daemon: request to reply")):
             s = summary([x[k] for x in samples[name]])
             rows.append([f"{label}: {what} (ms)", s["p50"], s["p90"], s["p99"], s["mean"], s["min"]])
-    for k, what in ((0, "e2e"), (1, "daemon")):
+    for k, what in ((0, "on the wire"), (1, "daemon")):
         sa, sb = summary([x[k] for x in samples["A"]]), summary([x[k] for x in samples["B"]])
         rows.append([f"ratio B/A {what}", sb["p50"] / sa["p50"], sb["p90"] / sa["p90"], sb["p99"] / sa["p99"],
                      sb["mean"] / sa["mean"], sb["min"] / sa["min"]])
@@ -169,6 +178,18 @@ class WireClient:
 
     def close(self) -> None:
         self.sock.close()
+
+
+def wire_clone(wire: WireClient, client, image: str, i: int, idle_ms: float) -> tuple[float, dict]:
+    """POST /v1/clones with a hello payload after ``idle_ms`` of idle, timed on the wire (kept-alive connection);
+    the reply verified and the clone deleted after the clock stops."""
+    request = workloads.hello_request(f"bench {i}")
+    body = {"image": image, "payload": base64.b64encode(request).decode()}
+    elapsed_ms, reply = wire.post("/v1/clones", body, 201, idle_ms)
+    clone = reply["clones"][0]
+    workloads.verify_hello(request, base64.b64decode(clone["result"]), 1)
+    client.delete_clone(clone["id"])
+    return elapsed_ms, clone
 
 
 def run_latency_gaps(args, work: str) -> None:
@@ -243,7 +264,8 @@ def run_memory(args, work: str) -> None:
     counts = [int(c) for c in args.counts.split(",")]
     rows = []
     with DaemonProcess(os.path.join(work, "state"), "--pool-size", str(args.pool_size), "--max-spawning", "2",
-                       "--max-clones", str(max(counts)), "--max-count", "64", prepared=args.prepared,
+                       "--max-clones", str(max(counts)), "--max-count", "64", "--jail", args.jail,
+                       prepared=args.prepared,
                        import_roots=[work]) as daemon:
         client = daemon.client
         image = client.register_image(state, mem)["id"]
@@ -277,10 +299,10 @@ def run_memory(args, work: str) -> None:
                  "shared memfd MiB"], rows))
 
 
-def run_rate(args, work: str) -> None:
+def run_rate(args, work: str) -> float:
     state, mem = make_hello_snapshot(work, args.mem_mib)
     prepared = args.pool_size if args.prepared is None else args.prepared
-    with DaemonProcess(os.path.join(work, "state"), "--pool-size", str(args.pool_size),
+    with DaemonProcess(os.path.join(work, "state"), "--pool-size", str(args.pool_size), "--jail", args.jail,
                        "--max-spawning", str(args.max_spawning), prepared=prepared, import_roots=[work]) as daemon:
         image = daemon.client.register_image(state, mem)["id"]
         wait_pool(daemon.client, args.pool_size, prepared=prepared)
@@ -309,11 +331,30 @@ def run_rate(args, work: str) -> None:
                 [[args.clients, round(elapsed, 2), total, total / elapsed, len(errors)]]))
     if errors:
         print("first error:", errors[0])
+    return total / elapsed
+
+
+def run_rate_ab(args, work: str) -> None:
+    """The sustained rate with --jail off and on, in turns (--rounds each), one daemon at a time: a ratio from
+    one run on a shared, noisy machine."""
+    rates = {"off": [], "on": []}
+    for r in range(args.rounds):
+        for jail in ("off", "on") if r % 2 == 0 else ("on", "off"):
+            args.jail = jail
+            print(f"round {r + 1}, --jail {jail}:", flush=True)
+            directory = os.path.join(work, f"{jail}-{r}")
+            os.makedirs(directory)
+            rates[jail].append(run_rate(args, directory))
+    off, on = (sorted(rates[k])[len(rates[k]) // 2] for k in ("off", "on"))
+    print(table(["--jail", "clones/s per round", "median"],
+                [["off", " ".join(f"{x:.0f}" for x in rates["off"]), off],
+                 ["on", " ".join(f"{x:.0f}" for x in rates["on"]), on], ["ratio on/off", "", on / off]]))
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.clones", description=__doc__.split("\n\n")[0])
-    p.add_argument("what", choices=("latency", "latency-ab", "latency-gaps", "invoke-gaps", "memory", "rate"))
+    p.add_argument("what", choices=("latency", "latency-ab", "latency-gaps", "invoke-gaps", "memory", "rate",
+                                     "rate-ab"))
     p.add_argument("--mem-mib", type=int, default=None)
     p.add_argument("--n", type=int, default=200)
     p.add_argument("--warmup", type=int, default=10)
@@ -324,8 +365,10 @@ def main(argv=None) -> int:
     p.add_argument("--counts", default="1,10,100,1000")
     p.add_argument("--seconds", type=float, default=10.0)
     p.add_argument("--clients", type=int, default=4)
-    p.add_argument("--ab", choices=("prepared", "lane"), default="prepared",
-                   help="latency-ab: what the two daemons differ in (prepared workers, or the restore lane)")
+    p.add_argument("--ab", choices=("prepared", "lane", "jail"), default="prepared",
+                   help="latency-ab: what the two daemons differ in (prepared workers, the restore lane, jailing)")
+    p.add_argument("--jail", choices=("on", "off"), default="on", help="the daemon's --jail (default on)")
+    p.add_argument("--rounds", type=int, default=3, help="rate-ab: rounds of each setting")
     p.add_argument("--prepared", type=int, default=None,
                    help="workers the daemon restores ahead per image (SNAPD_PREPARED; default: --pool-size; 0: off)")
     args = p.parse_args(argv)
@@ -334,7 +377,8 @@ def main(argv=None) -> int:
     print(machine_line(), f"guest {args.mem_mib} MiB", flush=True)
     with tempfile.TemporaryDirectory(prefix="bench-clones-") as work:
         {"latency": run_latency, "latency-ab": run_latency_ab, "latency-gaps": run_latency_gaps,
-         "invoke-gaps": run_invoke_gaps, "memory": run_memory, "rate": run_rate}[args.what](args, work)
+         "invoke-gaps": run_invoke_gaps, "memory": run_memory, "rate": run_rate,
+         "rate-ab": run_rate_ab}[args.what](args, work)
     return 0
 
 
