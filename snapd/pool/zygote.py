@@ -67,6 +67,17 @@ def reap_children(signum, frame) -> None:
             return
 
 
+def jail_settings(settings: dict) -> dict:
+    """The daemon's jail settings, with what every child would otherwise make for itself made once here: the
+    jail's modules imported and the worker's seccomp program compiled (pid 1: each worker is pid 1 of its own
+    pid namespace). What a child builds after the fork is memory of its own, in every worker."""
+    if settings.get("mode", "off") == "off":
+        return settings
+    import vmm.jail.cgroups  # noqa: F401
+    from vmm.jail import seccomp
+    return dict(settings, seccomp_program=seccomp.compile("worker", 1))
+
+
 def confine(settings: dict, header: dict, channel_fd: int) -> None:
     """Jail a just-forked child before it becomes a worker (vmm.jail): join the cgroup the daemon made for it,
     then namespaces, an empty root, its own uid, no capabilities, the worker's seccomp allow-list. It keeps only
@@ -80,7 +91,7 @@ def confine(settings: dict, header: dict, channel_fd: int) -> None:
     CgroupGroup("", [(None, path) for path in header.get("cgroup_dirs") or ()]).join()
     keep = (channel_fd, shared_kvm().fd) + ((uffd.device_fd(),) if uffd.use_device() else ())
     enter(JailSpec(root=settings["root"], uid=header.get("uid"), gid=header.get("gid"), seccomp="worker",
-                   keep_fds=keep))
+                   seccomp_program=settings.get("seccomp_program"), keep_fds=keep))
 
 
 class Zygote:
@@ -145,12 +156,13 @@ def main(argv: list[str] | None = None) -> int:
     control = socket.socket(fileno=args.control_fd)
     os.set_inheritable(args.control_fd, False)
     warm_up()
+    jail = jail_settings(json.loads(args.jail))
     signal.signal(signal.SIGCHLD, reap_children)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's Ctrl-C is for the daemon, which stops us
     protocol.send(control, {"event": "ready", "pid": os.getpid()})
     gc.collect()
     gc.freeze()
-    Zygote(control, json.loads(args.jail)).run()
+    Zygote(control, jail).run()
     return 0
 
 

@@ -36,6 +36,7 @@ class JailSpec:
     hostname: str = "vmm"
     bind_root: bool = False          # the root is a host-prepared directory (vmm jail), bind-mounted, writable
     binds: tuple[tuple[str, str], ...] = ()  # (host path, path inside), e.g. ("/dev/kvm", "/dev/kvm")
+    seccomp_program: bytes | None = None  # seccomp.compile(role, 1) made ahead (the zygote): loaded as it is
 
     @property
     def user_namespace(self) -> bool:
@@ -67,5 +68,7 @@ def enter(spec: JailSpec, on_forked=None) -> None:
     namespaces.pivot_into(spec.root, spec.bind_root, spec.binds)
     namespaces.set_hostname(spec.hostname)
     creds.drop_privileges(spec.uid, spec.gid)
-    if spec.seccomp:
+    if spec.seccomp_program is not None:
+        seccomp.install(spec.seccomp_program)
+    elif spec.seccomp:
         seccomp.load(spec.seccomp, os.getpid())

@@ -91,3 +91,4 @@ int jail_sethostname(const char *name);
 int jail_openat2(int dirfd, const char *path, uint64_t flags, uint64_t mode, uint64_t resolve);
 int jail_close_range_except(const int *keep, int nkeep);
 int jail_clearenv(void);
+int jail_load_filter(const void *program, size_t length);

@@ -15,6 +15,8 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 #include <linux/capability.h>
+#include <linux/filter.h>
+#include <linux/seccomp.h>
 #include <linux/openat2.h>
 #include <linux/kvm.h>
 #include <linux/userfaultfd.h>
@@ -110,3 +112,14 @@ int jail_close_range_except(const int *keep, int nkeep)
 }
 
 int jail_clearenv(void) { RET(clearenv()); }
+
+/* Install a BPF program libseccomp compiled earlier (seccomp_export_bpf), e.g. in the zygote before the fork:
+ * the child then loads it without building it again. Needs no_new_privs. */
+int jail_load_filter(const void *program, size_t length)
+{
+    if (length == 0 || length % sizeof(struct sock_filter) || length / sizeof(struct sock_filter) > BPF_MAXINSNS)
+        return -EINVAL;
+    struct sock_fprog prog = { .len = (unsigned short)(length / sizeof(struct sock_filter)),
+                               .filter = (struct sock_filter *)program };
+    RET(prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, &prog, 0, 0));
+}

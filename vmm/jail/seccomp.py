@@ -89,16 +89,15 @@ def rules_for(role: str, pid: int) -> list[Rule]:
     return rules
 
 
-def load(role: str, pid: int | None = None) -> int:
-    """Install ``role``'s filter on the calling thread (and the threads it starts later); returns the number of
-    rules. Needs no_new_privs (or CAP_SYS_ADMIN)."""
-    rules = rules_for(role, os.getpid() if pid is None else pid)
+def compile(role: str, pid: int) -> bytes:  # noqa: A001 (what libseccomp does: rules to a BPF program)
+    """``role``'s allow-list for a process whose own pid (as it sees it) is ``pid``, as a BPF program that
+    ``install`` loads. Built where it is cheap (the zygote, once), installed where it is needed (each worker)."""
     ctx = lib.seccomp_init(lib.SCMP_ACT_KILL_PROCESS)
     if ctx == ffi.NULL:
         raise JailError("seccomp_init", errno.ENOMEM)
     try:
         seen = set()
-        for rule in rules:
+        for rule in rules_for(role, pid):
             nr = _syscall_number(rule.syscall)
             if nr is None:
                 continue  # not a call on this architecture (open/stat on arm64, say)
@@ -109,7 +108,28 @@ def load(role: str, pid: int | None = None) -> int:
                 {"arg": a, "op": op, "datum_a": da, "datum_b": db} for a, op, da, db in rule.comparisons] or 1)
             check(lib.seccomp_rule_add_array(ctx, rule.action, nr, len(rule.comparisons), args),
                   "seccomp_rule_add", rule.syscall)
-        check(lib.seccomp_load(ctx), "seccomp_load", role)
-        return len(rules)
+        read_end, write_end = os.pipe2(os.O_CLOEXEC)
+        try:
+            check(lib.seccomp_export_bpf(ctx, write_end), "seccomp_export_bpf", role)
+            os.close(write_end)
+            write_end = -1
+            chunks = []
+            while chunk := os.read(read_end, 65536):
+                chunks.append(chunk)
+            return b"".join(chunks)
+        finally:
+            os.close(read_end)
+            if write_end >= 0:
+                os.close(write_end)
     finally:
         lib.seccomp_release(ctx)
+
+
+def install(program: bytes) -> None:
+    """Load a program from ``compile`` on the calling thread (and the threads it starts later)."""
+    check(lib.jail_load_filter(program, len(program)), "prctl(PR_SET_SECCOMP)")
+
+
+def load(role: str, pid: int | None = None) -> None:
+    """Compile and install ``role``'s filter here."""
+    install(compile(role, os.getpid() if pid is None else pid))
