@@ -134,7 +134,7 @@ def run_latency_ab(args, work: str) -> None:
         for i in range(args.n + args.warmup):
             for name in ("A", "B") if i % 2 else ("B", "A"):
                 daemon, image = daemons[name]
-                elapsed_ms, clone = wire_clone(wires[name], daemon.client, image, i, args.gap_ms)
+                elapsed_ms, clone = wire_clone(wires[name], daemon.client, image, f"bench {i}", args.gap_ms)
                 if i >= args.warmup:
                     samples[name].append((elapsed_ms, clone["restore_us"] / 1e3))
         for wire in wires.values():
@@ -180,10 +180,10 @@ class WireClient:
         self.sock.close()
 
 
-def wire_clone(wire: WireClient, client, image: str, i: int, idle_ms: float) -> tuple[float, dict]:
+def wire_clone(wire: WireClient, client, image: str, label: str, idle_ms: float) -> tuple[float, dict]:
     """POST /v1/clones with a hello payload after ``idle_ms`` of idle, timed on the wire (kept-alive connection);
     the reply verified and the clone deleted after the clock stops."""
-    request = workloads.hello_request(f"bench {i}")
+    request = workloads.hello_request(label)
     body = {"image": image, "payload": base64.b64encode(request).decode()}
     elapsed_ms, reply = wire.post("/v1/clones", body, 201, idle_ms)
     clone = reply["clones"][0]
@@ -205,12 +205,7 @@ def run_latency_gaps(args, work: str) -> None:
         wire = WireClient(daemon.socket_path)
         for i in range(args.n + args.warmup):
             for gap in gaps:
-                request = workloads.hello_request(f"gap {gap} {i}")
-                body = {"image": image, "payload": base64.b64encode(request).decode()}
-                elapsed_ms, reply = wire.post("/v1/clones", body, 201, gap)
-                clone = reply["clones"][0]
-                workloads.verify_hello(request, base64.b64decode(clone["result"]), 1)
-                client.delete_clone(clone["id"])
+                elapsed_ms, clone = wire_clone(wire, client, image, f"gap {gap} {i}", gap)
                 if i >= args.warmup:
                     samples[gap]["wire"].append(elapsed_ms)
                     samples[gap]["daemon"].append(clone["restore_us"] / 1e3)

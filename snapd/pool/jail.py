@@ -9,6 +9,11 @@ its seccomp allow-list, one killed by SIGKILL with an OOM kill in its cgroup wen
 Modes: "root" (uids from the range, cgroups), "user" (snapd serve run by an ordinary user: a user namespace
 per worker gives the same namespaces, root directory and seccomp filter, but no uid of its own and no cgroup),
 "off" (a development switch: nothing of this; the daemon logs a warning).
+
+A daemon that is not root checks at start, before any worker, that its workers can work at all
+(``check_unprivileged``): /dev/kvm opens, a worker can be jailed (user namespaces may be disabled on the host), and
+a jailed worker can make a userfaultfd that catches kernel-mode faults (KVM's accesses to guest memory). If not,
+it refuses to start with one line naming the fix, instead of forking workers that fail one after another.
 """
 from __future__ import annotations
 
@@ -20,6 +25,7 @@ import os
 import select
 import signal
 import threading
+import time
 
 from vmm.errors import JailError
 from vmm.jail import cgroups
@@ -83,6 +89,8 @@ class WorkerJail:
             cgroups.remove_tree(self.cgroup_parent, kill=True, layout=self.layout)  # a previous daemon's
         # Workers are forked into their own pid namespaces by a parent that leaves at once: make them ours.
         check(lib.jail_prctl(lib.PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0), "prctl(PR_SET_CHILD_SUBREAPER)")
+        if mode == "user":
+            check_unprivileged(self.root)  # before any thread of ours: it forks
         self.reaper = Reaper()
 
     @property
@@ -178,6 +186,127 @@ class WorkerJail:
                 log.warning("cgroups of this daemon are left: %s", exc)
 
 
+class JailUnavailableError(OSError):
+    """A daemon that is not root cannot run jailed workers here; the message (one line) names the fix. An OSError,
+    so `snapd serve` prints it as ``snapd: error: MESSAGE`` and exits 2."""
+
+    def __init__(self, message: str):
+        super().__init__(errno.EPERM, message)
+
+
+UFFD_SYSCTL = "/proc/sys/vm/unprivileged_userfaultfd"
+PROBE_TIMEOUT = 20.0
+
+
+def check_unprivileged(root: str, timeout: float = PROBE_TIMEOUT) -> None:
+    """Before any worker of a daemon that is not root: /dev/kvm opens, and a process jailed as a worker is (a child
+    that enters the same jail, vmm.jail.enter with the "worker" filter, from the same credentials) can make a
+    userfaultfd that catches kernel-mode faults, as a worker does (snapd.uffd.create: from /dev/userfaultfd opened
+    before the jail, or the syscall, which without CAP_SYS_PTRACE needs vm.unprivileged_userfaultfd=1). Without
+    that KVM's own accesses to a clone's lazily paged memory cannot be served. Raises JailUnavailableError.
+    The caller must be a subreaper (the jailed child comes back to it) and should have no other thread yet."""
+    from snapd import uffd
+    from vmm.jail import JailSpec, enter
+
+    uid = os.geteuid()
+    try:
+        os.close(os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC))
+    except OSError as exc:
+        raise JailUnavailableError(f"snapd serve as uid {uid} cannot open /dev/kvm ({exc.strerror}): give this user "
+                                   f"read and write access to it (e.g. the kvm group), or run snapd serve as root") from None
+    read_end, write_end = os.pipe2(os.O_CLOEXEC)
+    pid = os.fork()
+    if pid == 0:  # the probe: what zygote.confine does in a worker, then what the worker does with userfaultfd
+        os.close(read_end)
+        status = 1
+        try:
+            keep = (write_end,) + ((uffd.device_fd(),) if uffd.use_device() else ())
+            enter(JailSpec(root=root, seccomp="worker", keep_fds=keep, hostname="snapd-probe"),
+                  on_forked=lambda child: os.write(write_end, f"pid {child}\n".encode()))
+            try:
+                fd = uffd.create()
+                uffd.api(fd, 0)
+                os.close(fd)
+                os.write(write_end, b"ok\n")
+                status = 0
+            except uffd.UffdError as exc:
+                os.write(write_end, f"uffd {exc.errno} {exc.call}\n".encode())
+        except BaseException as exc:  # noqa: BLE001 (reported to the parent, one line)
+            text = str(exc).replace("\n", " ")
+            os.write(write_end, f"jail {getattr(exc, 'errno', 0) or 0} {text}\n".encode())
+        os._exit(status)
+    os.close(write_end)
+    try:
+        lines = _read_probe(read_end, pid, timeout)
+    finally:
+        os.close(read_end)
+    _check_probe(lines, uid)
+
+
+def _read_probe(fd: int, pid: int, timeout: float) -> list[str]:
+    """The probe's report lines; both of its processes reaped (the jailed one comes back to us, its subreaper)."""
+    data, jailed_pid = b"", 0
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([fd], [], [], left)[0]:
+                raise JailUnavailableError(f"a jailed test process did not report within {timeout:.0f} s")
+            chunk = os.read(fd, 4096)
+            if not chunk:
+                break
+            data += chunk
+            for line in data.decode(errors="replace").splitlines():
+                if line.startswith("pid "):
+                    jailed_pid = int(line.split()[1])
+    finally:
+        for child in (pid, jailed_pid):
+            if child:
+                try:
+                    os.kill(child, signal.SIGKILL)  # nothing if it is gone already (a zombie takes no signal)
+                except ProcessLookupError:
+                    pass
+                try:
+                    os.waitpid(child, 0)
+                except ChildProcessError:
+                    pass
+    return [line for line in data.decode(errors="replace").splitlines() if not line.startswith("pid ")]
+
+
+def _check_probe(lines: list[str], uid: int) -> None:
+    word, _, rest = (lines[-1] if lines else "jail 0 the jailed test process died without a word").partition(" ")
+    err_text, _, detail = rest.partition(" ")
+    err = int(err_text) if err_text.isdigit() else 0
+    if word == "ok":
+        return
+    if word == "uffd":
+        raise JailUnavailableError(
+            f"snapd serve as uid {uid}: a jailed worker cannot catch KVM's kernel-mode page faults ({detail}: "
+            f"{os.strerror(err)}): {_userfaultfd_state()}; give this user read and write access to /dev/userfaultfd "
+            f"(as to /dev/kvm), or set sysctl vm.unprivileged_userfaultfd=1, or run snapd serve as root")
+    if "CLONE_NEWUSER" in detail or "uid_map" in detail or "gid_map" in detail or "setgroups" in detail:
+        raise JailUnavailableError(
+            f"snapd serve as uid {uid} cannot jail its workers: no user namespace of its own ({detail}); allow "
+            f"unprivileged user namespaces (user.max_user_namespaces, kernel.unprivileged_userns_clone, "
+            f"kernel.apparmor_restrict_unprivileged_userns), or run snapd serve as root")
+    raise JailUnavailableError(f"snapd serve as uid {uid} cannot jail its workers: {detail or 'unknown error'}")
+
+
+def _userfaultfd_state() -> str:
+    """Why no uffd of that kind could be had, in the words of the two ways to one."""
+    try:
+        os.close(os.open("/dev/userfaultfd", os.O_RDWR | os.O_CLOEXEC))
+        device = "/dev/userfaultfd opens"
+    except OSError as exc:
+        device = f"/dev/userfaultfd cannot be opened ({exc.strerror})"
+    try:
+        with open(UFFD_SYSCTL) as f:
+            sysctl = f"vm.unprivileged_userfaultfd is {f.read().strip()}"
+    except OSError:
+        sysctl = "vm.unprivileged_userfaultfd is not there"
+    return f"{device} and {sysctl}"
+
+
 class Reaper:
     """One thread that reaps jailed workers (our children through the subreaper) as their pidfds report exit."""
 
@@ -225,7 +354,14 @@ class Reaper:
                     log.exception("worker exit handling failed")
 
     def close(self) -> None:
+        """Stop reaping (the daemon is stopping: the workers it killed go to init once it exits)."""
         self.closed = True
+        self.thread.join(2)
+        with self.lock:
+            for pidfd in self.watched:
+                os.close(pidfd)
+            self.watched.clear()
+            self.epoll.close()
 
 
 def _wait_status(result) -> int:
