@@ -33,7 +33,6 @@
 #define MSG_CAP (sizeof(struct lane_restore_msg) + MAX_BODY)
 #define REPLY_CAP ((size_t)LANE_MAX_MESSAGE)
 #define BODY_CAP (16384 + (LANE_MAX_MESSAGE / 3 + 1) * 4)
-#define REPLY_WAIT_MARGIN_MS 10000  /* past the invocation's own timeout: then Python waits, and judges */
 
 enum { FREE, OFFERED, TAKEN };
 enum { RESTORE_TICKET = 1, CLONE_TICKET };
@@ -442,7 +441,7 @@ static int send_message(int fd, const void *msg, size_t len)
 static size_t await_reply(struct lane_conn *c, int fd, uint64_t id, int64_t timeout_ms)
 {
     struct pollfd p = { .fd = fd, .events = POLLIN };
-    int wait = timeout_ms + REPLY_WAIT_MARGIN_MS > 0x7fffffff ? 0x7fffffff : (int)(timeout_ms + REPLY_WAIT_MARGIN_MS);
+    int wait = timeout_ms + LANE_REPLY_GRACE_MS > 0x7fffffff ? 0x7fffffff : (int)(timeout_ms + LANE_REPLY_GRACE_MS);
     int r;
     do
         r = poll(&p, 1, wait);

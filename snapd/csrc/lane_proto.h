@@ -14,6 +14,8 @@
 #define LANE_MAX_MESSAGE (4u << 20) /* any message on the channel, as snapd/pool/protocol.py MAX_MESSAGE */
 #define LANE_FLAG_INVOKE 1u        /* the payload that follows is the clone's first invocation */
 #define LANE_FLAG_LIVE 2u          /* with INVOKE: an invocation of the worker's live clone (no new generation) */
+#define LANE_REPLY_GRACE_MS 2000   /* an invocation's reply is awaited its timeout plus this, no longer: then the
+                                      * daemon kills the worker and fails the clone (it is stopped or hung) */
 
 /* status of a reply; anything but OK is followed by the error text instead of a result */
 #define LANE_OK 0

@@ -20,8 +20,12 @@ from snapd.daemon.lane import clone_endpoints, new_clone_id
 from snapd.daemon.shards import ImageRuntime, Shard
 from snapd.pool import protocol
 from snapd.pool.pool import PoolError, WorkerError, WorkerFailed, WorkerHandle
-from snapd.pool.worker_handle import PROCESS_EXITED
+from snapd.pool.worker_handle import PROCESS_EXITED, WorkerUnanswered
 from vmm.api.fields import decode_base64
+
+# An invocation's reply is awaited its own timeout plus this, by the lane (C) and here alike: a worker that has
+# not answered by then (stopped, hung) is killed and its clone failed, and the caller has its 504.
+REPLY_GRACE_S = lane_lib.LANE_REPLY_GRACE_MS / 1e3
 
 log = logging.getLogger("snapd")
 
@@ -332,7 +336,7 @@ class CloneOps:
         timeout = body.get("timeout_ms", 10_000) / 1e3
         clone = self._usable(clone_id)
         return self._invoke_reply(clone, lambda: clone.worker.invoke_live(clone.image.record.id, payload, timeout,
-                                                                          timeout=timeout + 10))
+                                                                          timeout=timeout + REPLY_GRACE_S))
 
     def lane_invoke_handoff(self, out, data: bytes) -> dict:
         """The lane took a live clone's ticket for an invocation, then stopped (out.stage): finish it as invoke()
@@ -349,7 +353,7 @@ class CloneOps:
             if out.stage == lane_lib.LANE_STAGE_REFUSED:
                 raise WorkerError(data.decode("utf-8", "replace"), protocol.LANE_KINDS.get(out.status, "vmm"))
             locked = False  # await_reply releases it; it waits only what the lane has not waited already
-            left = max(10.0, out.timeout_ms / 1e3 + 10 - out.restore_us / 1e6)
+            left = max(0.0, out.timeout_ms / 1e3 + REPLY_GRACE_S - out.restore_us / 1e6)
             return worker.await_reply("invoke", out.request_id, left, locked=True)
         try:
             return self._invoke_reply(clone, exchange)  # as an invocation begun before a DELETE ends in Python
@@ -365,6 +369,9 @@ class CloneOps:
         clone_id = clone.id
         try:
             reply, result = exchange()
+        except WorkerUnanswered as exc:  # stopped or hung past its own timeout: killed, and the clone with it
+            self._mark_failed(clone, str(exc))
+            raise GuestTimeout(f"clone {clone_id} failed: {exc}") from None
         except WorkerFailed as exc:
             self._mark_failed(clone, str(exc))
             raise CloneFailed(f"clone {clone_id} failed: {exc}") from None

@@ -44,6 +44,10 @@ class WorkerFailed(RuntimeError):
     """A worker died or broke the protocol during a request."""
 
 
+class WorkerUnanswered(WorkerFailed):
+    """A worker did not answer in time (stopped, hung): it was killed."""
+
+
 class WorkerError(RuntimeError):
     """A worker answered a request with an error; ``kind`` is timeout, invocation, vmm or protocol."""
 
@@ -163,9 +167,10 @@ class WorkerHandle:
         while True:
             left = deadline - time.monotonic()
             if left <= 0 or not readable(self.channel, left):
-                self._mark_dead(f"no reply to {op} within {timeout:.1f} s")
+                self._mark_dead(f"no reply to {op} within {timeout:.1f} s: its VMM was killed")
                 self.kill()
-                raise WorkerFailed(f"worker {self.pid} did not answer {op} within {timeout:.1f} s")
+                raise WorkerUnanswered(f"worker {self.pid} did not answer {op} within {timeout:.1f} s: its VMM "
+                                       f"was killed")
             received = self._receive()
             if received is None:
                 raise WorkerFailed(f"worker {self.pid} failed during {op}: {self.failure}")
