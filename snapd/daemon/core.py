@@ -108,8 +108,7 @@ class Daemon(ImageOps, CloneOps):
             reuse = os.environ.get("SNAPD_REUSE", "1") != "0"
         self.jail = WorkerJail("off" if config.jail == "off" else "root", self.state_dir, config.uid_range,
                                memory_mib=config.clone_memory_mib)
-        self.zygote = Zygote(self.jail)
-        self.records.add(self.zygote.pid, self.zygote.start_time, "zygote")
+        self.zygote = Zygote(self.jail, on_start=self._zygote_started)
         self.reuse_workers = bool(reuse) and prepared > 0
         self.lane = DaemonLane(config.max_clones, SERVER, socket_path, enabled=config.lane)
         self.pool = WarmPool(self.zygote, config.pool_size, config.max_spawning, on_ready=self._worker_ready,
@@ -144,6 +143,11 @@ class Daemon(ImageOps, CloneOps):
         for runtime in list(self.images.values()):  # images registered after this worker's fork
             if runtime.record.shape == worker.shape:
                 worker.send_quietly({"op": "preload", "image": runtime.record.id}, fds=[runtime.state_fd])
+
+    def _zygote_started(self, zygote: Zygote, old_pid: int) -> None:
+        if old_pid:
+            self.records.remove(old_pid)
+        self.records.add(zygote.pid, zygote.start_time, "zygote")
 
     def _worker_exited(self, worker: WorkerHandle, reason: str) -> None:
         """The reaper's news of a jailed worker's end (snapd.pool.jail): its clone, if any, fails with the

@@ -24,7 +24,7 @@ class ImageOps:
         self.zygote.preload(record.id, record.state_path)
         for worker in self.pool.idle_workers():
             if worker.shape == record.shape:
-                worker.send_quietly({"op": "preload", "image": record.id, "state_path": record.state_path})
+                worker.send_quietly({"op": "preload", "image": record.id}, fds=[runtime.state_fd])
         self.pool.add_shape(record.shape)
         self.pool.add_image(record.id, record.shape)
         return runtime

@@ -8,6 +8,7 @@ modules are re-exported here, where the daemon imports them from.
 from __future__ import annotations
 
 import collections
+import logging
 import os
 import select
 import threading
@@ -18,6 +19,8 @@ from snapd.pool import protocol
 from snapd.pool.worker_handle import WorkerError, WorkerFailed, WorkerHandle, process_start_time, readable
 from snapd.pool.zygote_handle import ROOT, PoolError, Zygote
 from vmm.prebuilt import VmShape
+
+log = logging.getLogger("snapd")
 
 __all__ = ["QUIET_S", "ROOT", "PoolError", "WarmPool", "WorkerError", "WorkerFailed", "WorkerHandle", "Zygote",
            "process_start_time", "readable"]
@@ -324,6 +327,8 @@ class WarmPool:
     def _refill_loop(self) -> None:
         backoff = 0.0
         while True:
+            if backoff <= time.monotonic() and not self._zygote_ready():
+                backoff = time.monotonic() + 0.5
             with self.cond:
                 if self.closed:
                     return
@@ -343,7 +348,11 @@ class WarmPool:
             for fd, entry in recycling:
                 if entry[3] < now:
                     self._recycled(fd, expired=True)
-            watched = [self.wake_read, *self.spawning, *(fd for fd, e in recycling if e[3] >= now)]
+            with self.cond:
+                idle = {w.fileno(): w for queue in self.idle.values() for w in queue}
+            # The zygote's channel (it hangs up when it dies) and the idle workers' (the same): replaced at once.
+            watched = [self.wake_read, self.zygote.control.fileno(), *self.spawning, *idle,
+                       *(fd for fd, e in recycling if e[3] >= now)]
             wait = 0.5 if not self.restoring else 0.05
             if self.quiet_until > time.monotonic():
                 wait = min(wait, self.quiet_until - time.monotonic())
@@ -365,8 +374,32 @@ class WarmPool:
                     self._spawned(self.spawning[fd])
                 elif fd != self.wake_read and fd in self.recycling:
                     self._recycled(fd)
+                elif fd in idle:
+                    self._idle_news(idle[fd])
             if self.prepared_target:
                 self._prepare_some()
+
+    def _zygote_ready(self) -> bool:
+        """Replace a zygote that died (its workers live on); False if no new one could be started yet."""
+        try:
+            if self.zygote.ensure():
+                log.warning("the zygote died and was replaced (pid %d)", self.zygote.pid)
+            return True
+        except PoolError as exc:
+            self._note_failure(f"the zygote died and could not be replaced: {exc}")
+            return False
+
+    def _idle_news(self, worker: WorkerHandle) -> None:
+        """An idle worker spoke unasked or hung up: one that is gone leaves the pool now (and is replaced)."""
+        if worker.poll_events() and not worker.failure:
+            return
+        with self.cond:
+            queue = self.idle.get(worker.shape)
+            if queue is None or worker not in queue:
+                return  # taken meanwhile: its taker sees the news
+            queue.remove(worker)
+        log.warning("idle worker %d is gone: %s", worker.pid, worker.failure or "it exited")
+        self._retire(worker)
 
     def _spawned(self, worker: WorkerHandle) -> None:
         try:
