@@ -3,6 +3,10 @@
     with DaemonProcess(state_dir, "--pool-size", "2", import_roots=[snapshot_dir]) as daemon:
         image = daemon.client.register_image(state, mem)["id"]   # files beneath an import root
         wait_pool(daemon.client, 2, prepared=2)
+
+``wrapper`` is a command the daemon's command line is handed to, e.g. ``("setpriv", "--reuid=1000", ...)`` to
+run it as another user (tests/test_jail_unprivileged.py); the wrapper must exec it, so that the process we
+signal is the daemon.
 """
 from __future__ import annotations
 
@@ -26,14 +30,15 @@ class PoolNotWarmError(RuntimeError):
 
 class DaemonProcess:
     def __init__(self, state_dir: str, *args: str, timeout: float = 60.0, prepared: int | None = None,
-                 stdout=subprocess.DEVNULL, import_roots=()):
+                 stdout=subprocess.DEVNULL, import_roots=(), wrapper=()):
         self.socket_path = os.path.join(state_dir, "snapd.sock")
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
         if prepared is not None:
             env["SNAPD_PREPARED"] = str(prepared)
         roots = [arg for root in import_roots for arg in ("--import-root", os.fspath(root))]  # the API reads there
-        self.process = subprocess.Popen([sys.executable, "-m", "snapd.cli", "serve", "--state-dir", state_dir,
-                                         "--socket", self.socket_path, *roots, *args], env=env, stdout=stdout)
+        self.process = subprocess.Popen([*wrapper, sys.executable, "-m", "snapd.cli", "serve", "--state-dir",
+                                         state_dir, "--socket", self.socket_path, *roots, *args], env=env,
+                                        stdout=stdout)
         self.client = SnapdClient(self.socket_path)
         try:
             self._wait_for_socket(time.monotonic() + timeout)

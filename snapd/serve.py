@@ -74,7 +74,9 @@ def register(subparsers) -> None:
                         "path (default on; off: every request the Python way on both sides, for comparison)")
     p.add_argument("--jail", default="on", choices=("on", "off"),
                    help="jail every clone worker: own uid from --uid-range, namespaces, empty root, no capabilities, "
-                        "seccomp allow-list, cgroup (default on; off: a development switch, logged as a warning)")
+                        "seccomp allow-list, cgroup (default on; off: a development switch, logged as a warning). "
+                        "Run by a user that is not root: a user namespace per worker instead of its own uid, and no "
+                        "cgroup (docs/snapd.md, \"As a user that is not root\")")
     p.add_argument("--uid-range", type=_uid_range, default=DEFAULT_UID_RANGE, metavar="FIRST-LAST",
                    help="uids (and gids) for jailed workers, one per live worker (default %d-%d)" % DEFAULT_UID_RANGE)
     p.add_argument("--clone-memory-mib", type=_count, default=None,

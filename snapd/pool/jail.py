@@ -199,11 +199,11 @@ PROBE_TIMEOUT = 20.0
 
 
 def check_unprivileged(root: str, timeout: float = PROBE_TIMEOUT) -> None:
-    """Before any worker of a daemon that is not root: /dev/kvm opens, and a process jailed as a worker is (a child
-    that enters the same jail, vmm.jail.enter with the "worker" filter, from the same credentials) can make a
-    userfaultfd that catches kernel-mode faults, as a worker does (snapd.uffd.create: from /dev/userfaultfd opened
-    before the jail, or the syscall, which without CAP_SYS_PTRACE needs vm.unprivileged_userfaultfd=1). Without
-    that KVM's own accesses to a clone's lazily paged memory cannot be served. Raises JailUnavailableError.
+    """Before any worker of a daemon that is not root: /dev/kvm opens; a child of ours, from the same credentials,
+    enters the jail a worker enters (vmm.jail.enter, the "worker" filter) and there makes a userfaultfd that
+    catches kernel-mode faults as a worker does (snapd.uffd.create: from /dev/userfaultfd opened before the jail,
+    or the syscall, which without CAP_SYS_PTRACE needs vm.unprivileged_userfaultfd=1). Without such a uffd KVM's
+    own accesses to a clone's lazily paged memory cannot be served. Raises JailUnavailableError.
     The caller must be a subreaper (the jailed child comes back to it) and should have no other thread yet."""
     from snapd import uffd
     from vmm.jail import JailSpec, enter
@@ -237,15 +237,16 @@ def check_unprivileged(root: str, timeout: float = PROBE_TIMEOUT) -> None:
         os._exit(status)
     os.close(write_end)
     try:
-        lines = _read_probe(read_end, pid, timeout)
+        lines, statuses = _read_probe(read_end, pid, timeout)
     finally:
         os.close(read_end)
-    _check_probe(lines, uid)
+    _check_probe(lines, statuses, uid)
 
 
-def _read_probe(fd: int, pid: int, timeout: float) -> list[str]:
-    """The probe's report lines; both of its processes reaped (the jailed one comes back to us, its subreaper)."""
-    data, jailed_pid = b"", 0
+def _read_probe(fd: int, pid: int, timeout: float) -> tuple[list[str], list[int]]:
+    """The probe's report lines, and the wait statuses of its processes, both reaped (the jailed one comes back to
+    us, its subreaper)."""
+    data, jailed_pid, statuses = b"", 0, []
     deadline = time.monotonic() + timeout
     try:
         while True:
@@ -267,14 +268,17 @@ def _read_probe(fd: int, pid: int, timeout: float) -> list[str]:
                 except ProcessLookupError:
                     pass
                 try:
-                    os.waitpid(child, 0)
+                    statuses.append(os.waitpid(child, 0)[1])
                 except ChildProcessError:
                     pass
-    return [line for line in data.decode(errors="replace").splitlines() if not line.startswith("pid ")]
+    return [line for line in data.decode(errors="replace").splitlines() if not line.startswith("pid ")], statuses
 
 
-def _check_probe(lines: list[str], uid: int) -> None:
-    word, _, rest = (lines[-1] if lines else "jail 0 the jailed test process died without a word").partition(" ")
+def _check_probe(lines: list[str], statuses: list[int], uid: int) -> None:
+    if not lines:
+        signals = [signal.Signals(os.WTERMSIG(s)).name for s in statuses if os.WIFSIGNALED(s)]
+        lines = [f"jail 0 the jailed test process died without a word{' (killed by ' + signals[-1] + ')' if signals else ''}"]
+    word, _, rest = lines[-1].partition(" ")
     err_text, _, detail = rest.partition(" ")
     err = int(err_text) if err_text.isdigit() else 0
     if word == "ok":
@@ -289,7 +293,9 @@ def _check_probe(lines: list[str], uid: int) -> None:
             f"snapd serve as uid {uid} cannot jail its workers: no user namespace of its own ({detail}); allow "
             f"unprivileged user namespaces (user.max_user_namespaces, kernel.unprivileged_userns_clone, "
             f"kernel.apparmor_restrict_unprivileged_userns), or run snapd serve as root")
-    raise JailUnavailableError(f"snapd serve as uid {uid} cannot jail its workers: {detail or 'unknown error'}")
+    hint = ("; a host that restricts unprivileged user namespaces (kernel.apparmor_restrict_unprivileged_userns) "
+            "gives them no capability: allow them, or run snapd serve as root") if err == errno.EPERM else ""
+    raise JailUnavailableError(f"snapd serve as uid {uid} cannot jail its workers: {detail or 'unknown error'}{hint}")
 
 
 def _userfaultfd_state() -> str:
