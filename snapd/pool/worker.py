@@ -507,7 +507,8 @@ def run_worker(channel: socket.socket, shape: VmShape, states: dict) -> None:
         worker = Worker(channel, shape, states)
     except (VmmError, OSError) as exc:
         try:
-            protocol.send(channel, {"event": "error", "error": f"the worker could not build its VM: {exc}"})
+            protocol.send(channel, {"event": "error", "pid": host_pid(),  # the daemon reaps a jailed one
+                                    "error": f"the worker could not build its VM: {exc}"})
         finally:
             os._exit(1)
     try:
