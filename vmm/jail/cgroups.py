@@ -11,6 +11,10 @@ reported in ``missing``; its limit is then not applied, and the caller is told r
     ...
     group.oom_killed()          # how many tasks the kernel OOM-killed inside the group
     group.remove()
+
+`vmm jail --cgroup controller.file=value` writes raw controller files as Firecracker's jailer does:
+``parse_setting`` checks one (a known controller, a plain file name, a printable value), ``write_settings``
+writes them into the group, in the hierarchy that carries that controller.
 """
 from __future__ import annotations
 
@@ -24,6 +28,7 @@ from dataclasses import dataclass, field
 from vmm.errors import JailError
 
 CONTROLLERS = ("memory", "pids", "cpu")
+SETTING_CONTROLLERS = CONTROLLERS + ("cpuset",)  # what `vmm jail --cgroup` may write to
 MiB = 1 << 20
 # The VMM's own memory beside guest RAM: interpreter, cffi modules, device state, I/O buffers. A worker forked
 # from a zygote is charged only for pages it touches after joining (charges do not move with a task).
@@ -33,6 +38,9 @@ VMM_OVERHEAD_MIB = 64
 VMM_THREADS = 16
 V1_SHARES = (2, 262144)  # the kernel's range of cpu.shares
 _NAME = re.compile(r"[A-Za-z0-9_.-]+")
+# controller.file (memory.limit_in_bytes, pids.max, cpu.cfs_quota_us, cpuset.cpus): no '/', no '..', no cgroup.*
+_SETTING_FILE = re.compile(r"(?:memory|pids|cpu|cpuset)(?:\.[a-z0-9_]+)+")
+_SETTING_VALUE = re.compile(r"[\x20-\x7e]{1,4096}")  # one line of printable ASCII
 _CGROUP_FS = "/sys/fs/cgroup"
 
 
@@ -92,7 +100,7 @@ class Layout:
     missing: tuple[str, ...]         # controllers mounted nowhere: their limits cannot be applied
 
 
-def detect_layout(mounts: str = "/proc/self/mounts") -> Layout:
+def detect_layout(mounts: str = "/proc/self/mounts", controllers: tuple[str, ...] = CONTROLLERS) -> Layout:
     """Where each controller lives, read from the mount table rather than guessed from directory names."""
     v1: dict[str, str] = {}
     v2: list[str] = []
@@ -109,7 +117,7 @@ def detect_layout(mounts: str = "/proc/self/mounts") -> Layout:
     v2.sort(key=lambda p: p != _CGROUP_FS)
     found: dict[tuple[int, str], list[str]] = {}
     missing = []
-    for ctrl in CONTROLLERS:
+    for ctrl in controllers:
         where = None
         for point in v2:
             try:
@@ -193,7 +201,7 @@ class CgroupGroup:
         check_name(name)
         layout = layout or detect_layout()
         wanted = {"memory": limits.memory_bytes, "pids": limits.pids_max, "cpu": limits.cpu_weight}
-        missing = tuple(c for c in layout.missing if wanted[c] is not None)
+        missing = tuple(c for c in layout.missing if wanted.get(c) is not None)
         group = cls(f"/{parent}/{name}", [], missing, limits)
         try:
             for h in layout.hierarchies:
@@ -220,6 +228,8 @@ class CgroupGroup:
         path = os.path.join(h.mount, parent, name)
         _mkdir(path, exist_ok=False)
         self.dirs.append((h, path))
+        if h.version == 1 and "cpuset" in h.controllers:
+            _inherit_cpuset_v1(h.mount, parent.split("/") + [name])
         v2 = h.version == 2
         if "memory" in h.controllers and lim.memory_bytes is not None:
             _write(os.path.join(path, "memory.max" if v2 else "memory.limit_in_bytes"), str(lim.memory_bytes))
@@ -270,6 +280,54 @@ class CgroupGroup:
         for _h, path in reversed(self.dirs):
             _rmdir(path, deadline)
         self.dirs.clear()
+
+
+def _inherit_cpuset_v1(mount: str, parts: list[str]) -> None:
+    """A new v1 cpuset group has no CPUs and no memory nodes, and refuses tasks until it has: each level we
+    made gets its parent's (as Firecracker's jailer does). v2 needs nothing: an empty cpuset.cpus inherits."""
+    path = mount
+    for part in parts:
+        parent, path = path, os.path.join(path, part)
+        for name in ("cpuset.cpus", "cpuset.mems"):
+            if not _read(os.path.join(path, name)).strip():
+                _write(os.path.join(path, name), _read(os.path.join(parent, name)).strip())
+
+
+def parse_setting(text: str) -> tuple[str, str]:
+    """'controller.file=value' (memory.limit_in_bytes=1G, pids.max=64, cpuset.cpus=0) -> (file, value); a
+    ValueError, one line, for anything else: a controller other than memory, pids, cpu or cpuset, a file name that
+    is not plain (a '/', '..'), an empty, multi-line or non-printable value."""
+    file, sep, value = text.partition("=")
+    if not sep:
+        raise ValueError(f"cgroup setting {text!r}: want controller.file=value (e.g. pids.max=64)")
+    if not _SETTING_FILE.fullmatch(file):
+        controller = file.split(".", 1)[0]
+        if controller not in SETTING_CONTROLLERS:
+            raise ValueError(f"cgroup setting {text!r}: controller {controller!r} is not one of "
+                             f"{', '.join(SETTING_CONTROLLERS)}")
+        raise ValueError(f"cgroup setting {text!r}: {file!r} is not a plain controller file name "
+                         "(controller.name, lower-case letters, digits and '_')")
+    if not _SETTING_VALUE.fullmatch(value):
+        raise ValueError(f"cgroup setting {text!r}: the value must be one line of printable text (1-4096 chars)")
+    return file, value
+
+
+def write_settings(group: "CgroupGroup", settings) -> None:
+    """Write each (file, value) of ``parse_setting`` into ``group``'s directory in the hierarchy that carries the
+    file's controller. The file must exist there (v1 and v2 name some differently: v1's memory.limit_in_bytes is
+    v2's memory.max); a missing controller or file is a JailError naming it, never a file created."""
+    for file, value in settings:
+        file, value = parse_setting(f"{file}={value}")
+        controller = file.split(".", 1)[0]
+        where = [(h, path) for h, path in group.dirs if h is not None and controller in h.controllers]
+        if not where:
+            raise JailError("cgroup setting", errno.ENOENT, f"{file}: no {controller} controller is mounted here")
+        h, path = where[0]
+        target = os.path.join(path, file)
+        if not os.path.isfile(target):
+            raise JailError("cgroup setting", errno.ENOENT, f"{file}: no such file in this cgroup v{h.version} "
+                            f"hierarchy ({path})")
+        _write(target, value)
 
 
 def _mkdir(path: str, exist_ok: bool, parents: bool = False) -> None:

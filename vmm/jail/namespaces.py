@@ -53,11 +53,17 @@ def pivot_into(root: str, bind: bool, binds: tuple[tuple[str, str], ...] = (), r
     """Make ``root`` our whole file system: a fresh tmpfs mounted on it (``bind`` False) or the directory itself
     bind-mounted (``bind`` True, for a jail whose files the host prepares, as `vmm jail` does); ``binds``
     (host path, path inside) are bind-mounted in first. The old root is detached, so no host file is left
-    reachable by name; mount propagation is cut first, so none of this shows outside."""
+    reachable by name; mount propagation is cut first, so none of this shows outside. A bind-mounted root is
+    nosuid, nodev and noexec."""
     check(lib.jail_mount(b"none", b"/", ffi.NULL, lib.MS_REC | lib.MS_PRIVATE, ffi.NULL), "mount(/, MS_REC|MS_PRIVATE)")
     target = root.encode()
     if bind:
         check(lib.jail_mount(target, target, ffi.NULL, lib.MS_BIND | lib.MS_REC, ffi.NULL), "mount(bind)", root)
+        # The VMM needs no device node (it is handed /dev/kvm open), no set-id bit and no exec: a device node or
+        # a program put in the jail directory is inert inside. (A read-only host mount stays read-only.)
+        read_only_flag = lib.MS_RDONLY if os.statvfs(root).f_flag & os.ST_RDONLY else 0
+        check(lib.jail_mount(ffi.NULL, target, ffi.NULL, lib.MS_REMOUNT | lib.MS_BIND | lib.MS_NOSUID | lib.MS_NODEV
+                             | lib.MS_NOEXEC | read_only_flag, ffi.NULL), "mount(remount nosuid,nodev,noexec)", root)
     else:
         check(lib.jail_mount(b"jail", target, b"tmpfs", lib.MS_NOSUID | lib.MS_NODEV | lib.MS_NOEXEC,
                              b"size=64k,nr_inodes=64,mode=0755"), "mount(tmpfs)", root)
