@@ -14,6 +14,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 
@@ -283,6 +284,38 @@ def test_a_restore_in_a_second_jail_from_the_first_ones_files(base, first, snaps
     finally:
         assert second.stop() == 0
     assert "Traceback" not in second.err, second.err
+
+
+def test_a_uffd_restore_through_a_page_server_inside_the_jail(base, snapshot, tmp_path):
+    """The Uffd backend connects to a page server's socket the orchestrator put in the jail (`connect` in the
+    role), and a snapshot of memory served that way is written there too."""
+    state, mem = snapshot
+    image = tmp_path / "vm.img"
+    subprocess.run([sys.executable, "-m", "snapd.cli", "image", "build", str(mem), "--store", str(tmp_path / "store"),
+                    "--out", str(image), "--quiet"], env=subprocess_env(), check=True, timeout=60)
+    root = base / "vmm" / "uffd" / "root"
+    root.mkdir(parents=True)
+    shutil.copy(state, root / "vm.state")
+    os.chmod(root / "vm.state", 0o644)
+    sock = root / "ps.sock"
+    server = subprocess.Popen([sys.executable, "-m", "snapd.pageserver", "--socket", str(sock), "--image",
+                               str(image)], env=subprocess_env(), stdout=subprocess.DEVNULL)
+    try:
+        assert wait_until(lambda: sock.exists() or server.poll() is not None, 10) and server.poll() is None
+        os.chown(sock, UID + 6, UID + 6)  # connecting to a Unix socket needs write permission on it
+        jailed = Jailed(base, "uffd", UID + 6)
+        try:
+            jailed.client.load_snapshot("/vm.state", "/ps.sock", resume_vm=True, backend_type="Uffd")
+            verify_hello(b"served", jailed.client.invoke(b"served")[0], 3)
+            jailed.client.pause()
+            jailed.client.create_snapshot("/served.state", "/served.mem")
+            assert os.path.getsize(root / "served.mem") == os.path.getsize(mem)
+        finally:
+            assert jailed.stop() == 0
+        assert "Traceback" not in jailed.err, jailed.err
+    finally:
+        server.kill()
+        server.wait()
 
 
 def test_sigterm_stops_the_vm_and_the_jailer_exits(base):
