@@ -79,6 +79,11 @@ def check_spec(doc, schema, spec: fields.ObjectSpec, where: str) -> None:
         assert prop.get("maximum") == rule.maximum, f"{where}.{name}"
         if rule.spec is not None:
             check_spec(doc, prop, rule.spec, f"{where}.{name}")
+        if rule.items is not None:  # an array: its elements' schema against the rule every element follows
+            items = deref(doc, prop["items"])
+            assert items["type"] == rule.items.json_type, f"{where}.{name}[]"
+            if rule.items.spec is not None:
+                check_spec(doc, items, rule.items.spec, f"{where}.{name}[]")
 
 
 class CheckedClient:

@@ -280,10 +280,10 @@ def spawn_once(tmp_path_factory):
 def test_malformed_http_gets_a_json_error(spawn_once):
     with socket.socket(socket.AF_UNIX) as raw:
         raw.connect(spawn_once.socket_path)
-        raw.sendall(b"BREW / HTTP/1.1\r\nHost: x\r\n\r\n")
+        raw.sendall(b"GET /" + b"a" * 70000 + b" HTTP/1.1\r\nHost: x\r\n\r\n")  # a request line too long
         answer = raw.recv(4096).decode()
     head, _, body = answer.partition("\r\n\r\n")
-    assert head.startswith("HTTP/1.1 501") and "fault_message" in json.loads(body)
+    assert head.startswith("HTTP/1.1 414") and "fault_message" in json.loads(body)
 
 
 def test_signal_stops_the_vm_and_removes_the_socket(tmp_path):

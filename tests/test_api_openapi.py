@@ -58,6 +58,7 @@ def test_every_operation_answers_as_documented(doc, tmp_path):
     with VmmProcess(str(tmp_path / "a.sock"), stdout=subprocess.DEVNULL) as source:
         api = CheckedClient(doc, source.client)
         api("GET", "/", expect=200)
+        api("GET", "/version", expect=200)
         api("GET", "/machine-config", expect=200)
         api("PATCH", "/machine-config", body={"mem_size_mib": 64}, expect=204)
         api("PUT", "/machine-config", body={"vcpu_count": 1, "mem_size_mib": 128}, expect=204)

@@ -8,6 +8,9 @@ from vmm.errors import ConfigError, GuestImageError
 MiB = 1 << 20
 DEFAULT_MEM_MIB = 128
 MAX_MEM_MIB = 60 * 1024  # the identity map covers 64 GiB; keep room for the MMIO hole
+# Firecracker's limit (MAX_SUPPORTED_VCPUS; its API document says 1..32). One bound for the API, the CLI and a
+# snapshot's state, so a state file claiming more vCPUs than the API would configure is refused when it loads.
+MAX_VCPUS = 32
 
 
 def builtin_guest_image() -> str:
@@ -34,9 +37,12 @@ class MachineConfig:
     track_dirty_pages: bool = False  # KVM dirty logging, for Diff snapshots
     dirty_log: str = "bitmap"  # "bitmap" (KVM_GET_DIRTY_LOG) or "ring" (KVM_CAP_DIRTY_LOG_RING); bench/dirty_log.py
 
-    def validate(self, max_vcpus: int = 255) -> "MachineConfig":
-        if not isinstance(self.vcpu_count, int) or not 1 <= self.vcpu_count <= max_vcpus:
-            raise ConfigError(f"vcpu_count must be between 1 and {max_vcpus}, not {self.vcpu_count!r}")
+    def validate(self, max_vcpus: int = MAX_VCPUS) -> "MachineConfig":
+        """``max_vcpus``: the host's KVM limit; the bound is the smaller of it and MAX_VCPUS."""
+        limit = min(max_vcpus, MAX_VCPUS)
+        if not isinstance(self.vcpu_count, int) or not 1 <= self.vcpu_count <= limit:
+            why = "Firecracker's limit" if limit == MAX_VCPUS else "this host's KVM limit"
+            raise ConfigError(f"vcpu_count must be between 1 and {limit} ({why}), not {self.vcpu_count!r}")
         if not isinstance(self.mem_size_mib, int) or self.mem_size_mib < 2:
             raise ConfigError(f"mem_size_mib must be at least 2 MiB, not {self.mem_size_mib!r}")
         if self.mem_size_mib > MAX_MEM_MIB:

@@ -6,6 +6,7 @@ it to submit, never while they wait for the guest.
 """
 import base64
 import functools
+import json
 import logging
 import threading
 import time
@@ -17,7 +18,7 @@ from vmm.api.fields import decode_base64
 from vmm.config import DEFAULT_MEM_MIB, MachineConfig
 from vmm.devices.fnport import Invocation
 from vmm.devices.serial import stdout_sink
-from vmm.errors import VmmError
+from vmm.errors import ConfigError, VmmError
 from vmm.machine import NOT_STARTED, PAUSED, RUNNING, STOPPED, Microvm, shared_kvm
 
 log = logging.getLogger("vmm.api")
@@ -38,6 +39,11 @@ def vmm_version() -> str:
 
 def _encode(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
+
+
+def unsupported(where: str, what: str) -> BadRequest:
+    """A field Firecracker's API defines, with a value that asks for something this VMM cannot do."""
+    return BadRequest(f"{where}: not supported by this VMM: {what}")
 
 
 class VmmController:
@@ -66,6 +72,10 @@ class VmmController:
     def instance_info(self) -> dict:
         return {"id": self.instance_id, "state": self.state, "vmm_version": vmm_version(), "app_name": APP_NAME}
 
+    def version(self) -> dict:
+        """GET /version: Firecracker's clients read ``firecracker_version``; this project's version is the answer."""
+        return {"firecracker_version": vmm_version()}
+
     def _require_machine(self) -> Microvm:
         machine = self.machine
         if machine is None:
@@ -81,7 +91,15 @@ class VmmController:
     # -- configuration
     def _build_config(self, machine_config: dict, boot_source: dict) -> MachineConfig:
         if machine_config.get("smt"):
-            raise BadRequest("machine-config.smt: simultaneous multithreading is not supported")
+            raise unsupported("machine-config.smt", "simultaneous multithreading (smt: true); each vCPU is a "
+                                                    "core of its own")
+        template = machine_config.get("cpu_template", "None")
+        if template != "None":
+            raise unsupported("machine-config.cpu_template", f"CPU template {template} (only \"None\": the guest "
+                                                             "sees the host's CPUID as KVM supports it)")
+        if machine_config.get("huge_pages", "None") != "None":
+            raise unsupported("machine-config.huge_pages", "\"2M\" (hugetlbfs pages); guest memory is anonymous "
+                                                           "memory, on transparent huge pages where the host allows")
         config = MachineConfig(vcpu_count=machine_config["vcpu_count"], mem_size_mib=machine_config["mem_size_mib"],
                                kernel_image=boot_source["kernel_image_path"], boot_args=boot_source["boot_args"],
                                initrd_path=boot_source["initrd_path"],
@@ -96,12 +114,15 @@ class VmmController:
         return dict(self.machine_config)
 
     def put_machine_config(self, body: dict, partial: bool = False) -> None:
+        if partial and not body:
+            raise BadRequest("machine-config: empty PATCH request: give at least one field to change")
         with self.lock:
             self._require_not_started("machine-config")
             base = self.machine_config if partial else {"smt": False, "track_dirty_pages": False,
                                                         "huge_pages": "None"}
             merged = {**base, **body}
             self._build_config(merged, self.boot_source)
+            merged.pop("cpu_template", None)  # only "None" gets here: Firecracker then reports no template
             self.machine_config = {**self.machine_config, **merged}
             self.configured = True
 
@@ -268,6 +289,7 @@ class VmmController:
             if "mem_file_path" not in body:
                 raise BadRequest("snapshot/load: missing required field mem_backend")
             backend = {"backend_type": "File", "backend_path": body["mem_file_path"]}
+        refuse_load_overrides(body)
         with self.lock:
             if self.machine is not None:
                 what = "already loaded a snapshot" if self.restored else "already started its VM"
@@ -276,8 +298,12 @@ class VmmController:
                 raise BadRequest("snapshot/load is not allowed after configuring boot-specific resources "
                                  "(machine-config, boot-source)")
             t0 = time.perf_counter()
-            track = body.get("track_dirty_pages", body.get("enable_diff_snapshots", False))
-            machine = self._load(body["snapshot_path"], backend, track)
+            track = body.get("track_dirty_pages", False) or body.get("enable_diff_snapshots", False)
+            try:
+                machine = self._load(body["snapshot_path"], backend, track)
+            except ConfigError as exc:  # the state file's machine is one the API would not configure (vCPUs, ...)
+                raise BadRequest(f"snapshot/load: {body['snapshot_path']}: the machine it describes is refused: "
+                                 f"{exc}") from None
             self.restored, self.restored_idle = True, True
             self._adopt(machine)
             for seq, invocation in self._pending_with_seq():
@@ -295,6 +321,24 @@ class VmmController:
                                                        track_dirty_pages=track_dirty_pages)
         return snapshots.load_snapshot_uffd_backed(snapshot_path, path, resume=False, serial_sink=self.serial_sink,
                                                    track_dirty_pages=track_dirty_pages)
+
+
+def refuse_load_overrides(body: dict) -> None:
+    """Firecracker's restore-time overrides: each names a device of the snapshot (a network interface, the vsock
+    device) or asks KVM to advance the guest's clock by the wall-clock time since the snapshot. Asking for
+    nothing is accepted; asking for something is refused, as Firecracker refuses an override naming a device the
+    snapshot does not have."""
+    overrides = body.get("network_overrides", [])
+    if overrides:
+        names = ", ".join(sorted({json.dumps(o["iface_id"]) for o in overrides}))
+        raise unsupported("snapshot/load.network_overrides", f"this VMM has no network devices, so no interface "
+                                                             f"{names} to override (give [] or leave it out)")
+    if "vsock_override" in body:
+        raise unsupported("snapshot/load.vsock_override", "this VMM has no vsock device to override (leave it out)")
+    if body.get("clock_realtime", False):
+        raise unsupported("snapshot/load.clock_realtime", "true (KVM_CLOCK_REALTIME): the state file does not "
+                                                          "record the host's wall-clock time at the snapshot, so "
+                                                          "kvmclock resumes where it stopped (give false)")
 
 
 def _invocation_state(invocation: Invocation) -> str:

@@ -6,23 +6,27 @@ are checked against docs/api/vmm-openapi.json by the tests, so the document and 
 """
 import base64
 import binascii
+import dataclasses
 import json
 from dataclasses import dataclass, field
 
 from vmm.api.errors import BadRequest
+from vmm.config import MAX_VCPUS
 
-JSON_TYPE_NAMES = {"integer": "an integer", "boolean": "a boolean", "string": "a string", "object": "an object"}
+JSON_TYPE_NAMES = {"integer": "an integer", "boolean": "a boolean", "string": "a string", "object": "an object",
+                   "array": "an array"}
 
 
 @dataclass(frozen=True)
 class Field:
-    json_type: str  # "integer" | "boolean" | "string" | "object"
+    json_type: str  # "integer" | "boolean" | "string" | "object" | "array"
     required: bool = False
     enum: tuple[str, ...] = ()
     minimum: int | None = None
     maximum: int | None = None
     spec: "ObjectSpec | None" = None  # for json_type "object"
     path: bool = False  # a file path: a NUL byte in it is refused (no file name holds one)
+    items: "Field | None" = None  # for json_type "array": the rule every element follows
 
 
 @dataclass(frozen=True)
@@ -38,6 +42,8 @@ def _type_ok(value, json_type: str) -> bool:
         return isinstance(value, bool)
     if json_type == "string":
         return isinstance(value, str)
+    if json_type == "array":
+        return isinstance(value, list)
     return isinstance(value, dict)
 
 
@@ -54,20 +60,26 @@ def check_object(value, spec: ObjectSpec, where: str = "") -> dict:
             if rule.required:
                 raise BadRequest(f"{where}: missing required field {name}")
             continue
-        item = value[name]
-        if not _type_ok(item, rule.json_type):
-            raise BadRequest(f"{where}.{name} must be {JSON_TYPE_NAMES[rule.json_type]}, not {json.dumps(item)}")
-        if rule.path and "\0" in item:
-            raise BadRequest(f"{where}.{name} {json.dumps(item)} contains a NUL byte: no file path can (refused)")
-        if rule.enum and item not in rule.enum:
-            raise BadRequest(f"{where}.{name} must be one of {', '.join(rule.enum)}, not {json.dumps(item)}")
-        if rule.minimum is not None and item < rule.minimum:
-            raise BadRequest(f"{where}.{name} must be at least {rule.minimum}, not {item}")
-        if rule.maximum is not None and item > rule.maximum:
-            raise BadRequest(f"{where}.{name} must be at most {rule.maximum}, not {item}")
-        if rule.spec is not None:
-            check_object(item, rule.spec, f"{where}.{name}")
+        check_value(value[name], rule, f"{where}.{name}")
     return value
+
+
+def check_value(item, rule: Field, where: str) -> None:
+    if not _type_ok(item, rule.json_type):
+        raise BadRequest(f"{where} must be {JSON_TYPE_NAMES[rule.json_type]}, not {json.dumps(item)}")
+    if rule.path and "\0" in item:
+        raise BadRequest(f"{where} {json.dumps(item)} contains a NUL byte: no file path can (refused)")
+    if rule.enum and item not in rule.enum:
+        raise BadRequest(f"{where} must be one of {', '.join(rule.enum)}, not {json.dumps(item)}")
+    if rule.minimum is not None and item < rule.minimum:
+        raise BadRequest(f"{where} must be at least {rule.minimum}, not {item}")
+    if rule.maximum is not None and item > rule.maximum:
+        raise BadRequest(f"{where} must be at most {rule.maximum}, not {item}")
+    if rule.spec is not None:
+        check_object(item, rule.spec, where)
+    if rule.items is not None:
+        for index, element in enumerate(item):
+            check_value(element, rule.items, f"{where}[{index}]")
 
 
 def parse_body(body: bytes, spec: ObjectSpec) -> dict:
@@ -90,16 +102,20 @@ def decode_base64(text: str, where: str) -> bytes:
         raise BadRequest(f"{where} is not valid base64") from None
 
 
-# -- the request bodies of every endpoint (docs/api/vmm-openapi.json, components.schemas)
+# -- the request bodies of every endpoint (docs/api/vmm-openapi.json, components.schemas). Fields and ranges are
+# Firecracker's (its API document, src/firecracker/swagger/firecracker.yaml); a value Firecracker takes but this
+# VMM cannot honour passes here and is refused by the controller with "not supported by this VMM: ...".
+CPU_TEMPLATES = ("C3", "T2", "T2S", "T2CL", "T2A", "V1N1", "None")  # Firecracker's static templates
 MACHINE_CONFIG_FIELDS = {
-    "vcpu_count": Field("integer", required=True, minimum=1),
+    "vcpu_count": Field("integer", required=True, minimum=1, maximum=MAX_VCPUS),
     "mem_size_mib": Field("integer", required=True, minimum=2),
     "smt": Field("boolean"),
+    "cpu_template": Field("string", enum=CPU_TEMPLATES),  # deprecated by Firecracker; only "None" is honoured
     "track_dirty_pages": Field("boolean"),
-    "huge_pages": Field("string", enum=("None",)),
+    "huge_pages": Field("string", enum=("None", "2M")),
 }
 MACHINE_CONFIG = ObjectSpec("machine-config", MACHINE_CONFIG_FIELDS)
-MACHINE_CONFIG_PATCH = ObjectSpec("machine-config", {name: Field(f.json_type, False, f.enum, f.minimum)
+MACHINE_CONFIG_PATCH = ObjectSpec("machine-config", {name: dataclasses.replace(f, required=False)
                                                      for name, f in MACHINE_CONFIG_FIELDS.items()})
 BOOT_SOURCE = ObjectSpec("boot-source", {
     "kernel_image_path": Field("string", required=True, path=True),
@@ -124,6 +140,13 @@ MEMORY_BACKEND = ObjectSpec("mem_backend", {
     "backend_type": Field("string", required=True, enum=("File", "Uffd")),
     "backend_path": Field("string", required=True, path=True),
 })
+NETWORK_OVERRIDE = ObjectSpec("network_override", {
+    "iface_id": Field("string", required=True),
+    "host_dev_name": Field("string", required=True),
+})
+VSOCK_OVERRIDE = ObjectSpec("vsock_override", {
+    "uds_path": Field("string", required=True, path=True),
+})
 SNAPSHOT_LOAD = ObjectSpec("snapshot/load", {
     "snapshot_path": Field("string", required=True, path=True),
     "mem_backend": Field("object", spec=MEMORY_BACKEND),
@@ -131,5 +154,9 @@ SNAPSHOT_LOAD = ObjectSpec("snapshot/load", {
     "enable_diff_snapshots": Field("boolean"),  # deprecated by Firecracker: track_dirty_pages
     "track_dirty_pages": Field("boolean"),
     "resume_vm": Field("boolean"),
+    # Honoured when they ask for nothing (this VMM has no network or vsock device, and its state files do not
+    # record the host's wall clock); refused as not supported otherwise (VmmController.load_snapshot).
+    "network_overrides": Field("array", items=Field("object", spec=NETWORK_OVERRIDE)),
+    "vsock_override": Field("object", spec=VSOCK_OVERRIDE),
+    "clock_realtime": Field("boolean"),
 })
-

@@ -51,6 +51,7 @@ class Route:
 # The tests check this table against docs/api/vmm-openapi.json (paths, methods, request schemas).
 ROUTES = [
     Route("GET", "/", VmmController.instance_info),
+    Route("GET", "/version", VmmController.version),
     Route("GET", "/machine-config", VmmController.get_machine_config),
     Route("PUT", "/machine-config", VmmController.put_machine_config, fields.MACHINE_CONFIG),
     Route("PATCH", "/machine-config", lambda c, body: c.put_machine_config(body, partial=True),
@@ -169,12 +170,20 @@ class ApiRequestHandler(BaseHTTPRequestHandler):
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
-        self.wfile.write(data)
+        if self.command != "HEAD":  # a HEAD reply has the headers of the body, not the body (RFC 9110 9.3.2)
+            self.wfile.write(data)
 
     do_GET = do_PUT = do_PATCH = do_POST = do_DELETE = _dispatch
 
+    def __getattr__(self, name: str):
+        """Every other method (HEAD, OPTIONS, TRACE, BREW, ...) is routed too, where http.server would answer 501:
+        a known path answers 405 with the Allow header, an unknown one 404."""
+        if name.startswith("do_"):
+            return self._dispatch
+        raise AttributeError(name)
+
     def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
-        """http.server's own errors (bad request line, unknown method) as JSON too."""
+        """http.server's own errors (bad request line, unsupported HTTP version, headers too long) as JSON too."""
         self.close_connection = True
         try:
             self._respond(code, {"fault_message": message or self.responses.get(code, ("error",))[0]},
