@@ -58,8 +58,8 @@
 /* <seccomp.h> (libseccomp) */
 typedef void *scmp_filter_ctx;
 typedef uint64_t scmp_datum_t;
-enum scmp_compare { SCMP_CMP_NE = 1, SCMP_CMP_LT = 2, SCMP_CMP_LE = 3, SCMP_CMP_EQ = 4, SCMP_CMP_GE = 5,
-                    SCMP_CMP_GT = 6, SCMP_CMP_MASKED_EQ = 7, ... };
+enum scmp_compare { SCMP_CMP_NE, SCMP_CMP_LT, SCMP_CMP_LE, SCMP_CMP_EQ, SCMP_CMP_GE, SCMP_CMP_GT,
+                    SCMP_CMP_MASKED_EQ, ... };
 struct scmp_arg_cmp { unsigned int arg; enum scmp_compare op; scmp_datum_t datum_a; scmp_datum_t datum_b; };
 #define SCMP_ACT_KILL_PROCESS ...
 #define SCMP_ACT_ALLOW ...
@@ -72,7 +72,7 @@ int seccomp_rule_add_array(scmp_filter_ctx ctx, uint32_t action, int syscall, un
                            const struct scmp_arg_cmp *arg_array);
 int seccomp_load(scmp_filter_ctx ctx);
 int seccomp_export_bpf(const scmp_filter_ctx ctx, int fd);
-enum scmp_filter_attr { SCMP_FLTATR_CTL_TSYNC = 4, ... };
+enum scmp_filter_attr { SCMP_FLTATR_CTL_TSYNC, SCMP_FLTATR_CTL_OPTIMIZE, ... };
 int seccomp_attr_set(scmp_filter_ctx ctx, enum scmp_filter_attr attr, uint32_t value);
 
 /* jail_helpers.c: each returns >= 0 or -errno */

@@ -117,6 +117,9 @@ def compile(role: str, pid: int) -> bytes:  # noqa: A001 (what libseccomp does: 
     if ctx == ffi.NULL:
         raise JailError("seccomp_init", errno.ENOMEM)
     try:
+        # A binary tree over the syscall numbers, not a list: every call a VMM makes (each KVM_RUN) passes the
+        # filter, ~0.6-0.8 us per call here with the list.
+        check(lib.seccomp_attr_set(ctx, lib.SCMP_FLTATR_CTL_OPTIMIZE, 2), "seccomp_attr_set(CTL_OPTIMIZE)")
         seen = set()
         for rule in rules_for(role, pid):
             nr = _syscall_number(rule.syscall)
