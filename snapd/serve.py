@@ -81,6 +81,9 @@ def register(subparsers) -> None:
                    help="uids (and gids) for jailed workers, one per live worker (default %d-%d)" % DEFAULT_UID_RANGE)
     p.add_argument("--clone-memory-mib", type=_count, default=None,
                    help="memory limit of each clone's cgroup in MiB (default: guest memory + 64 MiB)")
+    p.add_argument("--clone-cpu-cgroups", default="off", choices=("on", "off"),
+                   help="a cpu cgroup per clone, weighted by its vCPUs (default off: one cpu group for all workers; "
+                        "per-clone groups cost restore latency under load, docs/benchmarks.md)")
     p.add_argument("--log-level", default="warning", choices=("error", "warning", "info", "debug"))
     p.set_defaults(func=_serve)
 
@@ -191,7 +194,7 @@ def _serve(args) -> int:
     config = DaemonConfig(state_dir=args.state_dir, pool_size=args.pool_size, max_spawning=args.max_spawning,
                           max_clones=args.max_clones, max_count=args.max_count, restore_timeout=args.restore_timeout,
                           lane=args.lane == "on", jail=args.jail, uid_range=args.uid_range,
-                          clone_memory_mib=args.clone_memory_mib,
+                          clone_memory_mib=args.clone_memory_mib, clone_cpu_cgroups=args.clone_cpu_cgroups == "on",
                           huge_dir=huge_dir, import_roots=tuple(os.path.abspath(d) for d in args.import_root))
     try:
         daemon = Daemon(config, socket_path)

@@ -71,8 +71,9 @@ def test_every_worker_is_jailed_before_any_request(jailed):
             assert os.readlink(f"/proc/{pid}/ns/{ns}") != os.readlink(f"/proc/self/ns/{ns}"), ns
         assert os.listdir(f"/proc/{pid}/root") == []  # no host file reachable by name
         groups = membership(pid)
-        for controller in ("memory", "pids", "cpu"):
+        for controller in ("memory", "pids"):
             assert groups[controller].endswith(f"/w{uid}"), groups
+        assert groups["cpu"].endswith("/workers"), groups  # one cpu group for all workers (--clone-cpu-cgroups)
         with open(f"/sys/fs/cgroup/memory{groups['memory']}/memory.limit_in_bytes") as f:
             assert int(f.read()) == MEMORY_MIB << 20
         with open(f"/proc/{pid}/environ", "rb") as f:  # as the zygote was started: its code's path only
@@ -154,5 +155,20 @@ def test_jail_off_is_a_logged_development_switch(tmp_path, caplog):
         workloads.verify_hello(b"unjailed", clone["result"], 1)
         st = status(clone["pid"])
         assert st["Uid"].split()[0] == "0" and st["Seccomp"] == "0"
+    finally:
+        daemon.close()
+
+
+def test_a_cpu_group_per_clone_when_asked(tmp_path):
+    state, mem = hello_snapshot(tmp_path)
+    daemon = RunningDaemon(str(tmp_path / "state"), pool_size=1, clone_cpu_cgroups=True)
+    try:
+        image = daemon.client.register_image(state, mem)["id"]
+        (clone,) = daemon.client.create_clones(image, payload=b"weighted")
+        groups = membership(clone["pid"])
+        uid = int(status(clone["pid"])["Uid"].split()[0])
+        assert groups["cpu"].endswith(f"/w{uid}"), groups
+        with open(f"/sys/fs/cgroup/cpu{groups['cpu']}/cpu.shares") as f:
+            assert int(f.read()) == 1024  # weight 100 for its one vCPU
     finally:
         daemon.close()

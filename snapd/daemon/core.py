@@ -69,6 +69,7 @@ class DaemonConfig:
     jail: str = "on"               # on: every worker jailed (snapd.pool.jail; "user" mode when not root); off: none
     uid_range: tuple[int, int] = DEFAULT_UID_RANGE  # one uid and gid per live worker (root mode)
     clone_memory_mib: int | None = None  # a clone worker's memory limit (None: guest memory + VMM overhead)
+    clone_cpu_cgroups: bool = False  # a cpu group (weight from its vCPUs) per worker; else one for all workers
     import_roots: tuple[str, ...] = ()  # directories the API may read beneath, besides STATE/import (the first,
                                         # relative paths' base); snapd.daemon.paths
 
@@ -107,7 +108,7 @@ class Daemon(ImageOps, CloneOps):
         if reuse is None:
             reuse = os.environ.get("SNAPD_REUSE", "1") != "0"
         self.jail = WorkerJail("off" if config.jail == "off" else "root", self.state_dir, config.uid_range,
-                               memory_mib=config.clone_memory_mib)
+                               memory_mib=config.clone_memory_mib, cpu_per_clone=config.clone_cpu_cgroups)
         self.zygote = Zygote(self.jail, on_start=self._zygote_started)
         self.reuse_workers = bool(reuse) and prepared > 0
         self.lane = DaemonLane(config.max_clones, SERVER, socket_path, enabled=config.lane)
