@@ -79,8 +79,15 @@ def test_every_worker_is_jailed_before_any_request(jailed):
         with open(f"/proc/{pid}/environ", "rb") as f:  # as the zygote was started: its code's path only
             assert [v.split(b"=")[0] for v in f.read().split(b"\0") if v] == [b"PYTHONPATH"]
     assert len(uids) == len(workers)  # one uid per live worker
-    # No two workers share a namespace either.
-    assert len({os.readlink(f"/proc/{pid}/ns/net") for pid in workers}) == len(workers)
+    # Mount, pid and cgroup namespaces are each worker's own; net, ipc and uts are made once, by the zygote, for
+    # all of them (their filter lets them use none of the three), apart from the daemon's.
+    for ns in ("mnt", "pid", "cgroup"):
+        assert len({os.readlink(f"/proc/{pid}/ns/{ns}") for pid in workers}) == len(workers), ns
+    zygote = daemon.daemon.zygote.pid
+    for ns in ("net", "ipc", "uts"):
+        assert {os.readlink(f"/proc/{pid}/ns/{ns}") for pid in workers} == {os.readlink(f"/proc/{zygote}/ns/{ns}")}
+    with open(f"/proc/{workers[0]}/net/dev") as f:  # the shared net namespace: a loopback, down, and nothing else
+        assert [line.split(":")[0].strip() for line in f.readlines()[2:]] == ["lo"]
 
 
 def test_a_forbidden_system_call_kills_the_worker_and_fails_only_its_clone(jailed):

@@ -74,8 +74,11 @@ def jail_settings(settings: dict) -> dict:
     if settings.get("mode", "off") == "off":
         return settings
     import vmm.jail.cgroups  # noqa: F401
-    from vmm.jail import seccomp
-    return dict(settings, seccomp_program=seccomp.compile("worker", 1))
+    from vmm.jail import namespaces, seccomp
+    shared = settings["mode"] == "root"  # (an unprivileged zygote would need a user namespace of its own first)
+    if shared:
+        namespaces.enter_shared_namespaces("vmm")
+    return dict(settings, seccomp_program=seccomp.compile("worker", 1), shared_namespaces=shared)
 
 
 def confine(settings: dict, header: dict, channel_fd: int) -> None:
@@ -91,7 +94,8 @@ def confine(settings: dict, header: dict, channel_fd: int) -> None:
     CgroupGroup("", [(None, path) for path in header.get("cgroup_dirs") or ()]).join()
     keep = (channel_fd, shared_kvm().fd) + ((uffd.device_fd(),) if uffd.use_device() else ())
     enter(JailSpec(root=settings["root"], uid=header.get("uid"), gid=header.get("gid"), seccomp="worker",
-                   seccomp_program=settings.get("seccomp_program"), keep_fds=keep))
+                   seccomp_program=settings.get("seccomp_program"),
+                   shared_namespaces=settings.get("shared_namespaces", False), keep_fds=keep))
 
 
 class Zygote:

@@ -4,8 +4,9 @@
 what the next one takes away):
  1. environment emptied; every descriptor closed but stdio and ``spec.keep_fds``;
  2. (unprivileged) a user namespace mapping our uid to root inside it;
- 3. new mount, pid, net, ipc, uts and cgroup namespaces, and a fork into the pid namespace (we become its pid 1;
-    the parent leaves: ``on_forked`` hears the child's host pid);
+ 3. new mount, pid, net, ipc, uts and cgroup namespaces (net, ipc and uts may be made once by a forking parent:
+    ``shared_namespaces``), and a fork into the pid namespace (we become its pid 1; the parent leaves:
+    ``on_forked`` hears the child's host pid);
  4. ``spec.root`` becomes the whole file system (pivot_root; the host's root detached);
  5. hostname; own uid/gid, no groups, no capabilities, no_new_privs, not dumpable;
  6. the seccomp allow-list of ``spec.seccomp``.
@@ -37,6 +38,7 @@ class JailSpec:
     bind_root: bool = False          # the root is a host-prepared directory (vmm jail), bind-mounted, writable
     binds: tuple[tuple[str, str], ...] = ()  # (host path, path inside), e.g. ("/dev/kvm", "/dev/kvm")
     seccomp_program: bytes | None = None  # seccomp.compile(role, 1) made ahead (the zygote): loaded as it is
+    shared_namespaces: bool = False  # net, ipc and uts made once by the parent (namespaces.enter_shared_namespaces)
 
     @property
     def user_namespace(self) -> bool:
@@ -64,9 +66,10 @@ def enter(spec: JailSpec, on_forked=None) -> None:
     scrub(spec.keep_fds)
     if spec.user_namespace:
         namespaces.enter_user_namespace()
-    _host_pid = namespaces.enter_namespaces(on_forked)
+    _host_pid = namespaces.enter_namespaces(on_forked, spec.shared_namespaces)
     namespaces.pivot_into(spec.root, spec.bind_root, spec.binds)
-    namespaces.set_hostname(spec.hostname)
+    if not spec.shared_namespaces:
+        namespaces.set_hostname(spec.hostname)
     creds.drop_privileges(spec.uid, spec.gid)
     if spec.seccomp_program is not None:
         seccomp.install(spec.seccomp_program)
