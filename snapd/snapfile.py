@@ -6,10 +6,15 @@ Layout (little-endian; see docs/snapshot-format.md):
     length u64      body length in bytes
     body   `length` bytes (msgpack, see encode_state)
     digest 32 bytes BLAKE2b-256 over everything before it
+
+and the identity trailer that ends every snapshot memory file (one 4 KiB page after guest memory; see
+docs/snapshot-format.md, "Memory file"), which the state file names: ``pack_memory_trailer``,
+``read_memory_trailer``.
 """
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import os
 import struct
@@ -24,13 +29,18 @@ from snapd.atomic import atomic_write
 __all__ = [
     "MAGIC", "VERSION", "DEFAULT_MAX_SIZE",
     "SnapshotFormatError", "BadMagic", "UnsupportedVersion", "Truncated", "ChecksumMismatch",
-    "TooLarge", "TrailingData",
+    "TooLarge", "TrailingData", "NoMemoryTrailer",
+    "MEMORY_TRAILER_MAGIC", "MEMORY_TRAILER_VERSION", "MEMORY_TRAILER_SIZE", "MemoryTrailer",
+    "pack_memory_trailer", "unpack_memory_trailer", "read_memory_trailer", "memory_data_size",
     "pack_state_file", "unpack_state_file", "write_state_file", "read_state_file", "read_state_fd",
     "encode_state", "decode_state", "save_state", "load_state",
 ]
 
 MAGIC = b"UVMSNAP\0"
-VERSION = (1, 0)  # (major, minor): a reader accepts any minor of its own major
+VERSION = (2, 0)  # (major, minor): a reader accepts any minor of its own major
+# Why a reader refuses an older major (the message says so): what that major lacks.
+_OLDER_MAJORS = {1: "format 1 does not name its memory file's identity, so a state file could be loaded with "
+                    "another snapshot's memory; take the snapshot again with this version"}
 DEFAULT_MAX_SIZE = 64 << 20
 _HEADER = struct.Struct("<8sHHQ")
 _DIGEST_LEN = 32
@@ -65,6 +75,10 @@ class TrailingData(SnapshotFormatError):
     pass
 
 
+class NoMemoryTrailer(SnapshotFormatError):
+    """A memory file does not end with a valid identity trailer (an older snapshot's, or no snapshot's)."""
+
+
 def _digest(data) -> bytes:
     return hashlib.blake2b(data, digest_size=_DIGEST_LEN).digest()
 
@@ -91,8 +105,9 @@ def unpack_state_file(data: bytes, name: str = "<memory>",
     _, major, minor, length = _HEADER.unpack_from(data)
     if major != VERSION[0]:
         newer = "newer" if major > VERSION[0] else "older"
+        why = f" ({_OLDER_MAJORS[major]})" if major in _OLDER_MAJORS else ""
         raise UnsupportedVersion(f"{name}: format version {major}.{minor} is {newer} than this "
-                                 f"reader's major version {VERSION[0]}")
+                                 f"reader's major version {VERSION[0]}{why}")
     expected = _OVERHEAD + length
     if expected > max_size:
         raise TooLarge(f"{name}: header declares a {length}-byte body, over the limit of {max_size} bytes")
@@ -133,6 +148,81 @@ def read_state_fd(fd: int, name: str, max_size: int = DEFAULT_MAX_SIZE) -> bytes
         offset += len(piece)
         left -= len(piece)
     return b"".join(pieces)
+
+
+# --- memory-file identity trailer --------------------------------------------------------------
+
+MEMORY_TRAILER_MAGIC = b"UVMMEMID"
+MEMORY_TRAILER_VERSION = (1, 0)  # (major, minor) of the trailer's own layout
+MEMORY_TRAILER_SIZE = 4096  # one page, after the last byte of guest memory
+MEMORY_ID_LEN = 16  # a random 128-bit id; the snapshot id is 128 bits too
+# magic, major, minor, trailer size, memory id, snapshot id, data size: 56 bytes
+_TRAILER_HEAD = struct.Struct("<8sHHI16s16sQ")
+_TRAILER_DIGEST_AT = MEMORY_TRAILER_SIZE - _DIGEST_LEN  # BLAKE2b-256 of bytes 0 .. 4064, at 4064
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryTrailer:
+    """What a memory file says of itself: its random id, the id of the snapshot it was written for, and the bytes
+    of guest memory before the trailer."""
+    memory_id: bytes
+    snapshot_id: bytes
+    data_size: int
+
+
+def pack_memory_trailer(memory_id: bytes, snapshot_id: bytes, data_size: int) -> bytes:
+    """The 4 KiB trailer written at offset ``data_size`` of a memory file whose guest memory is ``data_size``
+    bytes (the file is then exactly ``data_size + MEMORY_TRAILER_SIZE`` bytes)."""
+    if len(memory_id) != MEMORY_ID_LEN or len(snapshot_id) != MEMORY_ID_LEN or data_size < 0:
+        raise ValueError(f"a memory trailer needs {MEMORY_ID_LEN}-byte ids and a size >= 0")
+    head = _TRAILER_HEAD.pack(MEMORY_TRAILER_MAGIC, *MEMORY_TRAILER_VERSION, MEMORY_TRAILER_SIZE, memory_id,
+                              snapshot_id, data_size)
+    body = head + bytes(_TRAILER_DIGEST_AT - len(head))
+    return body + _digest(body)
+
+
+def unpack_memory_trailer(data: bytes, name: str = "<memory>") -> MemoryTrailer:
+    """Validate a trailer's bytes (exactly MEMORY_TRAILER_SIZE); raises a SnapshotFormatError subclass naming
+    ``name`` (never quoting the bytes)."""
+    if len(data) != MEMORY_TRAILER_SIZE or data[:len(MEMORY_TRAILER_MAGIC)] != MEMORY_TRAILER_MAGIC:
+        raise NoMemoryTrailer(f"{name}: does not end with a memory identity trailer (a memory file written "
+                              f"before snapshot format {VERSION[0]}, or not a snapshot memory file)")
+    _, major, minor, size, memory_id, snapshot_id, data_size = _TRAILER_HEAD.unpack_from(data)
+    if major != MEMORY_TRAILER_VERSION[0]:
+        newer = "newer" if major > MEMORY_TRAILER_VERSION[0] else "older"
+        raise UnsupportedVersion(f"{name}: memory trailer version {major}.{minor} is {newer} than this reader's "
+                                 f"major version {MEMORY_TRAILER_VERSION[0]}")
+    if size != MEMORY_TRAILER_SIZE:
+        raise SnapshotFormatError(f"{name}: its memory trailer declares {size} bytes, not {MEMORY_TRAILER_SIZE}")
+    view = memoryview(data)
+    if _digest(view[:_TRAILER_DIGEST_AT]) != bytes(view[_TRAILER_DIGEST_AT:]):
+        raise ChecksumMismatch(f"{name}: memory trailer checksum mismatch (file is corrupt)")
+    return MemoryTrailer(bytes(memory_id), bytes(snapshot_id), data_size)
+
+
+def read_memory_trailer(fd: int, name: str) -> MemoryTrailer:
+    """The trailer that ends the open memory file ``fd`` (one fstat and one 4 KiB pread: guest memory is not
+    read), checked against the file's size."""
+    size = os.fstat(fd).st_size
+    if size < MEMORY_TRAILER_SIZE:
+        raise NoMemoryTrailer(f"{name}: {size} bytes, too short to end with a memory identity trailer")
+    data = os.pread(fd, MEMORY_TRAILER_SIZE, size - MEMORY_TRAILER_SIZE)
+    if len(data) != MEMORY_TRAILER_SIZE:
+        raise OSError(errno.EIO, f"{name}: short read of its last {MEMORY_TRAILER_SIZE} bytes (it is changing)")
+    trailer = unpack_memory_trailer(data, name)
+    if trailer.data_size != size - MEMORY_TRAILER_SIZE:
+        raise Truncated(f"{name}: its trailer follows {trailer.data_size} bytes of memory, but the file holds "
+                        f"{size - MEMORY_TRAILER_SIZE} before it (truncated or extended)")
+    return trailer
+
+
+def memory_data_size(fd: int, name: str = "<memory>") -> int:
+    """Bytes of guest memory in an open file: before its identity trailer if it ends with one (a snapshot memory
+    file), else the whole file (raw memory). A trailer that is present but damaged is an error."""
+    try:
+        return read_memory_trailer(fd, name).data_size
+    except NoMemoryTrailer:
+        return os.fstat(fd).st_size
 
 
 # --- strict dataclass <-> msgpack codec -------------------------------------------------------

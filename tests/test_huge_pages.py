@@ -12,7 +12,7 @@ from snapd.loadset import LoadingSet
 from snapd.pageserver import ChunkTable, PageServer
 from snapd.pageserver_image import HUGE_PAGE, Image, huge_unfit
 from tests.conftest import requires_kvm
-from tests.vm_helpers import assert_equals_snapshot
+from tests.vm_helpers import assert_equals_snapshot, snapshot_memory
 from vmm.prebuilt import PrebuiltVm, VmShape
 from vmm.snapshot import read_snapshot, resume_restored
 from vmm.uffd_backend import UffdBackend
@@ -66,8 +66,7 @@ def test_a_clone_of_a_huge_image_reads_the_snapshot_page_for_page(scan_image, hu
     state = read_snapshot(f"{scan_image}/vm.state")
     table = ChunkTable.from_base_image(f"{scan_image}/vm.img")
     table.loading_set = ""
-    with open(f"{scan_image}/vm.mem", "rb") as f:
-        expected = f.read().ljust(table.mem_size, b"\0")
+    expected = snapshot_memory(f"{scan_image}/vm.mem", table.mem_size)
     with PageServer() as server:
         image = server.add_image(table, shared=True, huge_dir=huge_dir)
         assert image.huge and image.chunk_size % HUGE_PAGE == 0

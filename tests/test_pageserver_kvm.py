@@ -9,7 +9,7 @@ from snapd import uffd
 from snapd import uffd_handshake as hs
 from snapd.pageserver import PageServer
 from tests.conftest import requires_kvm
-from tests.vm_helpers import QUIET, snapshot_guest
+from tests.vm_helpers import QUIET, snapshot_guest, snapshot_memory
 from vmm import workloads
 from vmm.machine import Microvm
 from vmm.memory import GuestMemory
@@ -28,8 +28,7 @@ def hello_snapshot(tmp_path):
 def test_restored_vm_runs_on_served_memory(hello_snapshot, tmp_path, mode):
     state_path, mem_path = hello_snapshot
     state = read_snapshot(state_path)
-    with open(mem_path, "rb") as f:
-        table = write_image(str(tmp_path), f.read(), 64 << 10, name="hello")
+    table = write_image(str(tmp_path), snapshot_memory(mem_path, state.memory_file.data_size), 64 << 10, name="hello")
     with PageServer() as server:
         listener = server.serve(str(tmp_path / "ps.sock"), server.add_image(table), mode)
         memory = GuestMemory.anonymous(table.mem_size)

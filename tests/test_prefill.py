@@ -14,7 +14,7 @@ from snapd.image.builder import build_image
 from snapd.loadset import LoadingSet, LoadingSetCorrupt, LoadingSetStale, default_path
 from snapd.pageserver import CODEC_ZSTD, ChunkTable, LoadingSetWarning, PageServer
 from tests.conftest import requires_kvm
-from tests.vm_helpers import QUIET, assert_memory_equals_snapshot, snapshot_guest
+from tests.vm_helpers import QUIET, assert_memory_equals_snapshot, snapshot_guest, snapshot_memory
 from vmm import workloads
 from vmm.prebuilt import PrebuiltVm, VmShape
 from vmm.snapshot import read_snapshot
@@ -224,8 +224,7 @@ def test_clone_restored_while_the_prefill_runs_equals_the_snapshot(kv_image):
 def assert_shared_copy_equals_snapshot(image, mem_path: str) -> None:
     """After the guest ran, its own writes differ from the snapshot; the shared memfd must not: every chunk
     in it equals the snapshot's bytes."""
-    with open(mem_path, "rb") as f:
-        expected = f.read().ljust(image.mem_size, b"\0")
+    expected = snapshot_memory(mem_path, image.mem_size)
     for c in image.fill_order():
         off = c * image.chunk_size
         assert os.pread(image.memfd, image.chunk_size, off) == expected[off:off + image.chunk_size], c

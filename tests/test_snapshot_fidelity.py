@@ -5,7 +5,7 @@ import os
 import pytest
 
 from tests.conftest import requires_kvm
-from tests.vm_helpers import QUIET, snapshot_guest
+from tests.vm_helpers import QUIET, snapshot_guest, snapshot_memory
 from vmm import workloads
 from vmm.config import MachineConfig
 from vmm.machine import Microvm
@@ -94,7 +94,7 @@ def test_memory_file_shorter_than_layout_is_refused(hello_snapshot, tmp_path):
     short = tmp_path / "short.mem"
     with open(mem_path, "rb") as src:
         short.write_bytes(src.read(1 << 20))
-    with pytest.raises(SnapshotError, match="needs"):
+    with pytest.raises(SnapshotError, match="short.mem: does not end with a memory identity trailer"):
         load_snapshot_file_backed(state_path, str(short), serial_sink=QUIET)
 
 
@@ -123,8 +123,9 @@ def test_diff_snapshot_holds_exactly_the_written_pages(tmp_path, dirty_log):
         load_snapshot_file_backed(diff_state, diff_mem, serial_sink=QUIET)
     rebased_state, rebased_mem = str(tmp_path / "rebased.state"), str(tmp_path / "rebased.mem")
     rebase_snapshot(base_mem, diff_state, diff_mem, rebased_state, rebased_mem)
-    with open(rebased_mem, "rb") as rebased, open(full_mem, "rb") as full:
-        assert rebased.read() == full.read()
+    size = read_snapshot(full_state).memory_file.data_size  # guest memory equal; each file has its own identity
+    assert snapshot_memory(rebased_mem, size) == snapshot_memory(full_mem, size)
+    assert read_snapshot(rebased_state).memory_file.id != read_snapshot(full_state).memory_file.id
     restored = load_snapshot_file_backed(rebased_state, rebased_mem, serial_sink=QUIET)
     try:
         request = workloads.kv_request(500, 99)

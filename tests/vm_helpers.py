@@ -1,6 +1,7 @@
 """Helpers shared by the KVM tests: snapshot a booted built-in guest; compare restored memory with a snapshot."""
 import os
 
+from snapd.snapfile import read_memory_trailer
 from vmm.config import MachineConfig
 from vmm.devices.fnport import OFF_GENERATION
 from vmm.machine import Microvm
@@ -35,9 +36,12 @@ def guest_memory_bytes(machine) -> bytes:
 
 
 def snapshot_memory(mem_path: str, size: int) -> bytes:
-    """A snapshot's memory file as guest memory of ``size`` bytes (the file is sparse, its tail may be cut)."""
+    """A snapshot's memory file as guest memory of ``size`` bytes: what precedes its identity trailer (the trailer
+    is not guest memory; docs/snapshot-format.md), which must say exactly ``size`` bytes."""
     with open(mem_path, "rb") as f:
-        return f.read().ljust(size, b"\0")
+        trailer = read_memory_trailer(f.fileno(), mem_path)
+        assert trailer.data_size == size, (trailer.data_size, size)
+        return os.pread(f.fileno(), size, 0)
 
 
 def assert_equals_snapshot(memory: bytes, expected: bytes, mailbox_gpa: int) -> None:

@@ -1,10 +1,15 @@
 """Diff snapshots: only the pages written since a parent snapshot, in a sparse file the size of guest memory
-(Firecracker's layout), and ``rebase`` to lay such a diff over its parent's memory file."""
+(Firecracker's layout), and ``rebase_memory`` to lay such a diff over its parent's memory file.
+
+These write guest memory only; the identity trailer that ends every memory file and the publishing of the state
+and memory files as one unit are vmm.snapshot's."""
 import os
 
-from snapd.atomic import atomic_file
 from vmm.errors import VmmError
 from vmm.memory import PAGE_SIZE, GuestMemory
+
+COPY_PIECE = 1 << 20
+_ZERO_PIECE = bytes(COPY_PIECE)
 
 
 def page_runs(pages: list[int]) -> list[tuple[int, int]]:
@@ -26,33 +31,38 @@ def file_page_of(memory: GuestMemory, guest_page: int) -> int:
     raise VmmError(f"dirty page {guest_page:#x} is outside guest memory")
 
 
-def write_diff_memory_file(memory: GuestMemory, path: str, file_runs: list[tuple[int, int]]) -> None:
-    """A sparse file the size of guest memory holding only the given runs of pages (holes elsewhere)."""
+def write_diff_memory(memory: GuestMemory, out, file_runs: list[tuple[int, int]], data_size: int) -> None:
+    """Into ``out`` (a binary file, empty): ``data_size`` bytes holding only the given runs of pages (holes
+    elsewhere)."""
     by_offset = {r.layout.file_offset: r for r in memory.regions}
-    total = sum(r.size for r in memory.regions)
-    with atomic_file(path) as out:
-        for first, count in file_runs:
-            offset = first * PAGE_SIZE
-            region = next(r for base, r in by_offset.items() if base <= offset < base + r.size)
-            gpa = region.guest_phys_addr + offset - region.layout.file_offset
-            out.seek(offset)
-            out.write(memoryview(memory.read(gpa, count * PAGE_SIZE)))
-        out.truncate(total)
+    for first, count in file_runs:
+        offset = first * PAGE_SIZE
+        region = next(r for base, r in by_offset.items() if base <= offset < base + r.size)
+        gpa = region.guest_phys_addr + offset - region.layout.file_offset
+        out.seek(offset)
+        out.write(memoryview(memory.read(gpa, count * PAGE_SIZE)))
+    out.truncate(data_size)
 
 
-def rebase(base_mem_path: str, diff_mem_path: str, diff_page_runs, out_path: str) -> None:
-    """Write base memory with the diff's pages laid over it (the result loads with the diff's state file)."""
-    with open(base_mem_path, "rb") as base, open(diff_mem_path, "rb") as diff, atomic_file(out_path) as out:
-        size = os.fstat(base.fileno()).st_size
-        if os.fstat(diff.fileno()).st_size != size:
-            raise VmmError(f"diff memory file {diff_mem_path} and base {base_mem_path} differ in size")
-        while True:
-            piece = base.read(1 << 20)
-            if not piece:
-                break
+def rebase_memory(base_fd: int, diff_fd: int, diff_page_runs, out, data_size: int) -> None:
+    """Into ``out`` (a binary file, empty): the first ``data_size`` bytes of the base memory file with the diff's
+    pages laid over them (all-zero MiBs of the base stay holes)."""
+    for offset in range(0, data_size, COPY_PIECE):
+        length = min(COPY_PIECE, data_size - offset)
+        piece = os.pread(base_fd, length, offset)
+        if len(piece) != length:
+            raise VmmError(f"the base memory file ended at byte {offset + len(piece)} while it was read")
+        if piece == _ZERO_PIECE[:length]:
+            out.seek(length, os.SEEK_CUR)
+        else:
             out.write(piece)
-        for first, count in diff_page_runs:
-            diff.seek(first * PAGE_SIZE)
-            out.seek(first * PAGE_SIZE)
-            out.write(diff.read(count * PAGE_SIZE))
-        out.truncate(size)
+    for first, count in diff_page_runs:
+        start, length = first * PAGE_SIZE, count * PAGE_SIZE
+        if count <= 0 or start + length > data_size:
+            raise VmmError(f"diff page run ({first}, {count}) is outside {data_size} bytes of memory")
+        data = os.pread(diff_fd, length, start)
+        if len(data) != length:
+            raise VmmError(f"the diff memory file ended at byte {start + len(data)} while it was read")
+        out.seek(start)
+        out.write(data)
+    out.truncate(data_size)

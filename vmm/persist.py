@@ -76,6 +76,15 @@ class MemoryRegionState:
 
 
 @dataclass(frozen=True)
+class MemoryFileState:
+    """The identity of the memory file written with this state file (docs/snapshot-format.md, "Memory file"):
+    the random 128-bit id (hex) also in the memory file's trailer, and the bytes of guest memory before that
+    trailer. A load refuses a memory file whose trailer says otherwise."""
+    id: str
+    data_size: int
+
+
+@dataclass(frozen=True)
 class DeviceStates:
     serial: SerialState
     i8042: I8042State
@@ -103,6 +112,7 @@ class MicrovmState:
     diff_page_runs: tuple[tuple[int, int], ...]
     config: MachineConfigState
     memory: tuple[MemoryRegionState, ...]  # in memory-file order
+    memory_file: MemoryFileState  # the memory file this state file goes with
     vm: VmState
     vcpus: tuple[VcpuState, ...]  # by vCPU index
     devices: DeviceStates
@@ -181,5 +191,6 @@ def restore_vm(vm, state: VmState) -> None:
 
 
 
-__all__ = ["VcpuState", "VmState", "MicrovmState", "DeviceStates", "MemoryRegionState", "MachineConfigState",
+__all__ = ["VcpuState", "VmState", "MicrovmState", "DeviceStates", "MemoryRegionState", "MemoryFileState",
+           "MachineConfigState",
            "save_vcpu", "restore_vcpu", "save_vm", "restore_vm", "readable_msrs"]

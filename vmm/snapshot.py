@@ -1,31 +1,36 @@
-"""Snapshot create and load for one microVM: state file (snapd.snapfile) + raw memory file.
+"""Snapshot create and load for one microVM: state file (snapd.snapfile) + raw memory file, one unit.
 
-The memory file is written first, then the state file; both go to a temporary name, are fsynced and renamed,
-so a crash mid-snapshot leaves no state file that loads. The state file records the memory file's size, and a
-load refuses a memory file shorter than the layout.
+The memory file is guest memory followed by a 4 KiB identity trailer (a random memory id, the snapshot's id and
+the memory's size); the state file names that identity (``MicrovmState.memory_file``), and a load reads the
+trailer (one pread) and refuses a memory file that is not the state file's own. Both files are written under
+temporary names in their own directories, fsynced, and published memory first, then state (snapd.atomic.AtomicPair;
+docs/snapshot-format.md argues why every crash point is safe). A snapshot whose two paths name one file is refused.
 """
 import dataclasses
 import os
+import re
 import time
 import uuid
 from dataclasses import dataclass
 
-from snapd.atomic import atomic_file
-from snapd.snapfile import (DEFAULT_MAX_SIZE, SnapshotFormatError, decode_state, encode_state, load_state,
-                            pack_state_file, read_state_fd, save_state, unpack_state_file)
+from snapd.atomic import AtomicPair
+from snapd.snapfile import (DEFAULT_MAX_SIZE, MEMORY_TRAILER_SIZE, SnapshotFormatError, decode_state, encode_state,
+                            load_state, pack_memory_trailer, pack_state_file, read_memory_trailer, read_state_fd,
+                            unpack_state_file)
 from vmm.config import MachineConfig
 from vmm.devices.fnport import FunctionPort
 from vmm.devices.i8042 import I8042
 from vmm.devices.serial import Serial, stdout_sink
 from vmm.errors import ConfigError, VmmError
 from vmm.machine import PAUSED, Microvm
-from vmm.diff_snapshot import file_page_of, page_runs, rebase, write_diff_memory_file
-from vmm.memory import GuestMemory, RegionLayout
+from vmm.diff_snapshot import file_page_of, page_runs, rebase_memory, write_diff_memory
+from vmm.memory import PAGE_SIZE, GuestMemory, RegionLayout
 from vmm.native import check, ffi, lib
-from vmm.persist import (SNAPSHOT_KIND, DeviceStates, MachineConfigState, MemoryRegionState, MicrovmState,
-                         restore_vcpu, restore_vm, save_vcpu, save_vm)
+from vmm.persist import (SNAPSHOT_KIND, DeviceStates, MachineConfigState, MemoryFileState, MemoryRegionState,
+                         MicrovmState, restore_vcpu, restore_vm, save_vcpu, save_vm)
 
 COPY_PIECE = 1 << 20
+_ID = re.compile(r"[0-9a-f]{32}")  # a 128-bit id in lowercase hex (snapshot ids, memory ids)
 
 
 class SnapshotError(VmmError):
@@ -42,31 +47,40 @@ def capture_state(machine: Microvm, parent_snapshot_id: str = "", diff_page_runs
     if machine.state != PAUSED:
         raise SnapshotError(f"the VM must be paused to snapshot it (it is {machine.state.lower()})")
     config = machine.config
+    memory = tuple(MemoryRegionState(r.name, r.guest_phys_addr, r.size, r.layout.file_offset)
+                   for r in machine.memory.regions)
     return MicrovmState(
         kind=SNAPSHOT_KIND,
         snapshot_id=uuid.uuid4().hex,
         parent_snapshot_id=parent_snapshot_id,
         diff_page_runs=tuple(diff_page_runs),
         config=MachineConfigState(config.vcpu_count, config.mem_size_mib, config.kernel_image, config.boot_args),
-        memory=tuple(MemoryRegionState(r.name, r.guest_phys_addr, r.size, r.layout.file_offset)
-                     for r in machine.memory.regions),
+        memory=memory,
+        memory_file=new_memory_identity(max(r.file_offset + r.size for r in memory)),
         vm=save_vm(machine.vm),
         vcpus=tuple(save_vcpu(machine.kvm, vcpu) for vcpu in machine.vcpus),
         devices=DeviceStates(machine.serial.save(), machine.i8042.save(), machine.fnport.save()),
     )
 
 
-def write_memory_file(memory: GuestMemory, path: str) -> None:
-    """Raw guest memory, regions back to back; all-zero MiBs become holes (sparse file)."""
-    if memory.inaccessible_reason:
-        raise SnapshotError(f"cannot snapshot guest memory: {memory.inaccessible_reason}")
-    with atomic_file(path) as out:
-        write_memory(memory, out)
+def new_memory_identity(data_size: int) -> MemoryFileState:
+    """A fresh identity for a memory file holding ``data_size`` bytes of guest memory: a random 128-bit id."""
+    return MemoryFileState(os.urandom(16).hex(), data_size)
+
+
+def write_memory_trailer(out, state: MicrovmState) -> None:
+    """The identity trailer at the end of ``out`` (a binary file holding the state's guest memory): written at
+    offset ``data_size``, the file then ends right after it."""
+    ident = state.memory_file
+    out.seek(ident.data_size)
+    out.write(pack_memory_trailer(bytes.fromhex(ident.id), bytes.fromhex(state.snapshot_id), ident.data_size))
+    out.truncate(ident.data_size + MEMORY_TRAILER_SIZE)
 
 
 def write_memory(memory: GuestMemory, out) -> None:
     """Guest memory into ``out`` (a binary file object, from its current position, which must be the start):
-    regions back to back, all-zero MiBs skipped (holes), truncated at the end."""
+    regions back to back, all-zero MiBs skipped (holes), truncated at the end (the identity trailer is
+    ``write_memory_trailer``'s)."""
     if memory.inaccessible_reason:
         raise SnapshotError(f"cannot snapshot guest memory: {memory.inaccessible_reason}")
     piece = None  # one buffer for memory served by a page server, reused piece after piece
@@ -109,24 +123,75 @@ def _capture(machine: Microvm, snapshot_type: str) -> MicrovmState:
     raise SnapshotError(f"snapshot_type must be 'Full' or 'Diff', not {snapshot_type!r}")
 
 
+def check_snapshot_paths(snapshot_path: str, mem_file_path: str) -> None:
+    """Refuse a state path and a memory path that name one file: the same final path (after resolving the
+    directories), or two names of one existing file (a hard link, a symbolic link)."""
+    def final(path: str) -> str:
+        try:
+            head, tail = os.path.split(os.path.abspath(path))
+            head = os.path.realpath(head)
+        except OSError:  # a jailed VMM may not ask for its working directory or read a link: the names as given
+            head, tail = os.path.split(os.path.normpath(path))
+        return os.path.join(head, tail)
+
+    same = final(snapshot_path) == final(mem_file_path)
+    if not same:
+        try:
+            same = os.path.samefile(snapshot_path, mem_file_path)
+        except (OSError, ValueError):
+            pass
+    if same:
+        raise SnapshotError(f"snapshot_path {snapshot_path!r} and mem_file_path {mem_file_path!r} name the same "
+                            "file: a snapshot's state file and memory file are two files")
+
+
+def _write_error(exc: OSError, snapshot_path: str, mem_file_path: str) -> SnapshotError:
+    where = (f": {exc.filename}" if exc.filename
+             else f" (snapshot_path {snapshot_path}, mem_file_path {mem_file_path})")
+    return SnapshotError(f"cannot write snapshot: {exc.strerror or exc}{where}")
+
+
 def create_snapshot(machine: Microvm, snapshot_path: str, mem_file_path: str,
                     snapshot_type: str = "Full") -> SnapshotTimings:
     """Full: all of guest memory. Diff: only pages written since the machine's last snapshot (or the snapshot it
-    was restored from); needs track_dirty_pages."""
-    t0 = time.perf_counter()
-    state = _capture(machine, snapshot_type)
-    t1 = time.perf_counter()
+    was restored from); needs track_dirty_pages.
+
+    The two files are one unit (module doc): their temporary files are made first (a path that cannot be
+    written fails before any memory is), then written, fsynced and published memory first, state last. On any
+    failure neither is published and no temporary file is left."""
+    check_snapshot_paths(snapshot_path, mem_file_path)
     try:
-        if snapshot_type == "Diff":
-            write_diff_memory_file(machine.memory, mem_file_path, list(state.diff_page_runs))
-        else:
-            write_memory_file(machine.memory, mem_file_path)
-        save_state(snapshot_path, state)
+        pair = AtomicPair(mem_file_path, snapshot_path)
     except OSError as exc:
-        raise SnapshotError(f"cannot write snapshot: {exc.strerror}: {exc.filename}") from None
+        raise _write_error(exc, snapshot_path, mem_file_path) from None
+    try:
+        t0 = time.perf_counter()
+        state = _capture(machine, snapshot_type)
+        t1 = time.perf_counter()
+        write_snapshot_files(machine.memory, state, pair.files[1], pair.files[0])
+        pair.publish()
+    except OSError as exc:
+        pair.discard()
+        raise _write_error(exc, snapshot_path, mem_file_path) from None
+    except BaseException:
+        pair.discard()
+        raise
     machine.snapshot_id = state.snapshot_id
     t2 = time.perf_counter()
     return SnapshotTimings(state_ms=(t1 - t0) * 1e3, memory_ms=(t2 - t1) * 1e3)
+
+
+def write_snapshot_files(memory: GuestMemory, state: MicrovmState, state_out, mem_out) -> None:
+    """A captured snapshot into two empty binary files: guest memory (all of it, or a Diff's pages) and its
+    identity trailer into ``mem_out``, the state file into ``state_out``. Nothing is fsynced or renamed."""
+    if memory.inaccessible_reason:
+        raise SnapshotError(f"cannot snapshot guest memory: {memory.inaccessible_reason}")
+    if state.parent_snapshot_id:
+        write_diff_memory(memory, mem_out, list(state.diff_page_runs), state.memory_file.data_size)
+    else:
+        write_memory(memory, mem_out)
+    write_memory_trailer(mem_out, state)
+    state_out.write(pack_state_file(encode_state(state)))
 
 
 def create_snapshot_fds(machine: Microvm, state_fd: int, mem_fd: int) -> SnapshotTimings:
@@ -141,10 +206,8 @@ def create_snapshot_fds(machine: Microvm, state_fd: int, mem_fd: int) -> Snapsho
         for fd in (state_fd, mem_fd):
             os.ftruncate(fd, 0)
             os.lseek(fd, 0, os.SEEK_SET)
-        with os.fdopen(mem_fd, "wb", closefd=False) as out:
-            write_memory(machine.memory, out)
-        with os.fdopen(state_fd, "wb", closefd=False) as out:
-            out.write(pack_state_file(encode_state(state)))
+        with os.fdopen(mem_fd, "wb", closefd=False) as mem_out, os.fdopen(state_fd, "wb", closefd=False) as out:
+            write_snapshot_files(machine.memory, state, out, mem_out)
     except OSError as exc:
         raise SnapshotError(f"cannot write snapshot: {exc.strerror}") from None
     machine.snapshot_id = state.snapshot_id
@@ -188,6 +251,12 @@ def check_snapshot(state: MicrovmState, name: str) -> MicrovmState:
                             f"{state.config.vcpu_count}-vCPU machine")
     if not state.memory or any(r.size <= 0 or r.file_offset < 0 for r in state.memory):
         raise SnapshotError(f"{name}: its memory layout is empty or has a region of no size or before the file")
+    if not _ID.fullmatch(state.snapshot_id) or not _ID.fullmatch(state.memory_file.id) or \
+            not (state.parent_snapshot_id == "" or _ID.fullmatch(state.parent_snapshot_id)):
+        raise SnapshotError(f"{name}: its snapshot, parent or memory file id is not a 128-bit id in hex")
+    if state.memory_file.data_size != memory_file_size(state) or state.memory_file.data_size % PAGE_SIZE:
+        raise SnapshotError(f"{name}: the memory file it names holds {state.memory_file.data_size} bytes of memory, "
+                            f"its layout needs {memory_file_size(state)} (a whole number of pages)")
     return state
 
 
@@ -196,20 +265,42 @@ def region_layouts(state: MicrovmState) -> list[RegionLayout]:
 
 
 def memory_file_size(state: MicrovmState) -> int:
-    """The bytes of memory file the snapshot's layout needs (the file ``write_memory`` writes is exactly that)."""
+    """The bytes of guest memory the snapshot's layout needs: where the memory file's identity trailer starts
+    (the file is this plus MEMORY_TRAILER_SIZE bytes)."""
     return max(r.file_offset + r.size for r in state.memory)
 
 
-def open_memory_file(mem_file_path: str, state: MicrovmState) -> int:
+def check_memory_file(fd: int, state: MicrovmState, state_name: str, mem_name: str) -> None:
+    """Refuse (SnapshotError naming both files) an open memory file that is not the one the state file was
+    written with: its identity trailer and its size (one fstat and one 4 KiB pread; guest memory is not read).
+    A file without a trailer (shorter than the layout, written before format 2, not a memory file) is refused as
+    such. No message quotes the memory file's bytes."""
+    try:  # the trailer says how much memory precedes it, and read_memory_trailer checks the file's size with it
+        trailer = read_memory_trailer(fd, f"memory file {mem_name}")
+    except SnapshotFormatError as exc:
+        raise SnapshotError(f"{exc}: it cannot be loaded with snapshot file {state_name}") from None
+    except OSError as exc:
+        raise SnapshotError(f"cannot read memory file {mem_name}: {exc.strerror}") from None
+    ident = state.memory_file
+    if (trailer.memory_id != bytes.fromhex(ident.id) or trailer.snapshot_id != bytes.fromhex(state.snapshot_id)
+            or trailer.data_size != ident.data_size):
+        raise SnapshotError(f"memory file {mem_name} is not the memory file of snapshot file {state_name}: its "
+                            "identity trailer names other memory (a snapshot's state and memory files are one unit: "
+                            "load the two files written together)")
+
+
+def open_memory_file(mem_file_path: str, state: MicrovmState, snapshot_name: str = "") -> int:
+    """A descriptor of the memory file at ``mem_file_path``, checked to be the one ``state`` was written with
+    (``check_memory_file``); ``snapshot_name`` is how messages call the state file."""
     try:
         fd = os.open(mem_file_path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as exc:
         raise SnapshotError(f"cannot open memory file {mem_file_path}: {exc.strerror}") from None
-    need = memory_file_size(state)
-    have = os.fstat(fd).st_size
-    if have < need:
+    try:
+        check_memory_file(fd, state, snapshot_name or f"of snapshot {state.snapshot_id}", mem_file_path)
+    except BaseException:
         os.close(fd)
-        raise SnapshotError(f"memory file {mem_file_path} is {have} bytes, the snapshot's layout needs {need}")
+        raise
     return fd
 
 
@@ -245,7 +336,7 @@ def load_snapshot_file_backed(snapshot_path: str, mem_file_path: str, resume: bo
     """Restore with the File backend: the memory file mapped MAP_PRIVATE (guest writes never reach it)."""
     state = read_snapshot(snapshot_path)
     refuse_diff(state, snapshot_path)
-    fd = open_memory_file(mem_file_path, state)
+    fd = open_memory_file(mem_file_path, state, snapshot_path)
     try:
         memory = GuestMemory.from_file(fd, region_layouts(state))
     finally:
@@ -279,12 +370,56 @@ def resume_restored(machine: Microvm) -> None:
 
 def rebase_snapshot(base_mem_path: str, diff_snapshot_path: str, diff_mem_path: str,
                     out_snapshot_path: str, out_mem_path: str) -> None:
-    """Lay a Diff snapshot over its parent's memory file, giving a Full snapshot that loads on its own."""
+    """Lay a Diff snapshot over its parent's memory file, giving a Full snapshot that loads on its own: the diff's
+    memory file must be its own (identity trailer), the base's must be the memory of the diff's parent snapshot
+    (its trailer names that snapshot). The result is a new pair (a new memory id), published as create_snapshot
+    publishes."""
     state = read_snapshot(diff_snapshot_path)
     if not state.parent_snapshot_id:
         raise SnapshotError(f"{diff_snapshot_path} is a Full snapshot; there is nothing to rebase")
-    rebase(base_mem_path, diff_mem_path, state.diff_page_runs, out_mem_path)
-    save_state(out_snapshot_path, dataclasses.replace(state, parent_snapshot_id="", diff_page_runs=()))
+    check_snapshot_paths(out_snapshot_path, out_mem_path)
+    out = dataclasses.replace(state, parent_snapshot_id="", diff_page_runs=(),
+                              memory_file=new_memory_identity(state.memory_file.data_size))
+    diff_fd = open_memory_file(diff_mem_path, state, diff_snapshot_path)
+    try:
+        base_fd = _open_base_memory(base_mem_path, state)
+        try:
+            pair = AtomicPair(out_mem_path, out_snapshot_path)
+            try:
+                rebase_memory(base_fd, diff_fd, state.diff_page_runs, pair.files[0], state.memory_file.data_size)
+                write_memory_trailer(pair.files[0], out)
+                pair.files[1].write(pack_state_file(encode_state(out)))
+                pair.publish()
+            except BaseException:
+                pair.discard()
+                raise
+        finally:
+            os.close(base_fd)
+    except OSError as exc:
+        raise _write_error(exc, out_snapshot_path, out_mem_path) from None
+    finally:
+        os.close(diff_fd)
+
+
+def _open_base_memory(base_mem_path: str, diff: MicrovmState) -> int:
+    """The parent's memory file of a Diff snapshot: its trailer names the diff's parent snapshot and its size."""
+    try:
+        fd = os.open(base_mem_path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise SnapshotError(f"cannot open base memory file {base_mem_path}: {exc.strerror}") from None
+    try:
+        trailer = read_memory_trailer(fd, f"base memory file {base_mem_path}")
+        if trailer.snapshot_id != bytes.fromhex(diff.parent_snapshot_id) or \
+                trailer.data_size != diff.memory_file.data_size:
+            raise SnapshotError(f"base memory file {base_mem_path} is not the memory of snapshot "
+                                f"{diff.parent_snapshot_id}, the parent of the Diff snapshot")
+    except SnapshotFormatError as exc:
+        os.close(fd)
+        raise SnapshotError(str(exc)) from None
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def load_snapshot_uffd_backed(snapshot_path: str, backend_path: str, resume: bool = True, serial_sink=stdout_sink,

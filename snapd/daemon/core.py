@@ -128,13 +128,10 @@ class Daemon(ImageOps, CloneOps):
 
     def _remove_snapshot_leftovers(self) -> None:
         """Temporary files of clone snapshots a previous daemon did not finish (snapd.daemon.paths)."""
-        directory = self.paths.snapshots.path
-        for name in os.listdir(directory):
-            if name.startswith(".snapd-") and name.endswith(".tmp"):
-                try:
-                    os.unlink(os.path.join(directory, name))
-                except OSError:
-                    pass
+        removed = self.paths.remove_snapshot_leftovers()
+        if removed:
+            log.info("removed %d temporary file(s) of unfinished snapshots under %s", len(removed),
+                     self.paths.snapshots.path)
 
     # -- worker bookkeeping
     def _worker_ready(self, worker: WorkerHandle) -> None:

@@ -30,7 +30,7 @@ from snapd.image.codecs import CodecError
 from snapd.loadset import LoadingSet, LoadingSetError, default_path
 from vmm.prebuilt import VmShape
 from vmm.persist import MicrovmState
-from vmm.snapshot import SnapshotError, memory_file_size, read_snapshot_fd, refuse_diff
+from vmm.snapshot import SnapshotError, check_memory_file, memory_file_size, read_snapshot_fd, refuse_diff
 
 
 log = logging.getLogger("snapd")
@@ -43,7 +43,8 @@ class ImageRegistrationError(ValueError):
 @dataclasses.dataclass
 class SnapshotSource:
     """A snapshot to register, opened once and checked: its state (parsed from ``state_bytes``, the state file as
-    read, which the registry keeps a copy of) and a descriptor of its memory file, exactly the layout's size."""
+    read, which the registry keeps a copy of) and a descriptor of its memory file, checked to be the state file's
+    own (its identity trailer), exactly the layout's size plus that trailer."""
     state: MicrovmState
     state_bytes: bytes
     mem_fd: int
@@ -62,23 +63,32 @@ class SnapshotSource:
 
 def open_snapshot(paths, state_path: str, mem_path: str, where: str = "images") -> SnapshotSource:
     """Open and check a snapshot at a caller's paths beneath the import roots (snapd.daemon.paths): the state file
-    at most the format's size and valid, a Full snapshot; the memory file exactly the size its layout says. Each
+    at most the format's size and valid, a Full snapshot; the memory file exactly the size its layout says plus
+    its identity trailer, and that trailer the one the state file names (400 naming both files otherwise). Each
     file is opened once; the bytes read are the ones used. Raises an ApiError naming the field and the problem
     (never quoting the files' bytes)."""
-    from snapd.snapfile import DEFAULT_MAX_SIZE
+    from snapd.snapfile import DEFAULT_MAX_SIZE, MEMORY_TRAILER_SIZE
     with paths.opened(state_path, f"{where}.state_path", DEFAULT_MAX_SIZE) as (state_fd, state_name):
         try:
             state, data = read_snapshot_fd(state_fd, state_path)
             refuse_diff(state, state_path)
         except SnapshotError as exc:
             raise BadRequest(f"{where}: {exc}") from None
-    need = memory_file_size(state)
+    need = memory_file_size(state) + MEMORY_TRAILER_SIZE
     mem_fd, mem_name = paths.open_import(mem_path, f"{where}.mem_path", need)
-    have = os.fstat(mem_fd).st_size
-    if have != need:
+    try:
+        have = os.fstat(mem_fd).st_size
+        if have != need:
+            raise BadRequest(f"{where}.mem_path: memory file {mem_path!r} is {have} bytes; the memory layout of "
+                             f"snapshot file {state_path!r} needs exactly {need} (with its "
+                             f"{MEMORY_TRAILER_SIZE}-byte identity trailer)")
+        try:
+            check_memory_file(mem_fd, state, repr(state_path), repr(mem_path))
+        except SnapshotError as exc:
+            raise BadRequest(f"{where}.mem_path: {exc}") from None
+    except BaseException:
         os.close(mem_fd)
-        raise BadRequest(f"{where}.mem_path: memory file {mem_path!r} is {have} bytes; the snapshot's memory layout "
-                         f"needs exactly {need}")
+        raise
     return SnapshotSource(state, data, mem_fd, state_name, mem_name)
 
 
@@ -111,16 +121,26 @@ class ImageRegistry:
 
     def load(self) -> list[ImageRecord]:
         """Every complete record (a build interrupted before its record was written left only leftovers). A
-        record that cannot be read is reported and skipped: one damaged file must not keep the daemon down."""
+        record that cannot be read is reported and skipped: one damaged file must not keep the daemon down. So is
+        an image whose state file this version cannot read (format 1, registered by an older daemon, does not
+        name its memory's identity: docs/snapshot-format.md); its snapshot must be registered again."""
+        from snapd.snapfile import SnapshotFormatError, read_state_file
         records = []
         for name in sorted(os.listdir(self.dir)):
             if name.endswith(".json") and not name.startswith("."):
                 path = os.path.join(self.dir, name)
                 try:
                     with open(path) as f:
-                        records.append(ImageRecord(**json.load(f)))
+                        record = ImageRecord(**json.load(f))
                 except (OSError, ValueError, TypeError) as exc:
                     log.error("image record %s is skipped: it cannot be read (%s: %s)", path, type(exc).__name__, exc)
+                    continue
+                try:
+                    read_state_file(record.state_path)
+                except (OSError, SnapshotFormatError) as exc:
+                    log.error("image %s is not served: its state file cannot be used: %s", record.id, exc)
+                    continue
+                records.append(record)
         return records
 
     def register(self, source: SnapshotSource, chunk_size: int | None = None, codec: str = "lz4") -> ImageRecord:

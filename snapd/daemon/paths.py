@@ -8,7 +8,10 @@ the snapshot root, and nothing else (docs/snapd.md, "What the API may touch").
   read from that descriptor; the caller bounds its size before anything is read.
 - Writes (POST /v1/clones/{id}/snapshot ``state_path``, ``mem_path``): beneath ``STATE/snapshots/`` only,
   relative names relative to it. New files under temporary names in the target's directory, put in place when
-  both are complete, never over an existing file (``SnapshotFiles``).
+  both are complete and the memory file is checked to be the state file's own (its identity trailer), never over
+  an existing file (``SnapshotFiles``). What a daemon killed meanwhile left (``.snapd-*.tmp``, and any
+  ``.NAME.tmp-PID-*`` of snapd.atomic no live writer holds) is removed at the next start, in every directory
+  beneath STATE/snapshots (``ApiPaths.remove_snapshot_leftovers``).
 
 A refusal is an ApiError naming the request field, the path and the rule: 404 nothing at the path, 409 a write
 target that exists, 400 anything else (outside the roots, a NUL byte, not a regular file, too large).
@@ -18,7 +21,8 @@ from __future__ import annotations
 import contextlib
 import os
 
-from snapd.daemon.errors import BadRequest, Conflict, NotFound
+from snapd.atomic import TEMP_NAME, remove_stale_temps
+from snapd.daemon.errors import BadRequest, CloneFailed, Conflict, NotFound
 from vmm.jail.beneath import NewFile, PathExists, PathMissing, PathRefused, Root
 
 
@@ -87,6 +91,24 @@ class ApiPaths:
         finally:
             os.close(fd)
 
+    def remove_snapshot_leftovers(self) -> list[str]:
+        """Remove the temporary files of clone snapshots a previous daemon did not finish, in STATE/snapshots and
+        every directory beneath it (symbolic links are not followed): each ``.snapd-*.tmp`` (only the daemon of
+        this state directory makes them, and it is starting), and each ``.NAME.tmp-PID-*`` whose writer is gone
+        (snapd.atomic). Returns their paths."""
+        removed = []
+        for directory, _, names in os.walk(self.snapshots.path):
+            for name in names:
+                if name.startswith(".snapd-") and name.endswith(".tmp"):
+                    try:
+                        os.unlink(os.path.join(directory, name))
+                        removed.append(os.path.join(directory, name))
+                    except OSError:
+                        pass
+            if any(TEMP_NAME.match(name) for name in names):
+                removed += [os.path.join(directory, name) for name in remove_stale_temps(directory)]
+        return removed
+
     def snapshot_files(self, state_path: str, mem_path: str) -> "SnapshotFiles":
         return SnapshotFiles(self.snapshots, state_path, mem_path)
 
@@ -127,8 +149,17 @@ class SnapshotFiles:
         return {"state_path": self.state.path, "mem_path": self.mem.path}
 
     def commit(self) -> None:
-        """Both files are complete: fsync them, then link the memory file and the state file into place (a state
-        file only beside its memory file); a target taken meanwhile (409) undoes the other."""
+        """Both files are complete: check that the memory file is the state file's own (what the worker wrote is
+        not trusted: a mismatched pair is a 502 and nothing is put in place), fsync them, then link the memory
+        file and the state file into place (a state file only beside its memory file); a target taken meanwhile
+        (409) undoes the other."""
+        from vmm.snapshot import SnapshotError, check_memory_file, read_snapshot_fd
+        try:
+            state, _ = read_snapshot_fd(self.state.fd, self.state.path)
+            check_memory_file(self.mem.fd, state, self.state.path, self.mem.path)
+        except SnapshotError as exc:
+            raise CloneFailed(f"snapshot: the clone's worker wrote files that are not one snapshot ({exc}); "
+                              "nothing was put in place") from None
         self.mem.sync()
         self.state.sync()
         try:

@@ -13,7 +13,9 @@ import xxhash
 
 from snapd.image import codecs
 from snapd.image.chunkstore import ChunkStore, NewChunk
+from snapd.image.errors import ImageError
 from snapd.image.index import Entry, Header, check_chunk_size, content_id, nchunks_for, write_index
+from snapd.snapfile import SnapshotFormatError, memory_data_size
 
 DEFAULT_CHUNK_SIZE = 512 << 10   # see docs/image-format.md, "Choosing the default chunk size and codec"
 DEFAULT_CODEC = "lz4"
@@ -70,8 +72,10 @@ def build_image(mem_path: str | os.PathLike | int, store_dir: str | os.PathLike,
                 progress: Callable[[int, int], None] | None = None, source_id: str = "",
                 workers: int | None = None, mem_size: int | None = None) -> BuildResult:
     """Build `image_path` from `mem_path` (a path, or an open descriptor of the memory file, read with pread and
-    left open), storing new chunks in `store_dir`. ``mem_size``: the bytes to build from (default: the file's
-    size); a file shorter than that fails the build.
+    left open), storing new chunks in `store_dir`. ``mem_size``: the bytes to build from (default: the guest
+    memory the file holds: a snapshot memory file's bytes before its identity trailer, which is not guest memory,
+    or the whole of a raw memory file); a file shorter than that fails the build. Checking that the memory file is
+    the one a state file names is the caller's (vmm.snapshot.check_memory_file).
 
     progress(done_bytes, total_bytes) is called from this thread as chunks complete.
     """
@@ -82,7 +86,11 @@ def build_image(mem_path: str | os.PathLike | int, store_dir: str | os.PathLike,
     try:
         with ChunkStore(store_dir) as store:
             if mem_size is None:
-                mem_size = os.fstat(fd).st_size
+                name = os.fspath(mem_path) if not isinstance(mem_path, int) else f"memory file (fd {mem_path})"
+                try:
+                    mem_size = memory_data_size(fd, name)
+                except SnapshotFormatError as exc:
+                    raise ImageError(name, str(exc).removeprefix(name + ": ")) from None
             n = nchunks_for(mem_size, chunk_size)
             has_data = _chunks_with_data(fd, mem_size, chunk_size, n)
             entries, zero, dup, new, new_bytes = _build(fd, mem_size, n, chunk_size, cid, level, store, progress,

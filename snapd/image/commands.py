@@ -49,6 +49,9 @@ def register(subparsers) -> None:
     b.add_argument("--codec", choices=("lz4", "zstd", "raw"), default=None)
     b.add_argument("--level", type=int, default=None, help="codec level (lz4: >=3 is HC; zstd: 1..22)")
     b.add_argument("--source-id", default="", help="name of the snapshot, recorded in the image")
+    b.add_argument("--state", default=None, metavar="STATE_FILE",
+                   help="the snapshot's state file: the memory file must be its own (identity trailer), and its "
+                        "snapshot id is recorded as the source id")
     b.add_argument("--quiet", action="store_true", help="no progress bar")
     b.set_defaults(func=_build)
 
@@ -81,6 +84,11 @@ def _build(args) -> int:
         raise CliError("a second input file (DIFF_MEM) only goes with --parent BASE_IMAGE")
     if not os.path.isfile(args.mem_file):
         raise CliError(f"{args.mem_file}: no such file")
+    if args.state is not None:
+        state = _checked_pair(args.state, args.mem_file)
+        if state.parent_snapshot_id:
+            raise CliError(f"{args.state} is a Diff snapshot: build a layer with --parent BASE_IMAGE")
+        args.source_id = args.source_id or state.snapshot_id
     out = args.out or args.mem_file + ".img"
     store = args.store or os.path.join(os.path.dirname(os.path.abspath(out)), "chunks")
     total = os.path.getsize(args.mem_file)
@@ -139,7 +147,6 @@ def _verify(args) -> int:
 def _build_layer(args) -> int:
     from snapd.image import DEFAULT_CODEC
     from snapd.image.layers import build_layer
-    from vmm.snapshot import SnapshotError, read_snapshot
 
     if args.diff_mem is None:
         raise CliError("--parent needs two inputs: DIFF_STATE DIFF_MEM")
@@ -148,10 +155,7 @@ def _build_layer(args) -> int:
     for path in (args.parent, args.mem_file, args.diff_mem):
         if not os.path.isfile(path):
             raise CliError(f"{path}: no such file")
-    try:
-        state = read_snapshot(args.mem_file)
-    except SnapshotError as exc:
-        raise CliError(str(exc)) from None
+    state = _checked_pair(args.mem_file, args.diff_mem)
     if not state.parent_snapshot_id:
         raise CliError(f"{args.mem_file} is a Full snapshot: build a base image from its memory file instead")
     out = args.out or args.diff_mem + ".img"
@@ -163,6 +167,17 @@ def _build_layer(args) -> int:
     print(f"{r.image_path}: layer over {args.parent}: {r.changed_chunks} chunks changed, {r.stored_chunks} "
           f"differ from the parent, {r.new_chunks} new ({r.new_stored_bytes} bytes added to {store})")
     return 0
+
+
+def _checked_pair(state_path: str, mem_path: str):
+    """The snapshot at ``state_path``, its memory file at ``mem_path`` checked to be its own."""
+    from vmm.snapshot import SnapshotError, open_memory_file, read_snapshot
+    try:
+        state = read_snapshot(state_path)
+        os.close(open_memory_file(mem_path, state, state_path))
+    except SnapshotError as exc:
+        raise CliError(str(exc)) from None
+    return state
 
 
 def _squash(args) -> int:

@@ -19,6 +19,7 @@ from snapd.image.chunkstore import ChunkStore, NewChunk
 from snapd.image.errors import ImageError, LayerParentMismatch
 from snapd.image.index import (CODEC_PARENT, VERSION, Entry, Header, content_id, write_index)
 from snapd.image.reader import BaseImage
+from snapd.snapfile import SnapshotFormatError, memory_data_size
 
 PAGE = 4096
 
@@ -67,7 +68,11 @@ def build_layer(parent_path: str | os.PathLike, diff_mem_path: str | os.PathLike
                                       f"is an image of snapshot {ph.source_id}, but the diff's parent is "
                                       f"snapshot {parent_snapshot_id}")
         with open(diff_mem_path, "rb") as diff, ChunkStore(store_dir) as store:
-            size = os.fstat(diff.fileno()).st_size
+            try:  # its guest memory: the bytes before its identity trailer (a Diff's memory file has one too)
+                size = memory_data_size(diff.fileno(), os.fspath(diff_mem_path))
+            except SnapshotFormatError as exc:
+                raise ImageError(os.fspath(diff_mem_path), str(exc).removeprefix(os.fspath(diff_mem_path) + ": ")) \
+                    from None
             if size != parent.mem_size:
                 raise ImageError(os.fspath(diff_mem_path), f"diff memory file is {size} bytes, the parent image "
                                                            f"{parent.path} holds {parent.mem_size}")
