@@ -494,7 +494,10 @@ class Worker:
         if self.lane is not None:
             self.lane.disarm()  # a clone whose memory is going away is not restored in C
         machine.fail(UffdBackendError(error))
-        protocol.send(self.channel, {"event": "failed", "error": error})
+        try:
+            protocol.send(self.channel, {"event": "failed", "error": error})
+        except OSError:
+            pass  # the daemon is gone (its page servers with it): the main loop sees the hang-up and exits
 
 
 def run_worker(channel: socket.socket, shape: VmShape, states: dict) -> None:
