@@ -66,7 +66,8 @@ BASE = (
 ROLES = {
     "worker": ("userfaultfd", "memfd_create"),          # a clone worker of snapd
     "vmm": ("userfaultfd", "mincore", "bind", "listen", "accept4", "connect",   # `vmm jail`: one VMM, the API,
-            "openat", "rename", "unlink"),                                       # files inside the jail root
+            "openat", "rename", "unlink", "getdents64"),                         # files inside the jail root
+                                                                  # (a listing: leftovers of killed snapshots)
 }
 # Roles that serve an API on a Unix socket file in their root: socket and socketpair (AF_UNIX), stat by name.
 API_ROLES = ("vmm",)
