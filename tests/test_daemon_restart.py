@@ -99,9 +99,15 @@ def test_a_daemon_starts_past_a_damaged_image_record_and_serves_the_others(tmp_p
     os.unlink(os.path.join(images, f"{lost}.img"))  # its base image is gone
     with open(os.path.join(images, "garbage.json"), "w") as f:
         f.write('{"not": "a record"}')
+    leftovers = ["img-0123456789ab.state", "img-0123456789ab.img", ".img-0123456789ab.json.tmp-1-0a1b2c3d"]
+    for name in leftovers:  # a registration killed before its record was written
+        with open(os.path.join(images, name), "wb") as f:
+            f.write(b"partial")
     second = RunningDaemon(state_dir, pool_size=1)
     try:
         assert [i["id"] for i in second.client.images()] == [kept]
+        assert not set(leftovers) & set(os.listdir(images))
+        assert {f"{kept}.json", f"{kept}.img", f"{kept}.state", "garbage.json"} <= set(os.listdir(images))
         (clone,) = second.client.create_clones(kept, payload=b"still here")
         workloads.verify_hello(b"still here", clone["result"], 1)
     finally:

@@ -141,7 +141,23 @@ class ImageRegistry:
                     log.error("image %s is not served: its state file cannot be used: %s", record.id, exc)
                     continue
                 records.append(record)
+        self._remove_leftovers({r.id for r in records} | self._recorded())
         return records
+
+    def _recorded(self) -> set[str]:
+        return {name[:-len(".json")] for name in os.listdir(self.dir) if name.endswith(".json")}
+
+    def _remove_leftovers(self, keep: set[str]) -> None:
+        """Files of a registration killed before its record was written (and atomic_write's temporaries): no
+        record names them, nothing will. A record that exists but is not served keeps its files."""
+        for name in os.listdir(self.dir):
+            if name.split(".", 1)[0] in keep and not name.startswith("."):
+                continue
+            log.info("removing %s: a leftover of an interrupted image registration", name)
+            try:
+                os.unlink(os.path.join(self.dir, name))
+            except OSError:
+                pass
 
     def register(self, source: SnapshotSource, chunk_size: int | None = None, codec: str = "lz4") -> ImageRecord:
         """Copy the state file (the bytes read) and build the base image from the open memory file."""
