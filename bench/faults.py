@@ -64,9 +64,16 @@ def process_state(pid: int) -> str:
 
 
 def wait_gone(pids, timeout: float) -> list[int]:
-    """The pids still running (a zombie counts as running: nobody reaped it) after ``timeout``."""
+    """The pids still running (a zombie counts as running: nobody reaped it) after ``timeout``. Those that are
+    ours to reap are reaped: a killed daemon's workers come to us if this process is a subreaper (a test process
+    that also ran a daemon in-process is one)."""
     deadline = time.monotonic() + timeout
     while True:
+        for pid in pids:
+            try:
+                os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                pass
         left = [pid for pid in pids if process_state(pid) != "gone"]
         if not left or time.monotonic() > deadline:
             return left
