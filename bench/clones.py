@@ -5,6 +5,7 @@
     PYTHONPATH=. .venv/bin/python -m bench.clones latency-ab --ab lane   (the restore lane off vs on, alternating)
     PYTHONPATH=. .venv/bin/python -m bench.clones latency-ab --ab jail [--prepared 0]   (--jail off vs on)
     PYTHONPATH=. .venv/bin/python -m bench.clones rate-ab [--rounds 3]    (rate, --jail off and on in turns)
+    PYTHONPATH=. .venv/bin/python -m bench.clones worker-ready [--n 20 --rounds 2]  (zygote fork to a ready worker)
     PYTHONPATH=. .venv/bin/python -m bench.clones latency-gaps [--gaps 1,2,5,20,100]   (on the wire, by idle time)
     PYTHONPATH=. .venv/bin/python -m bench.clones invoke-gaps [--gaps 1,2,5,20,100]    (a live clone's invocations)
     PYTHONPATH=. .venv/bin/python -m bench.clones memory  [--mem-mib 256] [--counts 1,10,100,1000]
@@ -346,10 +347,45 @@ def run_rate_ab(args, work: str) -> None:
                  ["on", " ".join(f"{x:.0f}" for x in rates["on"]), on], ["ratio on/off", "", on / off]]))
 
 
+def run_worker_ready(args, work: str) -> None:
+    """How long a warm worker takes from the zygote's fork to its hello (its VM shell built), --jail off and on in
+    turns: the pool's refill speed, which on-demand restores without worker reuse depend on."""
+    from snapd.pool import protocol
+    from snapd.pool.jail import WorkerJail
+    from snapd.pool.zygote_handle import Zygote
+    from snapd.pool.worker_handle import readable
+    from vmm.prebuilt import VmShape
+    samples = {"off": [], "on": []}
+    for r in range(args.rounds):
+        for jail_mode in ("off", "on") if r % 2 == 0 else ("on", "off"):
+            jail = WorkerJail("off" if jail_mode == "off" else "root", os.path.join(work, f"{jail_mode}-{r}"))
+            zygote = Zygote(jail)
+            try:
+                for _ in range(args.n):
+                    t0 = time.perf_counter()
+                    worker = zygote.fork_worker(VmShape(1, args.mem_mib))
+                    if not readable(worker.channel, 60):
+                        raise RuntimeError("no worker within 60 s")
+                    hello, _, _ = protocol.recv(worker.channel)
+                    samples[jail_mode].append((time.perf_counter() - t0) * 1e3)
+                    worker.pid = hello["pid"]
+                    if worker.lease is not None:
+                        jail.watch(worker.lease, worker.pid, lambda reason: None)
+                    worker.stop()
+                    time.sleep(args.gap_ms / 1e3)
+            finally:
+                zygote.close()
+                jail.close()
+    off, on = summary(samples["off"]), summary(samples["on"])
+    print(table(["--jail", "fork to ready p50 (ms)", "p90", "p99"],
+                [["off", off["p50"], off["p90"], off["p99"]], ["on", on["p50"], on["p90"], on["p99"]],
+                 ["ratio on/off", on["p50"] / off["p50"], on["p90"] / off["p90"], on["p99"] / off["p99"]]]))
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.clones", description=__doc__.split("\n\n")[0])
     p.add_argument("what", choices=("latency", "latency-ab", "latency-gaps", "invoke-gaps", "memory", "rate",
-                                     "rate-ab"))
+                                     "rate-ab", "worker-ready"))
     p.add_argument("--mem-mib", type=int, default=None)
     p.add_argument("--n", type=int, default=200)
     p.add_argument("--warmup", type=int, default=10)
@@ -373,7 +409,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-clones-") as work:
         {"latency": run_latency, "latency-ab": run_latency_ab, "latency-gaps": run_latency_gaps,
          "invoke-gaps": run_invoke_gaps, "memory": run_memory, "rate": run_rate,
-         "rate-ab": run_rate_ab}[args.what](args, work)
+         "rate-ab": run_rate_ab, "worker-ready": run_worker_ready}[args.what](args, work)
     return 0
 
 
