@@ -15,6 +15,7 @@ from vmm.errors import GuestFault, VmmError
 from vmm.native import ffi, lib
 
 KICK_SIGNAL = signal.SIGUSR1
+THROTTLE_SLICE_S = 0.005  # a throttled vCPU (a guest flooding its console) sees a pause or stop this often
 _kick_installed = False
 
 
@@ -88,6 +89,9 @@ class VcpuRunner:
             self.machine.on_vcpu_fault(self, fault)
         except VmmError as exc:
             self.machine.on_vcpu_fault(self, GuestFault(f"vCPU {self.vcpu.index}: {exc}", format_registers(self.vcpu)))
+        except Exception as exc:  # a VMM bug: the VM fails (its thread must not end silently, the VM "running")
+            self.machine.on_vcpu_fault(self, GuestFault(f"vCPU {self.vcpu.index}: the VMM failed: "
+                                                        f"{type(exc).__name__}: {exc}", format_registers(self.vcpu)))
         finally:
             self.parked.set()
 
@@ -113,6 +117,19 @@ class VcpuRunner:
                 continue
             self.exits += 1
             self._dispatch_exit(run.exit_reason)
+            if machine.serial.tx_tokens <= 0:  # the serial device is replaced on a restore: looked up here
+                self._throttle(machine.serial, lambda: machine.stop_requested or machine.pause_requested)
+
+    def _throttle(self, serial, give_up: Callable[[], bool], deadline: float | None = None) -> None:
+        """A guest past its console allowance (serial.TX_RATE) waits here, off the CPU, until it has one again; in
+        slices of at most THROTTLE_SLICE_S, so that a pause, a stop or ``deadline`` ends the wait promptly."""
+        while not give_up():
+            delay = serial.tx_delay()
+            if deadline is not None:
+                delay = min(delay, deadline - time.monotonic())
+            if delay <= 0:
+                return
+            time.sleep(min(delay, THROTTLE_SLICE_S))
 
     def run_here(self, done: Callable[[], bool], deadline: float,
                  park_at: tuple[int, int] | None = None) -> bool:
@@ -122,7 +139,7 @@ class VcpuRunner:
         ``deadline`` (time.monotonic()) passes first: the caller resumes the vCPU thread, which carries on from
         the same point. Raises GuestFault / VmmError as the vCPU thread's loop would. Main thread only (the
         deadline is a SIGALRM interval timer; SIGALRM is ignored from the first call on)."""
-        vcpu, run = self.vcpu, self.vcpu.run
+        vcpu, run, serial = self.vcpu, self.vcpu.run, self.machine.serial
         run.immediate_exit = 0
         # KVM_RUN returns -EINTR when a signal arrives: the interval timer bounds a guest that never answers.
         install_alarm_handler()
@@ -138,6 +155,8 @@ class VcpuRunner:
                     self._answer_read(park_at[1])
                     return True
                 self._dispatch_exit(run.exit_reason)
+                if serial.tx_tokens <= 0:
+                    self._throttle(serial, lambda: self.machine.stop_requested, deadline)
             return True
         finally:
             signal.setitimer(signal.ITIMER_REAL, 0)
@@ -175,7 +194,14 @@ class VcpuRunner:
     def _dispatch_exit(self, reason: int) -> None:
         machine, vcpu = self.machine, self.vcpu
         if reason == lib.KVM_EXIT_IO:
-            self._handle_io()
+            try:
+                self._handle_io()
+            except VmmError:
+                raise
+            except Exception as exc:  # a device model that failed on what the guest did: that VM fails, cleanly,
+                raise GuestFault(  # on this thread or the one running it here (run_here), never the process
+                    f"port I/O on vCPU {vcpu.index} made a device fail: {type(exc).__name__}: {exc}",
+                    format_registers(vcpu)) from None
         elif reason == lib.KVM_EXIT_MMIO:
             self._handle_mmio()
         elif reason in (lib.KVM_EXIT_INTR, lib.KVM_EXIT_HLT, lib.KVM_EXIT_IRQ_WINDOW_OPEN):
@@ -198,12 +224,15 @@ class VcpuRunner:
         if fmt is None:
             raise GuestFault(f"port I/O of {size} bytes at port {port:#x}", format_registers(self.vcpu))
         data = self.vcpu.run_bytes
+        if offset + count * size > len(data):  # KVM's own bound (one page of data); checked, never assumed
+            raise GuestFault(f"port I/O of {count} x {size} bytes at port {port:#x} does not fit kvm_run",
+                             format_registers(self.vcpu))
         if io.direction == lib.KVM_EXIT_IO_OUT:
             for i in range(count):
-                self.bus.write(port, size, struct.unpack_from(fmt, data, offset + i * size)[0])
+                self.bus.write(port, size, struct.unpack_from(fmt, data, offset + i * size)[0], count)
         else:
             for i in range(count):
-                struct.pack_into(fmt, data, offset + i * size, self.bus.read(port, size))
+                struct.pack_into(fmt, data, offset + i * size, self.bus.read(port, size, count))
 
     def _answer_read(self, value: int) -> None:
         """Answer the pending port read with ``value`` (cut to its size) without asking the bus."""

@@ -27,6 +27,8 @@
 
 /* mailbox layout and FN_NEXT answers: docs/function-port.md, vmm/devices/fnport.py */
 #define MAILBOX_HEADER 128
+#define MAILBOX_MAX (1u << 20)   /* the largest mailbox the function port takes (fnport.MAILBOX_MAX) */
+#define PAGE_MASK 4095u
 #define OFF_SEQ 16
 #define OFF_GENERATION 24
 #define OFF_REQ_LEN 64
@@ -106,6 +108,18 @@ static long receive(struct lane_channel *ch, struct lane_held_result *res)
     return n ? n : 1;
 }
 
+/* What this side does with guest memory stays within the mailbox the function port took (vmm/devices/fnport.py
+ * checked that it lies in guest memory): a page-aligned mailbox whose request and reply areas fit MAILBOX_MAX,
+ * and whose reply area fits this side's reply buffer. Checked on every message, so no value the lane was armed
+ * with is used unchecked, whatever set it. */
+static int mailbox_sane(const struct lane_held *held)
+{
+    uint64_t total = (uint64_t)MAILBOX_HEADER + held->req_cap + held->resp_cap;
+    return held->mailbox && !(held->mailbox & PAGE_MASK) && total <= MAILBOX_MAX
+           && held->mailbox + total > held->mailbox
+           && held->resp_cap <= LANE_MAX_MESSAGE - sizeof(struct lane_reply_msg);
+}
+
 /* The held vCPU's pending exit is the FN_NEXT read this clone parked in. */
 static int parked_in_next(const struct lane_held *held)
 {
@@ -157,7 +171,7 @@ static int run_to_reply(struct lane_held *held, struct lane_held_result *res, ui
         if (run->exit_reason == KVM_EXIT_IO && run->io.direction == KVM_EXIT_IO_OUT
             && run->io.port == held->fn_done_port && run->io.size == 4 && run->io.count == 1) {
             memcpy(length, (uint8_t *)run + run->io.data_offset, 4);
-            done = *length <= held->resp_cap;
+            done = *length <= held->resp_cap;  /* the guest's value: a longer reply is Python's to refuse */
         }
         res->exit_pending = !done;  /* FN_DONE is complete once read; anything else is Python's to dispatch */
         break;
@@ -230,7 +244,7 @@ static int serve_one(struct lane_channel *ch, struct lane_held *held, struct lan
     int live = (msg->flags & LANE_FLAG_LIVE) != 0;
     if ((size_t)n < sizeof(*msg) || memcmp(msg->magic, LANE_RESTORE_MAGIC, 4) != 0 || res->nfds || res->truncated
         || !held->armed || live != held->live || strncmp(msg->image, held->image, LANE_IMAGE_MAX) != 0
-        || !parked_in_next(held) || !alarm_ready())
+        || !parked_in_next(held) || !mailbox_sane(held) || !alarm_ready())
         return LANE_HELD_MESSAGE;
     res->id = msg->id;
     res->flags = msg->flags;
@@ -296,7 +310,8 @@ static int serve_one(struct lane_channel *ch, struct lane_held *held, struct lan
     struct kvm_run *run = held->run;
     uint32_t delivered = NEXT_DELIVERED;
     memcpy((uint8_t *)run + run->io.data_offset, &delivered, 4);
-    res->deadline_ns = t1 + res->timeout_ns;
+    /* capped (146 years), so the deadline neither wraps nor overflows Python's waits when it carries it on */
+    res->deadline_ns = t1 + (res->timeout_ns < (1ull << 62) ? res->timeout_ns : (1ull << 62));
 
     uint32_t length = 0;
     uint8_t *result = ch->reply + sizeof(struct lane_reply_msg);

@@ -14,6 +14,10 @@ STATUS_SYSTEM_FLAG = 0x04
 class I8042State:
     last_command: int
 
+    def __post_init__(self):
+        if not 0 <= self.last_command <= 0xFF:
+            raise ValueError("an i8042 command outside 0..255")
+
 
 class I8042:
     """Registered at 0x60..0x64; offset 4 is the status/command port."""

@@ -4,6 +4,7 @@ Output goes to a sink (the VMM's standard output by default, as Firecracker's se
 Input is buffered: ``feed()`` queues bytes for the guest and raises the receive interrupt.
 """
 import os
+import time
 from collections import deque
 from dataclasses import dataclass
 
@@ -18,6 +19,12 @@ MSR_CTS, MSR_DSR, MSR_RI, MSR_DCD = 0x10, 0x20, 0x40, 0x80
 FCR_ENABLE, FCR_CLEAR_RX = 0x01, 0x02
 RX_FIFO_LIMIT = 64 * 1024
 FLUSH_AT = 4096
+# What a guest may write to the console: TX_BURST bytes at once, then TX_RATE bytes a second. Each byte is a VM
+# exit (~25 us here) and a trip through this model, so a guest that floods the UART burns a CPU on exits; past
+# its allowance its vCPU waits off the CPU (VcpuRunner._throttle) instead. A Linux boot log fits the burst.
+TX_BURST = 256 * 1024
+TX_RATE = 4 * 1024
+TX_RESUME = 512  # a throttled guest goes on once this much allowance came back: a few wake-ups a second
 
 
 @dataclass(frozen=True)
@@ -31,6 +38,14 @@ class SerialState:
     fcr: int
     thr_interrupt_pending: bool
     rx_buffer: bytes
+
+    def __post_init__(self):
+        """A state file's UART: 8-bit registers and a receive buffer no longer than the device keeps (snapd.snapfile
+        turns the ValueError into a format error)."""
+        if not all(0 <= r <= 0xFF for r in (self.dll, self.dlm, self.ier, self.lcr, self.mcr, self.scr, self.fcr)):
+            raise ValueError("a UART register outside 0..255")
+        if len(self.rx_buffer) > RX_FIFO_LIMIT:
+            raise ValueError(f"a receive buffer longer than {RX_FIFO_LIMIT} bytes")
 
 
 def stdout_sink(data: bytes) -> None:
@@ -46,6 +61,9 @@ class Serial:
         self._irq_level = 0
         self.dll, self.dlm, self.ier, self.lcr, self.mcr, self.scr, self.fcr = 0x0C, 0, 0, 0x03, MCR_OUT2, 0, 0
         self.thr_interrupt_pending = False
+        self.tx_tokens = TX_BURST  # bytes the guest may still write before it waits (refilled at TX_RATE)
+        self._tx_refilled = time.monotonic()
+        self._tx_waiting = False
 
     # -- guest side
     def io_read(self, offset: int, size: int) -> int:
@@ -96,7 +114,19 @@ class Serial:
             self.scr = value
         self._update_irq()
 
+    def tx_delay(self) -> float:
+        """Seconds a guest that used up its allowance must wait before it writes again (TX_RESUME bytes come
+        back by then); 0 when it has some left."""
+        now = time.monotonic()
+        self.tx_tokens = min(TX_BURST, self.tx_tokens + (now - self._tx_refilled) * TX_RATE)
+        self._tx_refilled = now
+        if self.tx_tokens > 0 and not self._tx_waiting:
+            return 0.0
+        self._tx_waiting = self.tx_tokens < TX_RESUME
+        return (TX_RESUME - self.tx_tokens) / TX_RATE if self._tx_waiting else 0.0
+
     def _transmit(self, byte: int) -> None:
+        self.tx_tokens -= 1  # refilled when it runs out (tx_delay), so the common path reads no clock
         if self.mcr & MCR_LOOP:
             self._push_rx(bytes([byte]))
         else:
