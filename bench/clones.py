@@ -114,6 +114,10 @@ def run_latency_ab(args, work: str) -> None:
         options = {"A": ("--lane", "off"), "B": ("--lane", "on")}
         labels = {"A": "lane off", "B": "lane on"}
         prepared_of = {"A": prepared, "B": prepared}
+    elif args.ab == "cpu-cgroups":
+        options = {"A": ("--clone-cpu-cgroups", "off"), "B": ("--clone-cpu-cgroups", "on")}
+        labels = {"A": "one cpu group", "B": "a cpu group per clone"}
+        prepared_of = {"A": prepared, "B": prepared}
     elif args.ab == "jail":
         options = {"A": ("--jail", "off"), "B": ("--jail", "on")}
         labels = {"A": "jail off", "B": "jail on"}
@@ -396,7 +400,7 @@ def main(argv=None) -> int:
     p.add_argument("--counts", default="1,10,100,1000")
     p.add_argument("--seconds", type=float, default=10.0)
     p.add_argument("--clients", type=int, default=4)
-    p.add_argument("--ab", choices=("prepared", "lane", "jail"), default="prepared",
+    p.add_argument("--ab", choices=("prepared", "lane", "jail", "cpu-cgroups"), default="prepared",
                    help="latency-ab: what the two daemons differ in (prepared workers, the restore lane, jailing)")
     p.add_argument("--jail", choices=("on", "off"), default="on", help="the daemon's --jail (default on)")
     p.add_argument("--rounds", type=int, default=3, help="rate-ab: rounds of each setting")

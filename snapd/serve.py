@@ -81,9 +81,9 @@ def register(subparsers) -> None:
                    help="uids (and gids) for jailed workers, one per live worker (default %d-%d)" % DEFAULT_UID_RANGE)
     p.add_argument("--clone-memory-mib", type=_count, default=None,
                    help="memory limit of each clone's cgroup in MiB (default: guest memory + 64 MiB)")
-    p.add_argument("--clone-cpu-cgroups", default="off", choices=("on", "off"),
-                   help="a cpu cgroup per clone, weighted by its vCPUs (default off: one cpu group for all workers; "
-                        "per-clone groups cost restore latency under load, docs/benchmarks.md)")
+    p.add_argument("--clone-cpu-cgroups", default="on", choices=("on", "off"),
+                   help="a cpu cgroup per clone, weighted by its vCPUs (default on; off: one cpu group for all "
+                        "workers, the scheduler then fair per thread among them)")
     p.add_argument("--log-level", default="warning", choices=("error", "warning", "info", "debug"))
     p.set_defaults(func=_serve)
 

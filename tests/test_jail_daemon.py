@@ -71,9 +71,10 @@ def test_every_worker_is_jailed_before_any_request(jailed):
             assert os.readlink(f"/proc/{pid}/ns/{ns}") != os.readlink(f"/proc/self/ns/{ns}"), ns
         assert os.listdir(f"/proc/{pid}/root") == []  # no host file reachable by name
         groups = membership(pid)
-        for controller in ("memory", "pids"):
+        for controller in ("memory", "pids", "cpu"):
             assert groups[controller].endswith(f"/w{uid}"), groups
-        assert groups["cpu"].endswith("/workers"), groups  # one cpu group for all workers (--clone-cpu-cgroups)
+        with open(f"/sys/fs/cgroup/cpu{groups['cpu']}/cpu.shares") as f:
+            assert int(f.read()) == 1024  # weight 100 for its one vCPU
         with open(f"/sys/fs/cgroup/memory{groups['memory']}/memory.limit_in_bytes") as f:
             assert int(f.read()) == MEMORY_MIB << 20
         with open(f"/proc/{pid}/environ", "rb") as f:  # as the zygote was started: its code's path only
@@ -166,16 +167,16 @@ def test_jail_off_is_a_logged_development_switch(tmp_path, caplog):
         daemon.close()
 
 
-def test_a_cpu_group_per_clone_when_asked(tmp_path):
+def test_one_cpu_group_for_all_workers_when_asked(tmp_path):
     state, mem = hello_snapshot(tmp_path)
-    daemon = RunningDaemon(str(tmp_path / "state"), pool_size=1, clone_cpu_cgroups=True)
+    daemon = RunningDaemon(str(tmp_path / "state"), pool_size=1, clone_cpu_cgroups=False)
     try:
         image = daemon.client.register_image(state, mem)["id"]
-        (clone,) = daemon.client.create_clones(image, payload=b"weighted")
-        groups = membership(clone["pid"])
-        uid = int(status(clone["pid"])["Uid"].split()[0])
-        assert groups["cpu"].endswith(f"/w{uid}"), groups
-        with open(f"/sys/fs/cgroup/cpu{groups['cpu']}/cpu.shares") as f:
-            assert int(f.read()) == 1024  # weight 100 for its one vCPU
+        clones = daemon.client.create_clones(image, count=2, payload=b"shared")
+        cpu = {membership(c["pid"])["cpu"] for c in clones}
+        assert len(cpu) == 1 and cpu.pop().endswith("/workers")
+        for clone in clones:  # memory and pids stay each worker's own
+            uid = int(status(clone["pid"])["Uid"].split()[0])
+            assert membership(clone["pid"])["memory"].endswith(f"/w{uid}")
     finally:
         daemon.close()

@@ -69,7 +69,7 @@ class DaemonConfig:
     jail: str = "on"               # on: every worker jailed (snapd.pool.jail; "user" mode when not root); off: none
     uid_range: tuple[int, int] = DEFAULT_UID_RANGE  # one uid and gid per live worker (root mode)
     clone_memory_mib: int | None = None  # a clone worker's memory limit (None: guest memory + VMM overhead)
-    clone_cpu_cgroups: bool = False  # a cpu group (weight from its vCPUs) per worker; else one for all workers
+    clone_cpu_cgroups: bool = True  # a cpu group (weight from its vCPUs) per worker; False: one for all workers
     import_roots: tuple[str, ...] = ()  # directories the API may read beneath, besides STATE/import (the first,
                                         # relative paths' base); snapd.daemon.paths
 

@@ -65,7 +65,7 @@ class Lease:
 class WorkerJail:
     def __init__(self, mode: str, state_dir: str, uid_range: tuple[int, int] = DEFAULT_UID_RANGE,
                  memory_mib: int | None = None, overhead_mib: int = cgroups.VMM_OVERHEAD_MIB,
-                 cpu_per_clone: bool = False):
+                 cpu_per_clone: bool = True):
         if mode == "root" and os.geteuid() != 0:
             mode = "user"
         self.mode = mode
@@ -78,7 +78,7 @@ class WorkerJail:
         self.next_uid = uid_range[0]
         self.layout = None
         self.cpu_per_clone = cpu_per_clone
-        self.shared_cpu: cgroups.CgroupGroup | None = None  # every worker's cpu group, unless cpu_per_clone
+        self.shared_cpu: cgroups.CgroupGroup | None = None  # every worker's cpu group, without cpu_per_clone
         self.cgroup_parent = "snapd/" + hashlib.sha256(os.path.abspath(state_dir).encode()).hexdigest()[:16]
         self.reaper: Reaper | None = None
         if mode == "off":
@@ -92,9 +92,8 @@ class WorkerJail:
                             ", ".join(self.layout.missing))
             cgroups.remove_tree(self.cgroup_parent, kill=True, layout=self.layout)  # a previous daemon's
             if not cpu_per_clone:
-                # One cpu group for all workers, memory and pids per worker: a cpu group per worker made group
-                # scheduling stand between a restore and the workers re-preparing beside it (restores 2 ms apart:
-                # p90 2.3x, p99 5.9x on the wire against no cpu groups; docs/benchmarks.md, "Jailing").
+                # One cpu group for all workers (memory and pids stay per worker): the scheduler is then fair per
+                # thread among them, as without cgroups (bench.clones latency-ab --ab cpu-cgroups compares).
                 cpu_layout = cgroups.detect_layout(controllers=("cpu",))
                 self.layout = cgroups.detect_layout(controllers=("memory", "pids"))
                 if cpu_layout.hierarchies:
