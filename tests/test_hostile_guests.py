@@ -352,11 +352,12 @@ def test_a_triple_fault_fails_that_clone_only(env, request_):
     clone = env.clone()
     try:
         status, body, elapsed = env.invoke(clone["id"], request_)
-        # The worker answers "the VM stopped" (kind vmm); the daemon (snapd/daemon/clones.py) answers a live
-        # clone's with 400 and leaves its record "running": every later invocation is refused at once.
-        assert status in (400, 502) and "triple-faulted" in body["fault_message"], body
+        # The worker answers "the VM stopped" (kind vmm): the clone is failed with that reason, and every later
+        # invocation is refused at once.
+        assert status == 502 and "triple-faulted" in body["fault_message"], body
+        assert env.client.request("GET", f"/v1/clones/{clone['id']}").json()["state"] == "failed"
         status, body, elapsed = env.invoke(clone["id"], "echo")
-        assert status in (400, 502) and "stopped" in body["fault_message"] and elapsed < 1.0, body
+        assert status == 502 and "triple-faulted" in body["fault_message"] and elapsed < 1.0, body
     finally:
         env.client.delete_clone(clone["id"])
     env.hello_answers()

@@ -378,9 +378,10 @@ class CloneOps:
         except WorkerError as exc:
             if exc.kind == "timeout":
                 raise GuestTimeout(f"clone {clone_id}: {exc}") from None
-            if clone.worker.failure:
-                self._mark_failed(clone, clone.worker.failure)
-                raise CloneFailed(f"clone {clone_id} failed: {clone.worker.failure}") from None
+            if clone.worker.failure or exc.kind == "vmm":  # its VM stopped under the call: the clone is broken
+                why = clone.worker.failure or str(exc)
+                self._mark_failed(clone, why)
+                raise CloneFailed(f"clone {clone_id} failed: {why}") from None
             raise BadRequest(f"clone {clone_id}: {exc}") from None
         if clone.worker.failure and clone.state == "running":  # answered, but the worker reported a failure
             self._mark_failed(clone, clone.worker.failure)

@@ -60,8 +60,12 @@ class Worker:
         self.held = False  # self.machine is paused by _prepare: resumed once the restore's reply is sent
         self.lane: held_lane.HeldLane | None = None  # the channel's reader; answers a held clone's restore in C
         self.lane_counts = {"served": 0, "fallbacks": 0}  # restores the lane answered, or handed to Python mid-way
-        for state in list(states.values()):
-            self._rehearse(state)
+        for image, state in list(states.items()):
+            try:
+                self._rehearse(state)
+            except (VmmError, OSError) as exc:  # KVM refuses this image's state: its own restores will say so,
+                states.pop(image, None)          # and every other image's workers must still come up
+                print(f"snapd worker: image {image} cannot be restored: {exc}", file=sys.stderr)
 
     def _rehearse(self, state) -> None:
         """Run the restore's code over the parsed state once, before any request: a forked worker shares the
