@@ -39,7 +39,8 @@ struct lane_reply_msg { int32_t status; uint64_t id; uint64_t generation; uint64
 #define LANE_HELD_SERVED ...
 #define LANE_HELD_FALLBACK ...
 struct lane_held {
-    int armed; int stop; int live; uint64_t generation; uint64_t park_budget_ns; int vcpu_fd; void *run; uint64_t mailbox; uint32_t req_cap, resp_cap; uint64_t seq;
+    int armed; int stop; int live; uint64_t generation; uint64_t park_budget_ns; int vcpu_fd; void *run; uint64_t mailbox; uint64_t region_start, region_end;
+    uint32_t req_cap, resp_cap; uint64_t seq;
     uint16_t fn_next_port, fn_done_port; char image[...]; uint64_t live_served, live_written;
     ...;
 };

@@ -109,14 +109,16 @@ static long receive(struct lane_channel *ch, struct lane_held_result *res)
 }
 
 /* What this side does with guest memory stays within the mailbox the function port took (vmm/devices/fnport.py
- * checked that it lies in guest memory): a page-aligned mailbox whose request and reply areas fit MAILBOX_MAX,
- * and whose reply area fits this side's reply buffer. Checked on every message, so no value the lane was armed
- * with is used unchecked, whatever set it. */
+ * checked it too): a page-aligned mailbox whose request and reply areas fit MAILBOX_MAX and lie wholly inside
+ * the guest memory region it was armed with, and whose reply area fits this side's reply buffer. Checked on
+ * every message, so no value the lane was armed with is used unchecked, whatever set it. */
 static int mailbox_sane(const struct lane_held *held)
 {
     uint64_t total = (uint64_t)MAILBOX_HEADER + held->req_cap + held->resp_cap;
     return held->mailbox && !(held->mailbox & PAGE_MASK) && total <= MAILBOX_MAX
            && held->mailbox + total > held->mailbox
+           && held->mailbox >= held->region_start && held->region_start < held->region_end
+           && held->mailbox + total <= held->region_end
            && held->resp_cap <= LANE_MAX_MESSAGE - sizeof(struct lane_reply_msg);
 }
 

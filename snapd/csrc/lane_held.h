@@ -31,6 +31,7 @@ struct lane_held {
     int vcpu_fd;
     void *run;                    /* the vCPU's struct kvm_run */
     uint64_t mailbox;             /* host address of the guest's mailbox */
+    uint64_t region_start, region_end;  /* host addresses of the guest memory region the mailbox must lie in */
     uint32_t req_cap, resp_cap;
     uint64_t seq;                 /* the function port's last sequence number */
     uint16_t fn_next_port, fn_done_port;

@@ -46,6 +46,9 @@ class HeldLane:
         held.vcpu_fd = machine.vcpus[0].fd
         held.run = ffi.cast("void *", _address(machine.vcpus[0].run))
         held.mailbox = _address(machine.memory.host_pointer(fnport.mailbox_gpa))
+        region = next(r for r in machine.memory.regions
+                      if r.guest_phys_addr <= fnport.mailbox_gpa < r.guest_phys_addr + r.size)
+        held.region_start, held.region_end = region.host_addr, region.host_addr + region.size
         held.req_cap, held.resp_cap, held.seq = fnport.req_cap, fnport.resp_cap, fnport.seq
         held.fn_next_port, held.fn_done_port = FN_PORT_BASE + FN_NEXT, FN_PORT_BASE + FN_DONE
         held.image = image.encode()[:lib.LANE_IMAGE_MAX]
