@@ -30,6 +30,7 @@ import time
 from snapd.client import SnapdError
 from snapd.daemon_process import DaemonProcess
 from snapd.image.reader import BaseImage
+from snapd.pool.worker_handle import proc_stat
 from vmm import workloads
 from vmm.snapshot import SnapshotError, open_memory_file, read_snapshot, snapshot_builtin_guest
 
@@ -56,11 +57,9 @@ def processes_of(state_dir: str) -> dict[int, str]:
 
 
 def process_state(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return "gone"
+    """R, S, T, Z... as /proc/PID/stat says; "gone" once the process is."""
+    fields = proc_stat(pid)
+    return fields[0].decode() if fields else "gone"
 
 
 def wait_gone(pids, timeout: float) -> list[int]:

@@ -11,16 +11,14 @@ from snapd.client import SnapdError
 from snapd.daemon.clones import REPLY_GRACE_S
 from tests.daemon_helpers import RunningDaemon, hello_snapshot
 from vmm import workloads
+from snapd.pool.worker_handle import proc_stat
 from tests.conftest import wait_until
 
 
 def process_state(pid: int) -> str:
     """R, S, T, Z... from /proc/PID/stat; X once the process is gone."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0]
-    except FileNotFoundError:
-        return "X"
+    fields = proc_stat(pid)
+    return fields[0].decode() if fields else "X"
 
 
 @pytest.fixture(scope="module", params=["on", "off"], ids=["lane", "python"])

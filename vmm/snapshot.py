@@ -456,12 +456,13 @@ def load_snapshot_uffd_backed(snapshot_path: str, backend_path: str, resume: boo
 
 
 def snapshot_builtin_guest(directory: str, mem_mib: int, boot_args: str, name: str,
-                           vcpus: int = 1) -> tuple[str, str]:
-    """Boot the built-in guest with ``boot_args``, wait for its init phase and snapshot it as NAME.state and
-    NAME.mem in ``directory``; returns their paths (the demo, bench/ and the tests start from this)."""
+                           vcpus: int = 1, kernel_image: str = "") -> tuple[str, str]:
+    """Boot the built-in guest (or ``kernel_image``, a guest that keeps its contract: tests/guests) with
+    ``boot_args``, wait for its init phase and snapshot it as NAME.state and NAME.mem in ``directory``; returns
+    their paths (the demo, bench/ and the tests start from this)."""
     state, mem = os.path.join(directory, f"{name}.state"), os.path.join(directory, f"{name}.mem")
-    machine = Microvm(MachineConfig(vcpu_count=vcpus, mem_size_mib=mem_mib, boot_args=boot_args),
-                      serial_sink=lambda data: None)
+    machine = Microvm(MachineConfig(vcpu_count=vcpus, mem_size_mib=mem_mib, boot_args=boot_args,
+                                    kernel_image=kernel_image), serial_sink=lambda data: None)
     try:
         machine.boot()
         machine.wait_ready(30)

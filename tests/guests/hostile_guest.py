@@ -7,9 +7,7 @@ of the built-in guest (vmm.snapshot.snapshot_builtin_guest): booted, run to its 
 import os
 import subprocess
 
-from vmm.config import MachineConfig
-from vmm.machine import Microvm
-from vmm.snapshot import create_snapshot
+from vmm.snapshot import snapshot_builtin_guest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ELF = os.path.join(HERE, "build", "hostile.elf")
@@ -26,17 +24,7 @@ def build() -> str:
 def snapshot(directory: str, name: str, boot_args: str = "", mem_mib: int = 64) -> tuple[str, str]:
     """Boot the hostile guest with ``boot_args``, wait for its first FN_NEXT, snapshot it as NAME.state and
     NAME.mem in ``directory``; returns their paths."""
-    state, mem = os.path.join(directory, f"{name}.state"), os.path.join(directory, f"{name}.mem")
-    machine = Microvm(MachineConfig(mem_size_mib=mem_mib, kernel_image=build(), boot_args=boot_args),
-                      serial_sink=lambda data: None)
-    try:
-        machine.boot()
-        machine.wait_ready(30)
-        machine.pause()
-        create_snapshot(machine, state, mem)
-    finally:
-        machine.close()
-    return state, mem
+    return snapshot_builtin_guest(directory, mem_mib, boot_args, name, kernel_image=build())
 
 
 def sweep_accesses(first: int, count: int) -> int:
