@@ -20,12 +20,14 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
 import struct
 from dataclasses import dataclass
 from typing import Sequence
 
 from snapd.atomic import atomic_write
 from snapd.image.errors import ImageError
+from snapd.image.index import MAX_CHUNK, MIN_CHUNK
 
 MAGIC = b"UVMLSET\0"
 VERSION = (1, 0)
@@ -98,6 +100,9 @@ class LoadingSet:
             raise LoadingSetCorrupt(name, f"{size - expected} bytes of trailing data after the checksum")
         if hashlib.blake2b(data[:-DIGEST_LEN], digest_size=DIGEST_LEN).digest() != data[-DIGEST_LEN:]:
             raise LoadingSetCorrupt(name, "loading set checksum mismatch (file is corrupt)")
+        if not (MIN_CHUNK <= chunk_size <= MAX_CHUNK) or chunk_size & (chunk_size - 1):
+            raise LoadingSetCorrupt(name, f"chunk size {chunk_size} is not an image's (a power of two from "
+                                          f"{MIN_CHUNK} to {MAX_CHUNK})")
         chunks = struct.unpack_from(f"<{count}I", data, HEADER.size)
         if len(set(chunks)) != len(chunks):
             raise LoadingSetCorrupt(name, "loading set lists a chunk twice")
@@ -133,14 +138,21 @@ class LoadingSet:
     @classmethod
     def load(cls, path: str | os.PathLike) -> "LoadingSet":
         path = os.fspath(path)
-        try:
-            with open(path, "rb") as f:
-                data = f.read()
+        try:  # O_NONBLOCK: a FIFO must not block the open; it is refused as not a regular file below
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
         except FileNotFoundError:
             raise LoadingSetCorrupt(path, "loading set file not found") from None
-        except OSError as exc:  # a directory, no permission, an I/O error: the caller's mistake, named
-            raise LoadingSetCorrupt(path, f"cannot read it: {exc.strerror or exc}") from None
-        return cls.from_bytes(data, path)
+        except (OSError, ValueError) as exc:  # a directory, no permission, a NUL byte: the caller's mistake, named
+            raise LoadingSetCorrupt(path, f"cannot read it: {getattr(exc, 'strerror', None) or exc}") from None
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):  # /dev/zero would never end
+                raise LoadingSetCorrupt(path, "cannot read it: not a regular file")
+            # Its own header bounds it: 4 bytes per chunk of a count that is a u32 (16 GiB), so the file's size,
+            # known before reading, is the bound; the file is read once, to one byte past it.
+            return cls.read_fd(fd, path, st.st_size)
+        finally:
+            os.close(fd)
 
     # -- use --------------------------------------------------------------------------------------
     def check_for(self, identity: bytes, chunk_size: int, mem_size: int, image_name: str = "the image") -> None:
@@ -153,7 +165,7 @@ class LoadingSet:
         if (chunk_size, mem_size) != (self.chunk_size, self.mem_size):
             raise LoadingSetStale(self.name, f"recorded on {self.mem_size} bytes in {self.chunk_size}-byte chunks, "
                                              f"{image_name} has {mem_size} bytes in {chunk_size}-byte chunks")
-        nchunks = -(-mem_size // chunk_size)
+        nchunks = -(-mem_size // chunk_size) if chunk_size > 0 else 0
         for c in self.chunks:
             if c >= nchunks:
                 raise LoadingSetOutOfRange(self.name, f"absent from {image_name}, which has {nchunks} chunks", c)

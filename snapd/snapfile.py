@@ -17,6 +17,7 @@ import dataclasses
 import errno
 import hashlib
 import os
+import stat
 import struct
 import types
 import typing
@@ -128,9 +129,16 @@ def write_state_file(path: str | os.PathLike, body: bytes) -> None:
 
 def read_state_file(path: str | os.PathLike,
                     max_size: int = DEFAULT_MAX_SIZE) -> tuple[tuple[int, int], bytes]:
-    """Read and validate a state file; return ((major, minor), body)."""
-    with open(path, "rb") as f:
-        return unpack_state_file(read_state_fd(f.fileno(), os.fspath(path), max_size), os.fspath(path), max_size)
+    """Read and validate a state file; return ((major, minor), body). A path that is not a regular file (a FIFO,
+    whose open would block; a device) is refused before anything is read."""
+    name = os.fspath(path)
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise SnapshotFormatError(f"{name}: not a regular file, not a snapshot state file")
+        return unpack_state_file(read_state_fd(fd, name, max_size), name, max_size)
+    finally:
+        os.close(fd)
 
 
 def read_state_fd(fd: int, name: str, max_size: int = DEFAULT_MAX_SIZE) -> bytes:
@@ -239,6 +247,11 @@ class _FieldError(Exception):
         self.path: list[str] = []
 
 
+def _kind(v) -> str:
+    """A decoded value's msgpack kind, for messages."""
+    return {tuple: "array", dict: "map", type(None): "nil"}.get(type(v), type(v).__name__)
+
+
 def _type_name(tp) -> str:
     return getattr(tp, "__name__", None) or str(tp)
 
@@ -246,15 +259,15 @@ def _type_name(tp) -> str:
 def _scalar_decoder(tp) -> _Decoder:
     def dec(v):
         if type(v) is not tp:  # exact: bool is not accepted for int, nor int for bool
-            raise _FieldError(f"expected {tp.__name__}, got {type(v).__name__}")
+            raise _FieldError(f"expected {tp.__name__}, got {_kind(v)}")
         return v
     return dec
 
 
 def _seq_decoder(container, item: _Decoder) -> _Decoder:
     def dec(v):
-        if type(v) is not list:
-            raise _FieldError(f"expected array, got {type(v).__name__}")
+        if type(v) is not tuple:  # msgpack arrays decode as tuples (_unpack_bounded)
+            raise _FieldError(f"expected array, got {_kind(v)}")
         out = []
         for i, x in enumerate(v):
             try:
@@ -270,9 +283,9 @@ def _fixed_tuple_decoder(items: list[_Decoder]) -> _Decoder:
     n = len(items)
 
     def dec(v):
-        if type(v) is not list or len(v) != n:
-            raise _FieldError(f"expected array of {n} items, got {type(v).__name__}"
-                              + (f" of {len(v)}" if type(v) is list else ""))
+        if type(v) is not tuple or len(v) != n:
+            raise _FieldError(f"expected array of {n} items, got {_kind(v)}"
+                              + (f" of {len(v)}" if type(v) is tuple else ""))
         out = []
         for i, (d, x) in enumerate(zip(items, v)):
             try:
@@ -295,7 +308,7 @@ def _dataclass_decoder(cls) -> _Decoder:
 
     def dec(v):
         if type(v) is not dict:
-            raise _FieldError(f"expected map for {cls.__name__}, got {type(v).__name__}")
+            raise _FieldError(f"expected map for {cls.__name__}, got {_kind(v)}")
         if len(v) != len(fields) or not names.issuperset(v):
             unknown = sorted(map(str, set(v) - names))
             missing = sorted(names - set(v))
@@ -377,11 +390,46 @@ def encode_state(obj) -> bytes:
         raise ValueError(f"{type(obj).__name__}: integer out of the 64-bit range: {exc}") from None
 
 
+# Bounds on what a body may make msgpack build, so a hand-made body with a valid checksum cannot make decoding take
+# many times its size in memory (16 MiB of empty maps became 1.1 GiB of dicts, 16 MiB of one-byte arrays 1 GiB of
+# lists, before these). A state has a few dozen maps (one per dataclass instance); its only long arrays are lists of
+# small tuples (cpuid entries, MSRs, diff page runs), at least 3 bytes of body each. Arrays are decoded as tuples
+# (an empty one is a shared singleton), and every array or map counts against the body's length.
+MAX_STATE_MAPS = 4096
+_BYTES_PER_CONTAINER = 3
+
+
+class _TooManyContainers(Exception):
+    pass
+
+
+def _unpack_bounded(data: bytes):
+    budget = [len(data) // _BYTES_PER_CONTAINER + 64, MAX_STATE_MAPS]
+
+    def on_array(items):
+        budget[0] -= 1
+        if budget[0] < 0:
+            raise _TooManyContainers("arrays and maps")
+        return items
+
+    def on_map(pairs):
+        budget[0] -= 1
+        budget[1] -= 1
+        if budget[0] < 0 or budget[1] < 0:
+            raise _TooManyContainers("maps")
+        return dict(pairs)
+
+    return msgpack.unpackb(data, raw=False, use_list=False, list_hook=on_array, object_pairs_hook=on_map,
+                           strict_map_key=True, max_array_len=len(data) // _BYTES_PER_CONTAINER + 64)
+
+
 def decode_state(data: bytes, cls: type[T]) -> T:
     """Decode what encode_state produced, strictly: unknown, missing or mistyped fields are refused."""
     dec = _decoder_for(cls)
     try:
-        plain = msgpack.unpackb(data, raw=False, use_list=True, strict_map_key=True)
+        plain = _unpack_bounded(data)
+    except _TooManyContainers as exc:
+        raise SnapshotFormatError(f"state body holds more {exc} than a state has") from None
     except Exception as exc:  # msgpack raises several unrelated types for malformed input (their text may quote
         raise SnapshotFormatError(f"state body is not valid msgpack ({type(exc).__name__})") from None  # bytes)
     try:

@@ -17,6 +17,10 @@ from dataclasses import dataclass
 
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 _MAX_HANDSHAKE = 1 << 20
+# The page server's messages are a few hundred bytes ({"ready": true, "vm": N}, an error naming an image and a
+# chunk); a line longer than this, or a stream that never ends one, is not the protocol.
+MAX_MESSAGE = 64 << 10
+_U64 = 1 << 64
 
 
 class HandshakeError(RuntimeError):
@@ -29,6 +33,27 @@ class PageServerError(RuntimeError):
 
 class PageServerDied(PageServerError):
     """EOF/HUP on the page-server socket: nobody will resolve this VM's faults any more."""
+
+
+class ProtocolError(PageServerError, ValueError):
+    """The page server sent something that is not a message of this protocol (not newline-delimited JSON
+    objects, or a line over MAX_MESSAGE bytes): it cannot be trusted to serve this VM; stop the VM. A ValueError
+    too, as the JSON errors it replaces were."""
+
+
+def _quote(value: object, limit: int = 120) -> str:
+    """A peer's value for a message, cut short (an error must not echo a megabyte back)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text)} characters)"
+
+
+def _u64_field(item: dict, name: str) -> int:
+    value = item[name]
+    if type(value) is not int:  # not bool, float (1e400 is infinity), or a string (int("9" * 10**6) is slow)
+        raise HandshakeError(f"region field {name} must be an integer, not {type(value).__name__}")
+    if not 0 <= value < _U64:
+        raise HandshakeError(f"region field {name} {value} is outside 0 .. 2**64 - 1")
+    return value
 
 
 @dataclass(frozen=True)
@@ -44,24 +69,32 @@ class Region:
 
 
 def parse_regions(payload: object) -> list[Region]:
-    """Validate the handshake's JSON value; page_size_kib (older Firecracker) is converted."""
+    """Validate the handshake's JSON value; page_size_kib (older Firecracker) is converted.
+
+    Every number is an integer that fits the u64 the C page server takes; a region is page-aligned, not empty,
+    and does not wrap around the address space or the image."""
     if not isinstance(payload, list) or not payload:
         raise HandshakeError("handshake must be a non-empty JSON list of regions")
     regions = []
     for item in payload:
         if not isinstance(item, dict):
-            raise HandshakeError(f"region is not an object: {item!r}")
-        page_size = item.get("page_size")
-        if page_size is None and "page_size_kib" in item:
-            page_size = item["page_size_kib"] * 1024
+            raise HandshakeError(f"region is not an object: {_quote(item)}")
         try:
-            region = Region(int(item["base_host_virt_addr"]), int(item["size"]), int(item["offset"]),
-                            int(page_size or PAGE_SIZE))
-        except (KeyError, TypeError, ValueError) as e:
-            raise HandshakeError(f"bad region {item!r}: {e}") from None
-        if region.page_size != PAGE_SIZE:
-            raise HandshakeError(f"page size {region.page_size} not supported (only {PAGE_SIZE})")
-        regions.append(region)
+            addr, size, offset = (_u64_field(item, name) for name in ("base_host_virt_addr", "size", "offset"))
+            if "page_size" in item:
+                page_size = _u64_field(item, "page_size")
+            elif "page_size_kib" in item:
+                page_size = _u64_field(item, "page_size_kib") * 1024
+            else:
+                page_size = PAGE_SIZE
+        except KeyError as e:
+            raise HandshakeError(f"bad region {_quote(item)}: missing {e}") from None
+        if page_size != PAGE_SIZE:
+            raise HandshakeError(f"page size {page_size} not supported (only {PAGE_SIZE})")
+        if size == 0 or (addr | size | offset) % PAGE_SIZE or addr + size > _U64 or offset + size > _U64:
+            raise HandshakeError(f"bad region {_quote(item)}: not a non-empty run of whole pages inside the "
+                                 "address space and the image")
+        regions.append(Region(addr, size, offset, page_size))
     return regions
 
 
@@ -101,6 +134,16 @@ def send_uffd(server: str | socket.socket, uffd_fd: int, regions: list, timeout:
     return sock
 
 
+def _message(line: bytes) -> dict:
+    try:
+        msg = json.loads(line)
+    except (ValueError, RecursionError):  # not JSON, not UTF-8, nested past the parser's depth
+        raise ProtocolError(f"page server sent a line that is not JSON ({len(line)} bytes)") from None
+    if not isinstance(msg, dict):
+        raise ProtocolError(f"page server sent a JSON {type(msg).__name__}, not an object")
+    return msg
+
+
 class ServerMessages:
     """VMM-side reader of the page server's newline-delimited JSON messages."""
 
@@ -126,7 +169,9 @@ class ServerMessages:
                                      "its memory faults can no longer be served")
             self._buf += data
             *lines, self._buf = self._buf.split(b"\n")
-            out.extend(json.loads(line) for line in lines if line.strip())
+            if len(self._buf) > MAX_MESSAGE or any(len(line) > MAX_MESSAGE for line in lines):
+                raise ProtocolError(f"page server sent a line of more than {MAX_MESSAGE} bytes: not a message")
+            out.extend(_message(line) for line in lines if line.strip())
             if deadline is not None and time.monotonic() >= deadline:
                 break
         return out
@@ -162,15 +207,25 @@ def listen(sock_path: str, backlog: int = 64) -> socket.socket:
 def recv_handshake(conn: socket.socket, timeout: float = 5.0) -> tuple[int, list[Region]]:
     """Read the one handshake message from an accepted connection: (uffd fd, regions).
 
-    The message may arrive in pieces; the fd comes with the first. On error every received fd is
+    The message may arrive in pieces; the fd comes with the first. ``timeout`` bounds the whole message, not each
+    piece (a peer sending a byte at a time cannot hold the listener longer). On error every received fd is
     closed and HandshakeError raised.
     """
-    conn.settimeout(timeout)
+    deadline = time.monotonic() + timeout
     buf, fds = b"", []
     decoder = json.JSONDecoder()
     try:
         while True:
-            data, new_fds, _, _ = socket.recv_fds(conn, 65536, 4)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise HandshakeError(f"no complete handshake within {timeout} s")
+            conn.settimeout(left)
+            try:
+                data, new_fds, _, _ = socket.recv_fds(conn, 65536, 4)
+            except TimeoutError:
+                raise HandshakeError(f"no complete handshake within {timeout} s") from None
+            except OSError as exc:  # the VMM reset the connection, or sent more descriptors than fit
+                raise HandshakeError(f"reading the handshake failed: {exc.strerror or exc}") from None
             fds.extend(new_fds)
             if not data:
                 raise HandshakeError("VMM closed the connection before a complete handshake")
@@ -179,6 +234,8 @@ def recv_handshake(conn: socket.socket, timeout: float = 5.0) -> tuple[int, list
                 raise HandshakeError("handshake message too large")
             try:
                 payload, _ = decoder.raw_decode(buf.decode())
+            except RecursionError:
+                raise HandshakeError("handshake nests deeper than a region list") from None
             except (ValueError, UnicodeDecodeError):
                 continue  # incomplete: read more
             regions = parse_regions(payload)

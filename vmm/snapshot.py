@@ -17,14 +17,14 @@ from snapd.atomic import AtomicPair
 from snapd.snapfile import (DEFAULT_MAX_SIZE, MEMORY_TRAILER_SIZE, SnapshotFormatError, decode_state, encode_state,
                             load_state, pack_memory_trailer, pack_state_file, read_memory_trailer, read_state_fd,
                             unpack_state_file)
-from vmm.config import MachineConfig
+from vmm.config import MiB, MachineConfig
 from vmm.devices.fnport import FunctionPort
 from vmm.devices.i8042 import I8042
 from vmm.devices.serial import Serial, stdout_sink
 from vmm.errors import ConfigError, VmmError
 from vmm.machine import PAUSED, Microvm
 from vmm.diff_snapshot import file_page_of, page_runs, rebase_memory, write_diff_memory
-from vmm.memory import PAGE_SIZE, GuestMemory, RegionLayout
+from vmm.memory import PAGE_SIZE, GuestMemory, RegionLayout, x86_layout
 from vmm.native import check, ffi, lib
 from vmm.persist import (SNAPSHOT_KIND, DeviceStates, MachineConfigState, MemoryFileState, MemoryRegionState,
                          MicrovmState, restore_vcpu, restore_vm, save_vcpu, save_vm)
@@ -257,7 +257,30 @@ def check_snapshot(state: MicrovmState, name: str) -> MicrovmState:
     if state.memory_file.data_size != memory_file_size(state) or state.memory_file.data_size % PAGE_SIZE:
         raise SnapshotError(f"{name}: the memory file it names holds {state.memory_file.data_size} bytes of memory, "
                             f"its layout needs {memory_file_size(state)} (a whole number of pages)")
+    # The layout is the one the VMM gives a machine of that size (vmm.memory.x86_layout; every snapshot is of such
+    # a machine): regions, guest addresses and file offsets a load maps and hands to KVM as they are.
+    try:
+        expected = x86_layout(state.config.mem_size_mib * MiB)
+    except ConfigError:
+        expected = None
+    if region_layouts(state) != expected:
+        raise SnapshotError(f"{name}: its memory layout is not that of a {state.config.mem_size_mib}-MiB machine")
+    _check_page_runs(state, name)
     return state
+
+
+def _check_page_runs(state: MicrovmState, name: str) -> None:
+    """A Diff's page runs: ascending, not overlapping, inside its memory file; a Full snapshot has none."""
+    if not state.parent_snapshot_id:
+        if state.diff_page_runs:
+            raise SnapshotError(f"{name}: a Full snapshot with diff page runs")
+        return
+    pages, end = state.memory_file.data_size // PAGE_SIZE, 0
+    for first, count in state.diff_page_runs:
+        if first < end or count <= 0 or first + count > pages:
+            raise SnapshotError(f"{name}: its diff page runs are not ascending runs of pages inside its "
+                                f"{pages}-page memory file")
+        end = first + count
 
 
 def region_layouts(state: MicrovmState) -> list[RegionLayout]:

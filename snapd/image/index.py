@@ -30,6 +30,9 @@ HEADER = struct.Struct("<8sHHIIBBhQQ32sHH")
 ENTRY = struct.Struct("<32sB3xIQI4xQ")  # hash, codec, pack id, offset, stored_len, xxh3_64(stored)
 DIGEST_LEN = 32
 ALIGN = 64
+_CODEC_AT = 32  # offset of an entry's codec byte
+_BASE_CODECS = bytes((0, 1, 2, 3))  # zero, raw, lz4, zstd (snapd.image.codecs; a fixed ABI)
+_LAYER_CODECS = _BASE_CODECS + bytes((CODEC_PARENT,))
 
 
 class Entry(NamedTuple):
@@ -124,6 +127,8 @@ def decode_index(data: bytes, name: str) -> tuple[Header, memoryview]:
     # The checksum held, so what follows are writer bugs or hand-made files, not bit rot.
     if header_size < HEADER.size + src_len + store_len:
         raise ImageFormatError(name, f"header size {header_size} too small")
+    if header_size % ALIGN:
+        raise ImageFormatError(name, f"header size {header_size} is not a multiple of {ALIGN}")
     try:
         check_chunk_size(chunk_size)
     except ValueError as exc:
@@ -136,6 +141,8 @@ def decode_index(data: bytes, name: str) -> tuple[Header, memoryview]:
         store = bytes(view[p + src_len:p + src_len + store_len]).decode()
     except UnicodeDecodeError:
         raise ImageFormatError(name, "source id or store path is not UTF-8") from None
+    if "\0" in store:
+        raise ImageFormatError(name, "store path holds a NUL byte (no path can)")
     parent_id, parent_path = b"", ""
     if major == LAYER_VERSION[0]:
         q = p + src_len + store_len
@@ -148,6 +155,18 @@ def decode_index(data: bytes, name: str) -> tuple[Header, memoryview]:
             parent_path = bytes(view[q + LAYER_EXT.size:q + LAYER_EXT.size + plen]).decode()
         except UnicodeDecodeError:
             raise ImageFormatError(name, "parent path is not UTF-8") from None
+        if not parent_path or "\0" in parent_path:
+            raise ImageFormatError(name, "layer parent path is empty or holds a NUL byte")
+    entries = view[header_size:header_size + nchunks * ENTRY.size]
+    # Every entry's codec is one this reader knows (CODEC_PARENT only in a layer, which has a parent to take the
+    # chunk from): one C pass over the codec bytes, so a hostile entry fails here, not deep in a read.
+    codec_bytes = bytes(entries[_CODEC_AT::ENTRY.size])
+    stray = codec_bytes.translate(None, _LAYER_CODECS if parent_id else _BASE_CODECS)
+    if stray:
+        chunk = codec_bytes.index(stray[:1])
+        raise ImageFormatError(name, f"unknown codec id {stray[0]}"
+                                     + (" (a base image has no parent to take it from)" if stray[0] == CODEC_PARENT
+                                        else ""), chunk)
     hdr = Header(chunk_size, codec, level, mem_size, nchunks, cid, src, store, (major, minor), header_size,
                  parent_id, parent_path)
-    return hdr, view[header_size:header_size + nchunks * ENTRY.size]
+    return hdr, entries

@@ -39,7 +39,7 @@ def _pieces_by_chunk(page_runs: Iterable[tuple[int, int]], chunk_size: int, mem_
     out: dict[int, list[tuple[int, int]]] = defaultdict(list)
     for first, count in page_runs:
         start, end = first * PAGE, (first + count) * PAGE
-        if count <= 0 or end > mem_size:
+        if first < 0 or count <= 0 or end > mem_size:
             raise ImageError(name, f"diff page run ({first}, {count}) is outside {mem_size} bytes of memory")
         while start < end:
             c = start // chunk_size

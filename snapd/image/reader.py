@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -15,6 +16,40 @@ from snapd.image.errors import (ChunkCorrupt, ChunkOutOfBounds, ImageError, Laye
 from snapd.image.index import CODEC_PARENT, ENTRY, Entry, Header, decode_index
 
 MAX_LAYERS = 64  # a chain deeper than this is a cycle or a mistake
+MAX_FILE_OFFSET = (1 << 63) - 1  # off_t
+
+
+def max_stored_len(chunk_size: int) -> int:
+    """The most stored bytes a chunk may have: the C page server's bound (chunk_source.c), above any codec's
+    worst case for a chunk_size input (a builder stores a chunk raw when its codec does not shrink it)."""
+    return 2 * chunk_size + 65536
+
+
+def read_index_file(path: str) -> bytes:
+    """The bytes of the index file at ``path``, which must be a regular file (a FIFO would block the open, a
+    device like /dev/zero never end); OS errors become ImageError naming it."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    except FileNotFoundError:
+        raise ImageError(path, "image index not found") from None
+    except (OSError, ValueError) as exc:  # ValueError: a NUL byte in the path
+        raise ImageError(path, f"cannot open the image index: {getattr(exc, 'strerror', None) or exc}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ImageError(path, "the image index is not a regular file")
+        pieces, left = [], st.st_size + 1  # +1: a file that grew meanwhile is read to its new size and refused
+        while left > 0:
+            piece = os.read(fd, min(left, 1 << 24))
+            if not piece:
+                break
+            pieces.append(piece)
+            left -= len(piece)
+        return b"".join(pieces)
+    except OSError as exc:
+        raise ImageError(path, f"cannot read the image index: {exc.strerror or exc}") from None
+    finally:
+        os.close(fd)
 
 
 class ChunkRef(NamedTuple):
@@ -68,12 +103,7 @@ class BaseImage:
         """Open and validate an index; `store` overrides the store path recorded in it (this image only:
         a layer's parents use their own). A layer's parent chain is opened and checked too."""
         path = os.fspath(path)
-        try:
-            with open(path, "rb") as f:
-                data = f.read()
-        except FileNotFoundError:
-            raise ImageError(path, "image index not found") from None
-        hdr, entries = decode_index(data, path)
+        hdr, entries = decode_index(read_index_file(path), path)
         if store is None:
             store = os.path.join(os.path.dirname(os.path.abspath(path)), hdr.store_path)
         parent = cls._open_parent(path, hdr, _depth) if hdr.is_layer else None
@@ -138,12 +168,16 @@ class BaseImage:
         paths: dict[int, str] = {}
         out = []
         below = self.parent.chunk_table() if self.parent is not None else None
+        bound = max_stored_len(self.chunk_size)
         for i, (h, codec, pack, off, slen, csum) in enumerate(ENTRY.iter_unpack(self._entries)):
             if codec == CODEC_PARENT:
                 out.append(below[i])
             elif codec == codecs.ZERO:
                 out.append(ChunkRef("", 0, 0, codecs.ZERO, 0))
             else:
+                if not 0 < slen <= bound or off + slen > MAX_FILE_OFFSET:
+                    raise ChunkCorrupt(self.path, f"implausible stored length {slen} at offset {off} for a "
+                                                  f"{self.chunk_size}-byte chunk", i)
                 p = paths.get(pack) or paths.setdefault(pack, self.pack_path(pack))
                 out.append(ChunkRef(p, off, slen, codec, csum))
         return out
@@ -155,6 +189,10 @@ class BaseImage:
             return self.parent.read_stored(i)
         if e.codec == codecs.ZERO:
             return e, b""
+        if not 0 < e.stored_len <= max_stored_len(self.chunk_size) or e.offset + e.stored_len > MAX_FILE_OFFSET:
+            # Refused before anything is allocated or read: a length field may claim gigabytes.
+            raise ChunkCorrupt(self.path, f"implausible stored length {e.stored_len} at offset {e.offset} for a "
+                                          f"{self.chunk_size}-byte chunk", i)
         fd = self._pack_fd(e.pack_id, i)
         data = os.pread(fd, e.stored_len, e.offset)
         if len(data) != e.stored_len:
@@ -209,10 +247,16 @@ class BaseImage:
     def _pack_fd(self, pack_id: int, chunk: int) -> int:
         fd = self._fds.get(pack_id)
         if fd is None:
-            try:
-                fd = os.open(self.pack_path(pack_id), os.O_RDONLY | os.O_CLOEXEC)
+            try:  # O_NONBLOCK: a FIFO in the pack's place must not block the open (it is refused below)
+                fd = os.open(self.pack_path(pack_id), os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
             except FileNotFoundError:
                 raise PackMissing(self.path, f"pack {self.pack_path(pack_id)} is missing", chunk) from None
+            except OSError as exc:  # a directory where the pack should be, no permission
+                raise PackMissing(self.path, f"pack {self.pack_path(pack_id)} cannot be opened: "
+                                             f"{exc.strerror or exc}", chunk) from None
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                os.close(fd)
+                raise PackMissing(self.path, f"pack {self.pack_path(pack_id)} is not a regular file", chunk)
             self._fds[pack_id] = fd
         return fd
 
