@@ -3,7 +3,8 @@
 An isolated restore request on these nested hosts is decided by how much code runs on its path after the CPUs
 idled (docs/benchmarks.md, "Cold CPUs"): the same Python that takes 20 us warm takes 150-250 us cold. The lane
 is the prepared-clone restore without Python on its path: the daemon's side reads and answers the HTTP request
-(lane_http.c, lane_daemon.c), the worker's side answers it from the held vCPU (lane_held.c). Anything the lane
+(lane_http.c, lane_daemon.c), the worker's side answers it from the held vCPU (lane_held.c); every API connection
+of the daemon waits in one epoll set that its handler threads share (lane_server.c). Anything the lane
 does not take goes the ordinary Python way, from the same bytes. Works from setup.py's cffi_modules and when
 run directly (`python snapd/_lane_build.py` compiles in place).
 """
@@ -74,17 +75,19 @@ def header_cdef(name: str) -> str:
 
 HTTP_CDEF = header_cdef("lane_http.h")
 DAEMON_CDEF = header_cdef("lane_daemon.h")
+SERVER_CDEF = header_cdef("lane_server.h")
 
-SOURCES = ["lane_http.c", "lane_held.c", "lane_daemon.c"]
+SOURCES = ["lane_http.c", "lane_held.c", "lane_daemon.c", "lane_server.c"]
 
 ffibuilder = FFI()
-ffibuilder.cdef(HTTP_CDEF + HELD_CDEF + DAEMON_CDEF)
+ffibuilder.cdef(HTTP_CDEF + HELD_CDEF + DAEMON_CDEF + SERVER_CDEF)
 ffibuilder.set_source(
     "snapd._lane_native",
     """
     #include "lane_http.h"
     #include "lane_held.h"
     #include "lane_daemon.h"
+    #include "lane_server.h"
     """,
     sources=[os.path.join(CSRC, name) for name in SOURCES],
     include_dirs=[CSRC],

@@ -9,17 +9,25 @@
 One kept-alive HTTP/1.1 connection per client (use one client per thread), spoken with snapd.http_wire on a raw
 socket (http.client's email-based reply parsing was ~0.3 ms a request). Errors raise SnapdError with the status
 and the daemon's fault_message.
+
+A request is never repeated unless repeating it cannot do anything twice: the daemon closes kept-alive
+connections that sit idle (snapd serve --idle-timeout), so before each request the connection is checked and a
+closed one replaced (nothing was sent on it); if sending still fails, the request is sent again on a fresh
+connection only when not a byte of it was written, or when it is a GET (idempotent). A POST or DELETE whose
+connection failed after it was sent raises: it may have been done (the caller decides, e.g. by listing clones).
 """
 from __future__ import annotations
 
 import base64
 import json
+import select
 import socket
 
 from snapd import http_wire
 from vmm.api.client import ApiClientError, ApiResponse, connect_unix
 
 JSON_HEADERS = {"Accept": "application/json", "Content-Type": "application/json"}
+IDEMPOTENT = frozenset(("GET", "HEAD", "OPTIONS"))  # what may be sent twice without doing anything twice
 
 
 class SnapdError(ApiClientError):
@@ -32,6 +40,7 @@ class SnapdClient:
         self.timeout = timeout
         self.sock: socket.socket | None = None
         self.stream: http_wire.Stream | None = None
+        self.written = 0  # bytes of the current request written to the socket
 
     def close(self) -> None:
         if self.sock is not None:
@@ -48,22 +57,51 @@ class SnapdClient:
         sock = connect_unix(self.socket_path, self.timeout)
         self.sock, self.stream = sock, http_wire.Stream(sock)
 
+    def _dropped(self) -> bool:
+        """Whether the kept-alive connection can no longer take a request: the daemon closed it (idle timeout,
+        shutdown) or wrote something unasked. Readable before a request is sent means one of those."""
+        poller = select.poll()
+        poller.register(self.sock, select.POLLIN)
+        return bool(poller.poll(0))
+
+    def _send(self, message: bytes) -> None:
+        view = memoryview(message)
+        while view:
+            n = self.sock.send(view)
+            self.written += n
+            view = view[n:]
+
+    def _reply_before_close(self, method: str):
+        """After a failed send: a reply the daemon wrote before it closed (a 503 at its connection cap), or None."""
+        try:
+            self.sock.settimeout(min(self.timeout or 1.0, 1.0))
+            return self.stream.read_response(method)
+        except (OSError, http_wire.WireError):
+            return None
+
     def request(self, method: str, path: str, body=None, raw: bytes | None = None) -> ApiResponse:
-        """One request (``body`` is JSON-encoded, ``raw`` sent as is); never raises on an error status."""
+        """One request (``body`` is JSON-encoded, ``raw`` sent as is); never raises on an error status. Sent again
+        (once) only if it provably was not sent, or is a GET (see the module's docstring)."""
         data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
         message = http_wire.request(method, path, data, JSON_HEADERS if data is not None else None)
         for attempt in (0, 1):
-            fresh = self.sock is None
-            if fresh:
+            if self.sock is not None and self._dropped():
+                self.close()  # closed while idle: nothing of this request was sent on it
+            if self.sock is None:
                 self._connect()
+            self.written = 0
             try:
-                self.sock.sendall(message)
+                self._send(message)
                 status, headers, payload, keep_alive = self.stream.read_response(method)
                 break
             except (BrokenPipeError, ConnectionResetError):
-                self.close()  # the daemon closed a kept-alive connection: one retry on a fresh one
-                if fresh or attempt:
-                    raise
+                early = self._reply_before_close(method) if self.written < len(message) else None
+                self.close()
+                if early is not None:
+                    status, headers, payload, keep_alive = early
+                    break
+                if attempt or not (self.written == 0 or method in IDEMPOTENT):
+                    raise  # it may have reached the daemon: never sent twice
             except BaseException:
                 self.close()  # a timeout or a bad reply: the connection's state is unknown
                 raise

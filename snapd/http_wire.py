@@ -15,7 +15,9 @@ subset of HTTP/1.1, and this module is all of it:
 * replies ``HTTP/1.1 STATUS REASON`` with Server, Date, Content-Type and Content-Length (none on 204), written
   with one send.
 
-Anything outside that is a 400 naming the problem (the daemon answers it as JSON, like every other error).
+Anything outside that is a 400 naming the problem (the daemon answers it as JSON, like every other error). The
+daemon reads requests without blocking (``next_request``, ``body_ready``: its connections wait in an epoll set,
+snapd.daemon.http.Connections); the client reads replies blocking.
 """
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ RECV_SIZE = 64 * 1024
 HEAD_END = re.compile(rb"\r?\n\r?\n")
 REASONS = {s.value: s.phrase for s in HTTPStatus}
 NO_BODY = frozenset((204, 304))
+CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 
 class WireError(Exception):
@@ -56,11 +59,16 @@ class Request:
 
 class Stream:
     """Reads messages off a stream socket; bytes that arrive beyond one message wait for the next one
-    (pipelined requests). One Stream per connection; not thread-safe."""
+    (pipelined requests). One Stream per connection; not thread-safe.
+
+    Two ways to read a request: ``read_request`` + ``read_body`` block on the socket until it is whole (the
+    client's side, tests); ``next_request`` + ``body_ready`` only parse what is in ``buf`` and say when more
+    bytes are needed (the daemon, which reads its connections without blocking: snapd.daemon.http)."""
 
     def __init__(self, sock: socket.socket):
         self.sock = sock
         self.buf = bytearray()
+        self.scanned = 0  # buf[:scanned] was searched for the end of a head and holds none
 
     def _fill(self) -> bool:
         data = self.sock.recv(RECV_SIZE)
@@ -69,20 +77,33 @@ class Stream:
         self.buf += data
         return True
 
+    def _drop(self, length: int) -> bytes:
+        data = bytes(self.buf[:length])
+        del self.buf[:length]
+        self.scanned = 0
+        return data
+
+    def head_lines(self) -> list[str] | None:
+        """The next header block's lines (without the blank line), taken off the buffer; None while it is not
+        whole. Each byte is searched once, however the head arrives."""
+        match = HEAD_END.search(self.buf, max(0, min(self.scanned, len(self.buf)) - 3))
+        if match is not None:
+            if match.start() > MAX_HEAD:
+                raise WireError(f"request head is larger than {MAX_HEAD} bytes", 431)
+            head = bytes(self.buf[:match.start()])
+            self._drop(match.end())
+            return head.decode("latin-1").split("\n")
+        if len(self.buf) > MAX_HEAD:
+            raise WireError(f"request head is larger than {MAX_HEAD} bytes", 431)
+        self.scanned = len(self.buf)
+        return None
+
     def read_head(self) -> list[str] | None:
         """The header block's lines (without the blank line); None on EOF before its first byte."""
-        start = 0
         while True:
-            match = HEAD_END.search(self.buf, start)
-            if match is not None:
-                if match.start() > MAX_HEAD:
-                    raise WireError(f"request head is larger than {MAX_HEAD} bytes", 431)
-                head = bytes(self.buf[:match.start()])
-                del self.buf[:match.end()]
-                return head.decode("latin-1").split("\n")
-            if len(self.buf) > MAX_HEAD:
-                raise WireError(f"request head is larger than {MAX_HEAD} bytes", 431)
-            start = max(0, len(self.buf) - 3)
+            lines = self.head_lines()
+            if lines is not None:
+                return lines
             if not self._fill():
                 if self.buf.strip():
                     raise WireError("the connection closed in the middle of a request head")
@@ -92,15 +113,12 @@ class Stream:
         while len(self.buf) < length:
             if not self._fill():
                 raise WireError(f"the connection closed {length - len(self.buf)} bytes short of the body")
-        body = bytes(self.buf[:length])
-        del self.buf[:length]
-        return body
+        return self._drop(length)
 
     def read_to_eof(self) -> bytes:
         while self._fill():
             pass
-        body, self.buf = bytes(self.buf), bytearray()
-        return body
+        return self._drop(len(self.buf))
 
     # -- the daemon's side
     def read_request(self) -> Request | None:
@@ -110,32 +128,47 @@ class Stream:
             lines = self.read_head()
         if lines is None:
             return None
-        parts = lines[0].rstrip("\r").split(" ")
-        if len(parts) != 3 or not parts[0] or not parts[1]:
-            raise WireError(f"bad request line {lines[0].rstrip()[:200]!r}")
-        method, target, version = parts
-        if version not in ("HTTP/1.1", "HTTP/1.0"):
-            raise WireError(f"unsupported HTTP version {version[:20]!r}", 505 if version.startswith("HTTP/") else 400)
-        request = Request(method, target, version, parse_headers(lines))
-        headers = request.headers
-        if "transfer-encoding" in headers:
-            raise WireError("chunked request bodies are not supported: send Content-Length")
-        text = headers.get("content-length")
-        if text is not None:
-            if not text.isdigit() or not text.isascii():
-                raise WireError(f"bad Content-Length {text!r}")
-            request.length = int(text)
-            if request.length > MAX_BODY:
-                raise WireError(f"request body of {request.length} bytes is larger than the {MAX_BODY}-byte limit")
-        return request
+        return parse_request(lines)
 
     def read_body(self, request: Request) -> bytes:
         if request.length:
-            if (request.headers.get("expect", "").lower() == "100-continue" and request.version == "HTTP/1.1"
-                    and len(self.buf) < request.length):
-                self.sock.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
+            if self.wants_continue(request):
+                self.sock.sendall(CONTINUE)
             request.body = self.read_exactly(request.length)
         return request.body
+
+    def next_request(self) -> Request | None:
+        """Without reading: the next request's line and headers from the bytes buffered, or None until its head
+        is whole. Then ``body_ready`` until it says the body is there."""
+        while True:
+            lines = self.head_lines()
+            if lines is None:
+                return None
+            if lines != [""]:  # empty lines before a request are skipped, as read_request does
+                return parse_request(lines)
+
+    def body_ready(self, request: Request) -> bool:
+        """Without reading: whether the body is buffered (then it is taken into ``request.body``)."""
+        if len(self.buf) < request.length:
+            return False
+        if request.length:
+            request.body = self._drop(request.length)
+        return True
+
+    def wants_continue(self, request: Request) -> bool:
+        """``Expect: 100-continue`` (curl sends it for large bodies) and the body not here yet: answer
+        CONTINUE before waiting for it."""
+        return bool(request.length and request.headers.get("expect", "").lower() == "100-continue"
+                    and request.version == "HTTP/1.1" and len(self.buf) < request.length)
+
+    def eof_error(self, request: Request | None) -> WireError | None:
+        """What the client's EOF means now (``request``: the one whose body is awaited): the error to answer
+        with, or None for a clean end between requests."""
+        if request is not None:
+            return WireError(f"the connection closed {request.length - len(self.buf)} bytes short of the body")
+        if self.buf.strip():
+            return WireError("the connection closed in the middle of a request head")
+        return None
 
     # -- the client's side
     def read_response(self, method: str) -> tuple[int, dict[str, str], bytes, bool]:
@@ -170,6 +203,28 @@ class Stream:
         if not length.isdigit():
             raise WireError(f"bad Content-Length {length!r} in the reply")
         return status, headers, self.read_exactly(int(length)), keep_alive
+
+
+def parse_request(lines: list[str]) -> Request:
+    """A request's line and headers (a head's lines), checked: what the daemon serves, or a WireError."""
+    parts = lines[0].rstrip("\r").split(" ")
+    if len(parts) != 3 or not parts[0] or not parts[1]:
+        raise WireError(f"bad request line {lines[0].rstrip()[:200]!r}")
+    method, target, version = parts
+    if version not in ("HTTP/1.1", "HTTP/1.0"):
+        raise WireError(f"unsupported HTTP version {version[:20]!r}", 505 if version.startswith("HTTP/") else 400)
+    request = Request(method, target, version, parse_headers(lines))
+    headers = request.headers
+    if "transfer-encoding" in headers:
+        raise WireError("chunked request bodies are not supported: send Content-Length")
+    text = headers.get("content-length")
+    if text is not None:
+        if not text.isdigit() or not text.isascii():
+            raise WireError(f"bad Content-Length {text!r}")
+        request.length = int(text)
+        if request.length > MAX_BODY:
+            raise WireError(f"request body of {request.length} bytes is larger than the {MAX_BODY}-byte limit")
+    return request
 
 
 def parse_headers(lines: list[str]) -> dict[str, str]:

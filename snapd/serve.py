@@ -28,6 +28,14 @@ def _count(text: str) -> int:
     return value
 
 
+def _seconds(text: str) -> float:
+    """A positive number of seconds."""
+    value = float(text)
+    if not value > 0 or value == float("inf"):
+        raise ValueError(text)
+    return value
+
+
 def _port(text: str) -> int:
     value = int(text)
     if not 1 <= value <= 65535:
@@ -40,6 +48,7 @@ def _uid_range(text: str) -> tuple[int, int]:
 
 
 _count.__name__, _port.__name__ = "whole number >= 1", "port (1-65535)"  # argparse's words for a bad value
+_seconds.__name__ = "number of seconds > 0"
 _uid_range.__name__ = "uid range FIRST-LAST"
 
 
@@ -84,6 +93,18 @@ def register(subparsers) -> None:
     p.add_argument("--clone-cpu-cgroups", default="on", choices=("on", "off"),
                    help="a cpu cgroup per clone, weighted by its vCPUs (default on; off: one cpu group for all "
                         "workers, the scheduler then fair per thread among them)")
+    p.add_argument("--max-connections", type=_count, default=1024,
+                   help="API connections open at once, both listeners (default 1024): one more gets a 503 and is "
+                        "closed (docs/reliability.md)")
+    p.add_argument("--idle-timeout", type=_seconds, default=60.0,
+                   help="seconds a kept-alive connection may sit idle between requests before it is closed "
+                        "(default 60)")
+    p.add_argument("--request-timeout", type=_seconds, default=10.0,
+                   help="seconds from a request's first byte to its last (head and body; default 10): a slower "
+                        "one gets a 408 and its connection is closed; also how long a reply may wait for the "
+                        "client to take it")
+    p.add_argument("--max-inflight", type=_count, default=256,
+                   help="requests served at once, one handler thread each (default 256): beyond that, a 503")
     p.add_argument("--log-level", default="warning", choices=("error", "warning", "info", "debug"))
     p.set_defaults(func=_serve)
 
@@ -136,12 +157,12 @@ def read_token(path: str | None, tcp_port: int | None) -> str | None:
     return token.decode("ascii")
 
 
-def serve_unix_socket(path: str, daemon, gid: int):
+def serve_unix_socket(path: str, daemon, gid: int, limits=None):
     """The API's Unix socket: bound with only its owner's bits (umask), then given its group, then mode 0660."""
     from snapd.daemon.http import SnapdUnixServer
     old_umask = os.umask(0o077)
     try:
-        server = SnapdUnixServer(path, daemon)
+        server = SnapdUnixServer(path, daemon, limits)
     finally:
         os.umask(old_umask)
     try:
@@ -169,7 +190,7 @@ def huge_pages_dir(mode: str, state_dir: str) -> str | None:
 
 def _serve(args) -> int:
     from snapd.daemon.core import Daemon, DaemonConfig, DaemonConfigError
-    from snapd.daemon.http import SnapdTcpServer
+    from snapd.daemon.http import Limits, SnapdTcpServer
     from vmm.api.server import remove_stale_socket
     from vmm.errors import VmmError
 
@@ -202,10 +223,12 @@ def _serve(args) -> int:
         raise CliError(str(exc)) from None
     servers = []
     try:
-        servers.append(serve_unix_socket(socket_path, daemon, gid))  # the API starts VMs: owner and group only
+        limits = Limits(max_connections=args.max_connections, idle_timeout=args.idle_timeout,
+                        request_timeout=args.request_timeout, max_inflight=args.max_inflight)
+        servers.append(serve_unix_socket(socket_path, daemon, gid, limits))  # the API starts VMs: owner and group
         if args.tcp_port is not None:
-            try:
-                servers.append(SnapdTcpServer(args.tcp_port, daemon, token))
+            try:  # one set of connections and limits for both listeners
+                servers.append(SnapdTcpServer(args.tcp_port, daemon, token, connections=servers[0].connections))
             except OSError as exc:
                 raise CliError(f"--tcp-port {args.tcp_port}: cannot listen on 127.0.0.1: {exc.strerror}") from None
         return _loop(servers, socket_path)

@@ -64,10 +64,16 @@ struct lane_board {
 struct lane_conn {
     int fd;
     size_t len;           /* bytes buffered in `in` */
+    size_t scanned;       /* in[0..scanned) was parsed and holds no end of a head (lane_conn_step) */
+    size_t need;          /* the whole request's length, once its head was parsed (0: not known) */
+    size_t high;          /* the most bytes `in` held since it was last trimmed */
     uint8_t *in, *msg, *reply, *body;
     const uint8_t *data;  /* lane_conn_data */
-    size_t map_size;
+    uint8_t *out_map;     /* msg, reply and body: mapped at the first request the lane serves */
 };
+
+#define OUT_SIZE (MSG_CAP + REPLY_CAP + BODY_CAP)
+#define EARLY_PARSE 128   /* up to here every byte is parsed: the request line decides SLOW early */
 
 /* -- worker channel locks */
 
@@ -340,26 +346,51 @@ struct lane_conn *lane_conn_new(int fd)
     struct lane_conn *c = calloc(1, sizeof(*c));
     if (!c)
         return NULL;
-    /* One reservation for all buffers: only the pages a request or reply reaches are ever touched. */
-    c->map_size = IN_CAP + MSG_CAP + REPLY_CAP + BODY_CAP;
-    c->in = lane_buffer_map(c->map_size);
+    /* Reservations only: the pages a request or reply reaches are the only ones ever touched. The input buffer
+     * is there from the start; the others come with the first request the lane serves (most connections of a
+     * busy daemon are idle: they cost a reservation of IN_CAP, not of every buffer). */
+    c->in = lane_buffer_map(IN_CAP);
     if (!c->in) {
         free(c);
         return NULL;
     }
     c->fd = fd;
-    c->msg = c->in + IN_CAP;
+    return c;
+}
+
+static int map_out(struct lane_conn *c)
+{
+    if (c->out_map)
+        return 0;
+    c->out_map = lane_buffer_map(OUT_SIZE);
+    if (!c->out_map)
+        return -ENOMEM;
+    c->msg = c->out_map;
     c->reply = c->msg + MSG_CAP;
     c->body = c->reply + REPLY_CAP;
-    return c;
+    return 0;
 }
 
 void lane_conn_free(struct lane_conn *c)
 {
     if (!c)
         return;
-    munmap(c->in, c->map_size);
+    munmap(c->in, IN_CAP);
+    if (c->out_map)
+        munmap(c->out_map, OUT_SIZE);
     free(c);
+}
+
+/* The first n buffered bytes are gone (a request taken): what is left is parsed afresh. */
+static void consume(struct lane_conn *c, size_t n)
+{
+    memmove(c->in, c->in + n, c->len - n);
+    c->len -= n;
+    c->scanned = c->need = 0;
+    if (!c->len && c->high) {  /* a large request's pages go back once the buffer is empty */
+        lane_buffer_trim(c->in, c->high);
+        c->high = 0;
+    }
 }
 
 size_t lane_conn_pending(struct lane_conn *c) { return c->len; }
@@ -368,8 +399,7 @@ size_t lane_conn_take(struct lane_conn *c, uint8_t *out, size_t cap)
 {
     size_t n = c->len < cap ? c->len : cap;
     memcpy(out, c->in, n);
-    memmove(c->in, c->in + n, c->len - n);
-    c->len -= n;
+    consume(c, n);
     return n;
 }
 
@@ -380,6 +410,9 @@ int lane_conn_push(struct lane_conn *c, const uint8_t *data, size_t len)
     memmove(c->in + len, c->in, c->len);
     memcpy(c->in, data, len);
     c->len += len;
+    c->scanned = c->need = 0;
+    if (c->len > c->high)
+        c->high = c->len;
     return 0;
 }
 
@@ -401,6 +434,8 @@ static int read_request(struct lane_conn *c, struct lane_request *req)
         if (n <= 0)  /* EOF or an error mid-request: Python's reader sees it and answers as it always does */
             return c->len ? LANE_SLOW : (n == 0 ? READ_EOF : -errno);
         c->len += (size_t)n;
+        if (c->len > c->high)
+            c->high = c->len;
     }
 }
 
@@ -523,8 +558,7 @@ static int serve_invoke(struct lane_conn *c, struct lane_board *b, const struct 
     out->keep_alive = req->keep_alive;
     out->timeout_ms = req->timeout_ms;
     out->invoke = 1;
-    memmove(c->in, c->in + req->consumed, c->len - req->consumed);  /* the request is ours now */
-    c->len -= req->consumed;
+    consume(c, req->consumed);  /* the request is ours now */
 
     memcpy(msg->magic, LANE_RESTORE_MAGIC, 4);
     msg->flags = LANE_FLAG_INVOKE | LANE_FLAG_LIVE;
@@ -565,45 +599,42 @@ static int serve_invoke(struct lane_conn *c, struct lane_board *b, const struct 
     return written < 0 ? LANE_CONN_EOF : LANE_CONN_SERVED;  /* a client gone: nothing else to do */
 }
 
-int lane_conn_serve(struct lane_conn *c, struct lane_board *b, struct lane_served *out)
+/* A whole request the lane parsed (LANE_FAST) in c->in: served, or left to Python (SLOW, nothing consumed). */
+static int serve_parsed(struct lane_conn *c, struct lane_board *b, const struct lane_request *req,
+                        struct lane_served *out)
 {
-    memset(out, 0, sizeof(*out));
-    c->data = NULL;
-    struct lane_request req;
-    int r = read_request(c, &req);
-    if (r != LANE_FAST)
-        return r == READ_EOF ? LANE_CONN_EOF : r == LANE_SLOW ? LANE_CONN_SLOW : r;
-    out->kind = req.kind;
-    if (req.kind == LANE_REQ_INVOKE)
-        return serve_invoke(c, b, &req, out);
-    if (req.count != 1)
+    if (map_out(c) < 0)
+        return LANE_CONN_SLOW;  /* no memory for the lane's buffers: Python serves it */
+    out->kind = req->kind;
+    if (req->kind == LANE_REQ_INVOKE)
+        return serve_invoke(c, b, req, out);
+    if (req->count != 1)
         return LANE_CONN_SLOW;
     struct lane_restore_msg *msg = (struct lane_restore_msg *)c->msg;
     uint8_t *payload = c->msg + sizeof(*msg);
-    int64_t payload_len = req.payload ? decoded_length(req.payload, req.payload_len) : 0;
+    int64_t payload_len = req->payload ? decoded_length(req->payload, req->payload_len) : 0;
     if (payload_len < 0)
         return LANE_CONN_SLOW;
-    struct ticket t = take(b, req.image, req.image_len, payload_len);
+    struct ticket t = take(b, req->image, req->image_len, payload_len);
     if (t.state != TAKEN)
         return LANE_CONN_SLOW;  /* no held worker for it, or no room: Python waits for one, or says why not */
     /* decoded only now: a request the lane does not take is decoded once, by Python */
-    if (req.payload && lane_base64_decode(req.payload, req.payload_len, payload, MAX_BODY) != payload_len) {
+    if (req->payload && lane_base64_decode(req->payload, req->payload_len, payload, MAX_BODY) != payload_len) {
         lane_board_untake(b, t.token);
         return LANE_CONN_SLOW;  /* not strict base64: Python's answer */
     }
     uint64_t t0 = lane_now_ns();
     out->token = t.token;
     out->request_id = t.request_id;
-    out->keep_alive = req.keep_alive;
-    out->timeout_ms = req.timeout_ms;
-    out->invoke = req.payload != NULL;
-    memmove(c->in, c->in + req.consumed, c->len - req.consumed);  /* the request is ours now */
-    c->len -= req.consumed;
+    out->keep_alive = req->keep_alive;
+    out->timeout_ms = req->timeout_ms;
+    out->invoke = req->payload != NULL;
+    consume(c, req->consumed);  /* the request is ours now */
 
     memcpy(msg->magic, LANE_RESTORE_MAGIC, 4);
     msg->flags = out->invoke ? LANE_FLAG_INVOKE : 0;
     msg->id = t.request_id;
-    msg->timeout_ns = (uint64_t)req.timeout_ms * 1000000ull;
+    msg->timeout_ns = (uint64_t)req->timeout_ms * 1000000ull;
     memset(msg->image, 0, sizeof(msg->image));
     memcpy(msg->image, t.image, strlen(t.image));
     c->data = payload;
@@ -612,7 +643,7 @@ int lane_conn_serve(struct lane_conn *c, struct lane_board *b, struct lane_serve
         out->stage = LANE_STAGE_UNSENT;
         return LANE_CONN_HANDOFF;
     }
-    size_t n = await_reply(c, t.fd, t.request_id, req.timeout_ms);
+    size_t n = await_reply(c, t.fd, t.request_id, req->timeout_ms);
     if (!n) {
         out->stage = LANE_STAGE_SENT;
         return LANE_CONN_HANDOFF;
@@ -648,4 +679,83 @@ int lane_conn_serve(struct lane_conn *c, struct lane_board *b, struct lane_serve
         return LANE_CONN_HANDOFF;
     }
     return LANE_CONN_SERVED;
+}
+
+int lane_conn_serve(struct lane_conn *c, struct lane_board *b, struct lane_served *out)
+{
+    memset(out, 0, sizeof(*out));
+    c->data = NULL;
+    struct lane_request req;
+    int r = read_request(c, &req);
+    if (r != LANE_FAST)
+        return r == READ_EOF ? LANE_CONN_EOF : r == LANE_SLOW ? LANE_CONN_SLOW : r;
+    return serve_parsed(c, b, &req, out);
+}
+
+/* -- non-blocking use (lane_server.c) */
+
+int lane_conn_fd(struct lane_conn *c) { return c->fd; }
+
+ssize_t lane_conn_recv(struct lane_conn *c, int *eof)
+{
+    size_t before = c->len;
+    *eof = 0;
+    while (c->len < IN_CAP) {
+        ssize_t n = recv(c->fd, c->in + c->len, IN_CAP - c->len, MSG_DONTWAIT);
+        if (n > 0) {
+            c->len += (size_t)n;
+            continue;
+        }
+        if (n == 0) {
+            *eof = 1;
+            break;
+        }
+        if (errno == EINTR)
+            continue;
+        if (errno == EAGAIN || errno == EWOULDBLOCK)
+            break;
+        if (c->len == before)
+            return -errno;
+        *eof = 1;  /* an error after some bytes: they are read as the connection's last */
+        break;
+    }
+    if (c->len > c->high)
+        c->high = c->len;
+    return (ssize_t)(c->len - before);
+}
+
+/* Whether the bytes buffered can have changed the parser's verdict since it last said NEED_MORE: the first
+ * EARLY_PARSE bytes always (the request line sends anything else to Python at once), then only a head's end
+ * (Python's is \r?\n\r?\n, which always holds "\n\n" or "\n\r\n") among the bytes not yet scanned, or a
+ * body complete. So a request dribbled byte by byte costs one scan of its head, not one per byte. */
+static int worth_parsing(const struct lane_conn *c)
+{
+    if (c->len <= EARLY_PARSE || c->len >= MAX_HEAD)
+        return 1;
+    if (c->need)
+        return c->len >= c->need;
+    size_t from = c->scanned > 2 ? c->scanned - 2 : 0;
+    return memmem(c->in + from, c->len - from, "\n\n", 2) || memmem(c->in + from, c->len - from, "\n\r\n", 3);
+}
+
+int lane_conn_step(struct lane_conn *c, struct lane_board *b, int may_serve, struct lane_served *out)
+{
+    memset(out, 0, sizeof(*out));
+    c->data = NULL;
+    if (!c->len)
+        return LANE_CONN_MORE;
+    if (!worth_parsing(c))
+        return LANE_CONN_MORE;
+    struct lane_request req;
+    int r = lane_parse_clone_request((const char *)c->in, c->len, MAX_HEAD, MAX_BODY, &req);
+    if (r == LANE_NEED_MORE && c->len < IN_CAP) {
+        c->need = req.need;
+        c->scanned = c->len;
+        return LANE_CONN_MORE;
+    }
+    if (r != LANE_FAST)
+        return LANE_CONN_SLOW;
+    if (!may_serve)
+        return LANE_CONN_FULL;
+    return serve_parsed(c, b, &req, out);
 }

@@ -9,12 +9,15 @@
 
 #include <stddef.h>
 #include <stdint.h>
+#include <sys/types.h>
 
 /* what lane_conn_serve returns */
 #define LANE_CONN_EOF 0       /* the client closed the connection between requests */
 #define LANE_CONN_SLOW 1      /* the buffered bytes are a request for Python (lane_conn_take) */
 #define LANE_CONN_SERVED 2    /* answered; out says what Python records */
 #define LANE_CONN_HANDOFF 3   /* the request is consumed and a ticket taken; out->stage says where it stopped */
+#define LANE_CONN_MORE 4      /* lane_conn_step: not a whole request yet, and still possibly the lane's */
+#define LANE_CONN_FULL 5      /* lane_conn_step: a request the lane would serve, not served (may_serve = 0) */
 
 #define LANE_STAGE_UNSENT 1   /* the worker refused the message (it is gone) */
 #define LANE_STAGE_SENT 2     /* sent; no lane reply read yet (another message came first, or the wait ran out) */
@@ -80,5 +83,12 @@ size_t lane_conn_pending(struct lane_conn *c);  /* bytes buffered */
 size_t lane_conn_take(struct lane_conn *c, uint8_t *out, size_t cap);
 int lane_conn_push(struct lane_conn *c, const uint8_t *data, size_t len);
 const uint8_t *lane_conn_data(struct lane_conn *c);
+/* Non-blocking use, for a connection an epoll loop watches (lane_server.h): lane_conn_recv reads what has come
+ * (MSG_DONTWAIT; the bytes added, or -errno with nothing read; *eof once the client has closed), lane_conn_step
+ * serves a whole buffered request the lane takes (SERVED, HANDOFF, EOF: answered, client gone), or says MORE,
+ * SLOW, or FULL (a request it would serve, when may_serve is 0: nothing consumed). */
+int lane_conn_fd(struct lane_conn *c);
+ssize_t lane_conn_recv(struct lane_conn *c, int *eof);
+int lane_conn_step(struct lane_conn *c, struct lane_board *b, int may_serve, struct lane_served *out);
 
 #endif

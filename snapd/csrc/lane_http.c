@@ -313,14 +313,17 @@ int lane_parse_clone_request(const char *buf, size_t len, size_t max_head, size_
 	int close = 0, r;
 	struct lane_request line = { 0 };
 
+	out->need = 0;
 	r = find_head(buf, len, max_head, &line, &line_len, &head_len);
 	if (r != LANE_FAST)
 		return r;
 	/* the head alone decides SLOW, before the body arrives: a refused head gets Python's answer now */
 	if (parse_headers(buf, line_len, head_len, max_body, &length, &close) != LANE_FAST)
 		return LANE_SLOW;
-	if (len - head_len < length)
+	if (len - head_len < length) {
+		out->need = head_len + length;
 		return LANE_NEED_MORE;
+	}
 	memset(out, 0, sizeof(*out));
 	out->kind = line.kind;
 	out->clone = line.clone;

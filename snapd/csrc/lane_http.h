@@ -25,6 +25,8 @@ struct lane_request {
 	const char *payload; size_t payload_len;  /* the base64 text, into buf; payload == NULL when absent */
 	int64_t count;                            /* 1 when absent */
 	int64_t timeout_ms;                       /* 10000 when absent */
+	size_t need;                              /* LANE_NEED_MORE with the head complete: the bytes the whole
+	                                             request takes (head + Content-Length); 0 otherwise */
 };
 
 /* LANE_NEED_MORE, LANE_FAST or LANE_SLOW for buf[0..len); *out is only

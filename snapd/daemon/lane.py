@@ -220,22 +220,12 @@ class DaemonLane:
         return LaneConnection(self, fd)
 
 
-class LaneConnection:
-    """One client connection read through the lane; what it does not serve is handed to http_wire."""
+class LaneBuffer:
+    """The lane's input buffer of one connection: what it read and did not serve (``take``), what Python read
+    beyond a request it served (``push``), and a HANDOFF's data."""
 
-    def __init__(self, lane: DaemonLane, fd: int):
-        self.lane = lane
-        self.conn = ffi.gc(lib.lane_conn_new(fd), lib.lane_conn_free)
-        if self.conn == ffi.NULL:
-            raise OSError("could not map the lane's connection buffers")
-        self.out = ffi.new("struct lane_served *")
-
-    def serve(self) -> int:
-        """Read the next request (the GIL released): EOF_, SLOW (take() has its bytes), SERVED or HANDOFF."""
-        kind = lib.lane_conn_serve(self.conn, self.lane.board, self.out)
-        if kind < 0:
-            raise ConnectionResetError(-kind, os.strerror(-kind))
-        return kind
+    def __init__(self, conn):
+        self.conn = conn  # struct lane_conn *
 
     def take(self) -> bytes:
         size = lib.lane_conn_pending(self.conn)
@@ -247,6 +237,30 @@ class LaneConnection:
         if lib.lane_conn_push(self.conn, data, len(data)) < 0:
             raise ConnectionResetError("more pipelined bytes than the lane buffers")
 
-    def data(self) -> bytes:
+    def data(self, out) -> bytes:
         """HANDOFF: the request's payload (stage UNSENT, SENT) or the worker's error text (REFUSED)."""
-        return ffi.unpack(ffi.cast("char *", lib.lane_conn_data(self.conn)), self.out.data_len)
+        return ffi.unpack(ffi.cast("char *", lib.lane_conn_data(self.conn)), out.data_len)
+
+
+class LaneConnection(LaneBuffer):
+    """One client connection read through the lane with blocking reads (the tests drive the lane this way; the
+    daemon's connections are read without blocking by its connection server, snapd/csrc/lane_server.c, and
+    reach Python as LaneBuffer); what it does not serve is handed to http_wire."""
+
+    def __init__(self, lane: DaemonLane, fd: int):
+        self.lane = lane
+        conn = ffi.gc(lib.lane_conn_new(fd), lib.lane_conn_free)
+        if conn == ffi.NULL:
+            raise OSError("could not map the lane's connection buffers")
+        super().__init__(conn)
+        self.out = ffi.new("struct lane_served *")
+
+    def serve(self) -> int:
+        """Read the next request (the GIL released): EOF_, SLOW (take() has its bytes), SERVED or HANDOFF."""
+        kind = lib.lane_conn_serve(self.conn, self.lane.board, self.out)
+        if kind < 0:
+            raise ConnectionResetError(-kind, os.strerror(-kind))
+        return kind
+
+    def data(self, out=None) -> bytes:
+        return super().data(self.out if out is None else out)

@@ -1,8 +1,13 @@
-"""A small client of the VMM API: HTTP/1.1 over a Unix socket, one kept-alive connection (stdlib only)."""
+"""A small client of the VMM API: HTTP/1.1 over a Unix socket, one kept-alive connection (stdlib only).
+
+A request is sent again (once, on a fresh connection) only when that cannot do anything twice: not a byte of it
+was written (the server had closed the kept-alive connection), or it is a GET. A PUT, PATCH, POST or DELETE whose
+connection failed after it was sent raises: it may have been done (an InstanceStart, an invocation)."""
 import base64
 import http.client
 import json
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -31,13 +36,39 @@ def connect_unix(socket_path: str, timeout: float | None) -> socket.socket:
     return sock
 
 
+IDEMPOTENT = frozenset(("GET", "HEAD", "OPTIONS"))  # what may be sent twice without doing anything twice
+
+
 class UnixHTTPConnection(http.client.HTTPConnection):
     def __init__(self, socket_path: str, timeout: float | None = None):
         super().__init__("localhost", timeout=timeout)
         self.socket_path = socket_path
+        self.written = 0  # bytes of the current request written to the socket
 
     def connect(self) -> None:
         self.sock = connect_unix(self.socket_path, self.timeout)
+
+    def send(self, data) -> None:
+        """As http.client's, counting the bytes written (a request none of which was written may be sent again)."""
+        if self.sock is None and self.auto_open:
+            self.connect()
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            self.written += 1  # a file-like body: sent by http.client, counted as begun
+            return super().send(data)
+        view = memoryview(data).cast("B")
+        while view:
+            n = self.sock.send(view)
+            self.written += n
+            view = view[n:]
+
+    def dropped(self) -> bool:
+        """The kept-alive connection is closed by the server (or it wrote something unasked): readable while no
+        request is out. Then a request must go on a fresh connection."""
+        if self.sock is None:
+            return False
+        poller = select.poll()
+        poller.register(self.sock, select.POLLIN)
+        return bool(poller.poll(0))
 
 
 class ApiResponse:
@@ -80,15 +111,18 @@ class ApiClient:
         if data is not None:
             send_headers.setdefault("Content-Type", "application/json")
         for attempt in (0, 1):
+            if self.connection.dropped():
+                self.connection.close()  # closed while idle: nothing of this request was sent on it
+            self.connection.written = 0
             try:
                 self.connection.request(method, path, body=data, headers=send_headers)
                 reply = self.connection.getresponse()
                 payload = reply.read()
                 break
             except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
-                self.connection.close()  # the server closed a kept-alive connection: one fresh retry
-                if attempt:
-                    raise
+                self.connection.close()
+                if attempt or not (self.connection.written == 0 or method in IDEMPOTENT):
+                    raise  # it may have reached the server: never sent twice
         if reply.will_close:
             self.connection.close()
         return ApiResponse(reply.status, dict(reply.getheaders()), payload)

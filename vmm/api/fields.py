@@ -82,9 +82,43 @@ def check_value(item, rule: Field, where: str) -> None:
             check_value(element, rule.items, f"{where}[{index}]")
 
 
+MAX_BODY_BYTES = 1 << 20  # as both HTTP readers' limit on a body (vmm.api.server.MAX_BODY, snapd.http_wire.MAX_BODY)
+MAX_DEPTH = 32  # objects and arrays nested in a body (every spec here needs 3 at most)
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+_ONE_KIND = bytes.maketrans(b"{}", b"[]")
+
+
+def nests_deeper_than(body: bytes, limit: int = MAX_DEPTH) -> bool:
+    """Whether the JSON text nests objects and arrays more than ``limit`` deep (or leaves that many unclosed),
+    decided before anything recursive reads it and without a Python loop over its bytes: escaped backslashes
+    and quotes dropped (pairs from the left, as a JSON reader pairs them), every second run between quotes (the
+    strings' contents) dropped, the brackets kept, then innermost pairs removed a level at a time; what is left
+    after ``limit`` levels is too deep. Few brackets (the API's bodies) cost two counts."""
+    if body.count(b"[") + body.count(b"{") <= limit:
+        return False
+    outside = b"".join(body.replace(b"\\\\", b"").replace(b'\\"', b"").split(b'"')[::2])
+    brackets = outside.translate(_ONE_KIND, _NOT_BRACKETS)
+    too_deep = b"[" * (limit + 1)
+    for _ in range(limit):
+        if not brackets:
+            return False
+        if too_deep in brackets:  # limit + 1 opened in a row (found at once, however deep it goes)
+            return True
+        inner = brackets.replace(b"[]", b"")
+        if len(inner) == len(brackets):  # nothing closes: unbalanced, never valid JSON
+            return True
+        brackets = inner
+    return bool(brackets)
+
+
 def parse_body(body: bytes, spec: ObjectSpec) -> dict:
     if not body:
         raise BadRequest(f"{spec.name}: the request has no body (a JSON object is expected)")
+    if len(body) > MAX_BODY_BYTES:
+        raise BadRequest(f"{spec.name}: the body of {len(body)} bytes is larger than the {MAX_BODY_BYTES}-byte limit")
+    if nests_deeper_than(body):
+        raise BadRequest(f"{spec.name}: the body nests objects and arrays deeper than {MAX_DEPTH} levels (the limit), "
+                         f"or leaves them unclosed")
     try:
         value = json.loads(body)
     except UnicodeDecodeError:
@@ -92,6 +126,8 @@ def parse_body(body: bytes, spec: ObjectSpec) -> dict:
     except json.JSONDecodeError as exc:
         raise BadRequest(f"{spec.name}: the body is not valid JSON: {exc.msg} at line {exc.lineno} "
                          f"column {exc.colno}") from None
+    except (ValueError, RecursionError) as exc:  # a number of more digits than Python converts (4300)
+        raise BadRequest(f"{spec.name}: the body is not usable JSON: {str(exc).split(';')[0]}") from None
     return check_object(value, spec)
 
 
