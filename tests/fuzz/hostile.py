@@ -6,7 +6,6 @@ which no target allows. ``python -m tests.fuzz.hostile`` runs the second form (w
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import resource
 import struct
@@ -19,19 +18,10 @@ MiB = 1 << 20
 COPIES = 4
 
 
-def _resign(data: bytes) -> bytes:
-    return data[:-32] + hashlib.blake2b(data[:-32], digest_size=32).digest()
-
-
 def _put(data: bytes, fmt: str, offset: int, value: int) -> bytes:
     out = bytearray(data)
     struct.pack_into(fmt, out, offset, value)
     return bytes(out)
-
-
-def _state_file(body: bytes) -> bytes:
-    from snapd.snapfile import pack_state_file
-    return pack_state_file(body)
 
 
 def _array32(n: int, item: bytes) -> bytes:

@@ -18,7 +18,6 @@ import json
 import os
 import shutil
 import socket
-import struct
 import tempfile
 import threading
 from dataclasses import dataclass, field
