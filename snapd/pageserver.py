@@ -133,6 +133,11 @@ class PageServer:
         specs = ffi.new("struct snapd_region_spec[]", len(regions))
         for i, r in enumerate(regions):
             addr, size, offset = ((r.base_host_virt_addr, r.size, r.offset) if isinstance(r, hs.Region) else r)
+            if not all(isinstance(v, int) and 0 <= v < 1 << 64 for v in (addr, size, offset)):
+                os.close(uffd_fd)  # owned by us from the call on, as on every other refusal
+                if conn is not None:
+                    conn.close()
+                raise ValueError(f"region {i}: address, size and offset must be integers in 0..2**64-1")
             specs[i].addr, specs[i].size, specs[i].offset = addr, size, offset
         flags = ((lib.SNAPD_ATTACH_EAGER if mode == "eager" else 0) | (lib.SNAPD_ATTACH_SHARED if image.shared else 0)
                  | (lib.SNAPD_ATTACH_CONTINUE if minor else 0) | (lib.SNAPD_ATTACH_RECORD if record else 0))

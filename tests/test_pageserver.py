@@ -270,3 +270,15 @@ def test_kernel_mode_faults_are_served(server, guests, tmp_path):
     finally:
         os.close(r)
         os.close(w)
+
+
+def test_attach_refuses_a_region_out_of_range_and_closes_the_uffd(server, tmp_path):
+    """An in-process caller's bad region is a ValueError (it was cffi's OverflowError), and the uffd it handed
+    over is closed, not leaked."""
+    from snapd.uffd import create
+    image = server.add_image(write_image(str(tmp_path), synthetic_memory(1 << 20, 1 << 16), 1 << 16))
+    fd = create()
+    with pytest.raises(ValueError, match="region 0"):
+        server.attach(image, fd, None, [(-4096, 4096, 0)])
+    with pytest.raises(OSError):
+        os.fstat(fd)
