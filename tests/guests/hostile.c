@@ -65,27 +65,6 @@ static inline void outw(uint16_t port, uint16_t value)
     __asm__ volatile("outw %0, %1" : : "a"(value), "Nd"(port) : "memory");
 }
 
-void machine_reset(void)
-{
-    outb(I8042_COMMAND, I8042_RESET);
-    __asm__ volatile("ud2");
-    for (;;)
-        ;
-}
-
-void guest_error(const char *what, const char *quoted)
-{
-    uart_write("vmguest: error: ");
-    uart_write(what);
-    if (quoted) {
-        uart_write(" '");
-        uart_write(quoted);
-        uart_write("'");
-    }
-    uart_write("\n");
-    machine_reset();
-}
-
 /* -- the request: a first word and numbers after it */
 static const uint8_t *req;
 static uint32_t req_len, req_pos;

@@ -4,8 +4,6 @@
 #include "guest.h"
 #include "io.h"
 
-#define I8042_COMMAND 0x64
-#define I8042_RESET   0xfe
 #define HEAP_ALIGN    (2 * MIB)     /* heaps start on their own 2 MiB pages, apart from the image */
 
 extern char _image_end[];           /* guest.ld */
@@ -15,29 +13,6 @@ static const struct workload *const workloads[] = {
 };
 
 static uint64_t heap_next;
-
-void machine_reset(void)
-{
-    outb(I8042_COMMAND, I8042_RESET);
-    /* Where no i8042 listens (QEMU microvm has none), fault: with no usable IDT that is a triple fault,
-     * which resets the machine too. */
-    __asm__ volatile("ud2");
-    for (;;)
-        ;
-}
-
-void guest_error(const char *what, const char *quoted)
-{
-    uart_write("vmguest: error: ");
-    uart_write(what);
-    if (quoted) {
-        uart_write(" '");
-        uart_write(quoted);
-        uart_write("'");
-    }
-    uart_write("\n");
-    machine_reset();
-}
 
 void *heap_reserve(const struct guest_config *config, uint64_t bytes, const char *what)
 {
