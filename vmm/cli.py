@@ -23,6 +23,17 @@ def _boot_args(args) -> str:
     return " ".join(words)
 
 
+def _positive(kind):
+    """An argparse type: a number > 0 (and finite) of ``kind``."""
+    def convert(text: str):
+        value = kind(text)
+        if not 0 < value < float("inf"):
+            raise ValueError(text)
+        return value
+    convert.__name__ = f"{kind.__name__} > 0"
+    return convert
+
+
 def _add_machine_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kernel", default="", help="guest ELF image (default: the built-in function guest)")
     parser.add_argument("--workload", default="hello", choices=WORKLOADS, help="built-in guest workload")
@@ -41,6 +52,12 @@ def build_parser(parser_class=argparse.ArgumentParser, prog: str = "vmm") -> arg
     parser.add_argument("--api-sock", metavar="PATH", help="serve the Firecracker-compatible API on this Unix socket")
     parser.add_argument("--log-level", default="Warning", choices=("Error", "Warning", "Info", "Debug"),
                         help="API server: Info logs each request to standard error")
+    parser.add_argument("--api-max-connections", type=_positive(int), default=64, metavar="N",
+                        help="API connections open at once (default 64): one more gets a 503 and is closed")
+    parser.add_argument("--api-idle-timeout", type=_positive(float), default=60.0, metavar="S",
+                        help="seconds a kept-alive API connection may wait for its next request (default 60)")
+    parser.add_argument("--api-request-timeout", type=_positive(float), default=10.0, metavar="S",
+                        help="seconds from a request's first byte to its last (default 10): a slower one gets a 408")
     sub = parser.add_subparsers(dest="command")
 
     run = sub.add_parser("run", help="boot a guest and invoke its function")
@@ -151,8 +168,9 @@ def run_parsed(args, parser: argparse.ArgumentParser | None = None) -> int:
     its width, an ioctl its seccomp role does not allow)."""
     try:
         if args.api_sock:
-            from vmm.api.server import serve
-            return serve(args.api_sock, args.log_level)
+            from vmm.api.server import ConnectionLimits, serve
+            limits = ConnectionLimits(args.api_max_connections, args.api_idle_timeout, args.api_request_timeout)
+            return serve(args.api_sock, args.log_level, limits=limits)
         if args.command == "guest-image":
             print(builtin_guest_image())
             return 0

@@ -15,6 +15,7 @@ import socket
 import socketserver
 import stat
 import sys
+import threading
 import time
 import traceback
 from dataclasses import dataclass
@@ -117,9 +118,73 @@ def error_reply(exc: Exception) -> tuple[int, dict, dict]:
     return 500, {"fault_message": f"internal error: {type(exc).__name__}: {exc}"}, {}
 
 
+@dataclass(frozen=True)
+class ConnectionLimits:
+    """What one client may hold (docs/reliability.md, "Limits and timeouts"): connections open at once (one more
+    gets a 503 and is closed), seconds a kept-alive connection may wait for its next request, and seconds from a
+    request's first byte to its last (a client dribbling its request is cut off with a 408)."""
+    max_connections: int = 64
+    idle_timeout: float = 60.0
+    request_timeout: float = 10.0
+
+
+def refusal(status: int, message: str) -> bytes:
+    """A whole reply, for writing without a handler: 503 at the cap, 408 at the request deadline."""
+    body = json.dumps({"fault_message": message}).encode()
+    reason = {503: "Service Unavailable", 408: "Request Timeout"}[status]
+    return (f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+            f"Connection: close\r\n\r\n").encode() + body
+
+
 class ApiRequestHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     wbufsize = 64 * 1024  # headers and body leave in one write (flushed by handle_one_request)
+
+    def handle_one_request(self) -> None:
+        """Wait for a request's first byte at most the idle timeout; from there the whole request must arrive
+        within the request timeout, or a timer answers 408 and cuts the connection (a slow sender holds this
+        thread no longer than that)."""
+        limits = self.server.limits
+        self.connection.settimeout(limits.idle_timeout)
+        try:
+            if not self.rfile.peek(1):
+                self.close_connection = True
+                return
+        except OSError:  # idle too long (TimeoutError), or reset
+            self.close_connection = True
+            return
+        self.connection.settimeout(limits.request_timeout)
+        self._reading = threading.Lock()
+        self._timer = threading.Timer(limits.request_timeout, self._cut_slow_request)
+        self._timer.daemon = True
+        self._timer.start()
+        try:
+            super().handle_one_request()
+        finally:
+            self._request_read()
+
+    def _request_read(self) -> None:
+        """The request is whole (or the connection is done): the deadline no longer applies."""
+        timer, self._timer = getattr(self, "_timer", None), None
+        if timer is not None:
+            with self._reading:
+                timer.cancel()
+
+    def _cut_slow_request(self) -> None:
+        with self._reading:
+            if self._timer is None:
+                return  # read in time: the request is being served
+            self._timer = None
+            try:
+                self.connection.setblocking(False)
+                self.connection.send(refusal(408, f"the request was not whole within "
+                                                  f"{self.server.limits.request_timeout:g} s"))
+            except OSError:
+                pass
+            try:
+                self.connection.shutdown(socket.SHUT_RDWR)  # the reader blocked in recv returns at once
+            except OSError:
+                pass
 
     def version_string(self) -> str:
         return f"vmm/{vmm_version()}"
@@ -149,7 +214,10 @@ class ApiRequestHandler(BaseHTTPRequestHandler):
         path = self.path.split("?", 1)[0]
         headers = {}
         try:
-            body = self._read_body()
+            try:
+                body = self._read_body()
+            finally:
+                self._request_read()
             route, params = ROUTER.find(self.command, path)
             result = route.handle(self.server.controller, body, params)
             status = 204 if result is None else 200
@@ -193,11 +261,16 @@ class ApiRequestHandler(BaseHTTPRequestHandler):
 
 
 class UnixHttpServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+    """One thread per connection, at most ``limits.max_connections`` of them."""
     daemon_threads = True
     block_on_close = False
+    request_queue_size = 128  # the listen backlog: clients connecting together are accepted, then refused if over
 
-    def __init__(self, path: str, controller: VmmController):
+    def __init__(self, path: str, controller: VmmController, limits: ConnectionLimits = ConnectionLimits()):
         self.controller = controller
+        self.limits = limits
+        self.open_connections = 0
+        self.count_lock = threading.Lock()
         super().__init__(path, ApiRequestHandler, bind_and_activate=False)
         try:
             self.server_bind()
@@ -205,6 +278,28 @@ class UnixHttpServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer)
         except OSError as exc:
             self.server_close()
             raise VmmError(f"cannot serve the API on {path}: {exc.strerror}") from None
+
+    def process_request(self, request, client_address) -> None:
+        with self.count_lock:
+            full = self.open_connections >= self.limits.max_connections
+            if not full:
+                self.open_connections += 1
+        if full:
+            try:
+                request.setblocking(False)
+                request.send(refusal(503, f"this VMM serves at most {self.limits.max_connections} connections"))
+            except OSError:
+                pass
+            self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request, client_address) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            with self.count_lock:
+                self.open_connections -= 1
 
     def handle_error(self, request, client_address) -> None:
         if isinstance(sys.exc_info()[1], (BrokenPipeError, ConnectionResetError)):
@@ -278,14 +373,14 @@ def configure_logging(level: str) -> None:
 class ApiProcess:
     """The serving loop: API socket, a wake-up pipe for signals and for the guest stopping, clean exit."""
 
-    def __init__(self, path: str, instance_id: str):
+    def __init__(self, path: str, instance_id: str, limits: ConnectionLimits = ConnectionLimits()):
         self.path = path
         self.exit_code = 0
         self.stopping = False
         self.wake_read, self.wake_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.controller = VmmController(instance_id, on_vm_stopped=self._vm_stopped)
         remove_stale_socket(path)
-        self.server = UnixHttpServer(path, self.controller)
+        self.server = UnixHttpServer(path, self.controller, limits)
         warm_up()
         warm_request_path(self.server)
         self.inode = os.stat(path).st_ino
@@ -351,9 +446,10 @@ def _drain(fd: int) -> bool:
         return False
 
 
-def serve(path: str, log_level: str = "Warning", instance_id: str = "anonymous-instance") -> int:
+def serve(path: str, log_level: str = "Warning", instance_id: str = "anonymous-instance",
+          limits: ConnectionLimits = ConnectionLimits()) -> int:
     """Serve the API on ``path`` until SIGTERM/SIGINT or the guest stops; returns the exit status."""
     configure_logging(log_level)
-    process = ApiProcess(path, instance_id)
+    process = ApiProcess(path, instance_id, limits)
     log.info("serving the API on %s", path)
     return process.run()
