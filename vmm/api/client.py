@@ -25,15 +25,24 @@ class ApiClientError(Exception):
 
 
 def connect_unix(socket_path: str, timeout: float | None) -> socket.socket:
-    """A stream socket connected to ``socket_path`` (closed again if the connect fails)."""
+    """A stream socket connected to ``socket_path`` (closed again if the connect fails). A Unix socket with a
+    timeout is non-blocking underneath, and its connect says EAGAIN at once when the server's listen backlog is
+    full (a blocking one would wait): it is tried again until the timeout, as a blocking connect would."""
+    deadline = None if timeout is None else time.monotonic() + timeout
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(timeout)
     try:
-        sock.connect(socket_path)
+        while True:
+            try:
+                sock.connect(socket_path)
+                return sock
+            except BlockingIOError:
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise TimeoutError(f"{socket_path}: the server's listen backlog stayed full") from None
+                time.sleep(0.001)
     except OSError:
         sock.close()
         raise
-    return sock
 
 
 IDEMPOTENT = frozenset(("GET", "HEAD", "OPTIONS"))  # what may be sent twice without doing anything twice
