@@ -192,6 +192,7 @@ def _serve(args) -> int:
     from snapd.daemon.core import Daemon, DaemonConfig, DaemonConfigError
     from snapd.daemon.http import Limits, SnapdTcpServer
     from vmm.api.server import remove_stale_socket
+    from snapd.pool.pool import PoolError
     from vmm.errors import VmmError
 
     handler = logging.StreamHandler(sys.stderr)
@@ -219,7 +220,7 @@ def _serve(args) -> int:
                           huge_dir=huge_dir, import_roots=tuple(os.path.abspath(d) for d in args.import_root))
     try:
         daemon = Daemon(config, socket_path)
-    except DaemonConfigError as exc:
+    except (DaemonConfigError, VmmError, PoolError) as exc:  # a setting, a jail step or the zygote: one line
         raise CliError(str(exc)) from None
     servers = []
     try:

@@ -86,12 +86,12 @@ def confine(settings: dict, header: dict, channel_fd: int) -> None:
     then namespaces, an empty root, its own uid, no capabilities, the worker's seccomp allow-list. It keeps only
     its channel and /dev/kvm (already open: the VM is created from that descriptor)."""
     from vmm.jail import JailSpec, enter
-    from vmm.jail.cgroups import CgroupGroup
+    from vmm.jail import cgroups
     from vmm.machine import shared_kvm
 
     from snapd import uffd
 
-    CgroupGroup("", [(None, path) for path in header.get("cgroup_dirs") or ()]).join()
+    cgroups.add_to(0, header.get("cgroup_dirs") or ())
     keep = (channel_fd, shared_kvm().fd) + ((uffd.device_fd(),) if uffd.use_device() else ())
     enter(JailSpec(root=settings["root"], uid=header.get("uid"), gid=header.get("gid"), seccomp="worker",
                    seccomp_program=settings.get("seccomp_program"),

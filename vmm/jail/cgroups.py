@@ -251,8 +251,7 @@ class CgroupGroup:
 
     def add(self, pid: int) -> None:
         """Move a process (all its threads) into the group in every hierarchy; pid 0 is the caller."""
-        for _h, path in self.dirs:
-            _write(os.path.join(path, "cgroup.procs"), str(pid))
+        add_to(pid, [path for _h, path in self.dirs])
 
     def join(self) -> None:
         """Move the calling process in: '0' in cgroup.procs means the writer, on v1 and v2 alike."""
@@ -328,6 +327,13 @@ def write_settings(group: "CgroupGroup", settings) -> None:
             raise JailError("cgroup setting", errno.ENOENT, f"{file}: no such file in this cgroup v{h.version} "
                             f"hierarchy ({path})")
         _write(target, value)
+
+
+def add_to(pid: int, dirs) -> None:
+    """Move a process into the groups at ``dirs`` (made by someone else: a jailed worker joins the groups the
+    daemon made for it, by their paths); pid 0 is the caller."""
+    for path in dirs:
+        _write(os.path.join(path, "cgroup.procs"), str(pid))
 
 
 def _mkdir(path: str, exist_ok: bool, parents: bool = False) -> None:
